@@ -1,0 +1,71 @@
+"""Configuration files: the shipped examples load; mistakes name file, key path and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from signer.config import ClientConfig, ConfigError, SignerConfig, check_secret_file, load
+
+CONFIG = Path(__file__).resolve().parent.parent / "config"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "signer.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_examples_load():
+    signer = load(CONFIG / "signer.yaml", SignerConfig)
+    assert signer.link.baudrate == 115200 and signer.link.parity == "N"
+    client = load(CONFIG / "client.yaml", ClientConfig)
+    assert client.attempts == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("link: {device: /dev/x, baudrat: 9600}", "link.baudrat: unknown key"),
+        ("link: {device: /dev/x, parity: X}", "link.parity: Input should be"),
+        (
+            "link: {device: /dev/x, baudrate: fast}",
+            "link.baudrate: Input should be a valid int",
+        ),
+        ("link: {}", "link.device: Field required"),
+        ("max_in_flight: 5", "link: Field required"),
+        ("link: {device: /dev/x}\nmax_in_flight: 0", "max_in_flight: Input should be greater"),
+        ("- a list", "expected a mapping at the top level"),
+        ("link: [unclosed", "not valid YAML"),
+    ],
+)
+def test_errors_name_file_key_and_expectation(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(path, SignerConfig)
+    assert str(path) in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "absent.yaml", SignerConfig)
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc" / "signer.yaml"
+    path.write_text("link: {device: /dev/x}\nrepository: {path: data/repo}\n")
+    config = load(path, SignerConfig)
+    assert config.repository.path == (tmp_path / "etc" / "data" / "repo").resolve()
+
+
+def test_secret_files_must_be_private(tmp_path):
+    secret = tmp_path / "pin"
+    secret.write_text("1234")
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        check_secret_file(secret)
+    secret.chmod(0o600)
+    check_secret_file(secret)
