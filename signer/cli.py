@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -117,9 +118,10 @@ def _add_client(sub: Any) -> None:
     parser.add_argument("--request-id", help="request id (retrying with the same id is safe)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the line's events")
     commands = parser.add_subparsers(title="signer commands", metavar="COMMAND", required=True)
-    for name, (text, build, show) in CLIENT_COMMANDS.items():
-        command = commands.add_parser(name, help=text)
-        command.set_defaults(run=_client, build=build, show=show, command=name)
+    for name, spec in CLIENT_COMMANDS.items():
+        command = commands.add_parser(name, help=spec.help, description=spec.help)
+        spec.arguments(command)
+        command.set_defaults(run=_client, build=spec.build, show=spec.show, command=name)
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -137,7 +139,9 @@ def _client(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, default=_json_default, indent=2, sort_keys=True))
     else:
-        args.show(result)
+        args.show(result, args)
+    if args.json and getattr(args, "out", None):
+        args.show(result, args, quiet=True)
     return EXIT_OK
 
 
@@ -181,7 +185,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _show_health(result: dict[str, Any]) -> None:
+def _show_health(result: dict[str, Any], _args: Any) -> None:
     print(f"status:  {result['status']}")
     print(f"version: {result['version']}")
     print(f"time:    {result['time'].isoformat()}")
@@ -198,10 +202,134 @@ def _show_mapping(mapping: dict[str, Any], indent: str) -> None:
         if isinstance(value, dict):
             print(f"{indent}{key}:")
             _show_mapping(value, indent + "  ")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            print(f"{indent}{key}:")
+            for item in value:
+                _show_mapping(item, indent + "  - ")
         else:
             print(f"{indent}{key}: {value}")
 
 
-CLIENT_COMMANDS: dict[str, tuple[str, Callable[..., Any], Callable[[dict[str, Any]], None]]] = {
-    "health": ("ask the signer for its health", lambda _a: ("health", {}), _show_health),
+def _show_plain(result: dict[str, Any], _args: Any) -> None:
+    _show_mapping({k: v for k, v in result.items() if not isinstance(v, bytes)}, "")
+
+
+def _no_arguments(_parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+def _pairs(values: list[str] | None, separator: str, what: str) -> list[list[str]] | None:
+    """`CN=x` or `dns:example.org` command-line items as [name, value] pairs."""
+    if not values:
+        return None
+    pairs = []
+    for item in values:
+        name, found, value = item.partition(separator)
+        if not found or not name:
+            raise SystemExit(f"signer client: {what} {item!r}: expected NAME{separator}VALUE")
+        pairs.append([name, value])
+    return pairs
+
+
+def _sign_x509_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--csr", type=Path, required=True, help="PKCS#10 (PEM/DER) or SPKAC")
+    parser.add_argument("--profile", required=True, help="certificate profile, e.g. server")
+    parser.add_argument(
+        "--subject",
+        action="append",
+        metavar="ATTR=VALUE",
+        help="subject attribute, in order (repeat); default: the CSR's subject",
+    )
+    parser.add_argument(
+        "--san",
+        action="append",
+        metavar="TYPE:VALUE",
+        help="subjectAltName: dns, email, ip, uri, xmpp (repeat)",
+    )
+    parser.add_argument("--days", type=int, help="validity in days (default: the profile's)")
+    parser.add_argument("--digest", default="sha256", choices=["sha256", "sha384", "sha512"])
+    parser.add_argument("--out", type=Path, help="write the certificate here (PEM)")
+
+
+def _sign_x509_build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    payload: dict[str, Any] = {
+        "profile": args.profile,
+        "csr": args.csr.read_bytes(),
+        "digest": args.digest,
+    }
+    if subject := _pairs(args.subject, "=", "--subject"):
+        payload["subject"] = subject
+    if sans := _pairs(args.san, ":", "--san"):
+        payload["sans"] = sans
+    if args.days is not None:
+        payload["validity_days"] = args.days
+    return "sign_x509", payload
+
+
+def _sign_x509_show(result: dict[str, Any], args: Any, quiet: bool = False) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    pem = x509.load_der_x509_certificate(result["certificate"]).public_bytes(Encoding.PEM)
+    if args.out:
+        args.out.write_bytes(pem)
+    if quiet:
+        return
+    print(f"serial:     {result['serial']}")
+    print(f"issuer:     {result['issuer']}")
+    print(f"not before: {result['not_before'].isoformat()}")
+    print(f"not after:  {result['not_after'].isoformat()}")
+    print(f"written to: {args.out}" if args.out else pem.decode(), end="\n")
+
+
+def _revoke_x509_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--issuer", required=True, help="issuer name, DN or hex key id")
+    parser.add_argument("--serial", required=True, help="serial number in hex")
+    parser.add_argument("--reason", help="RFC 5280 reason, e.g. keyCompromise, superseded")
+
+
+def _revoke_x509_build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    payload = {"issuer": args.issuer, "serial": args.serial}
+    if args.reason:
+        payload["reason"] = args.reason
+    return "revoke_x509", payload
+
+
+def _request_status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("lookup", metavar="REQUEST_ID", help="the earlier request's id")
+
+
+@dataclass(frozen=True)
+class ClientCommand:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    build: Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
+    show: Callable[..., None]
+
+
+CLIENT_COMMANDS: dict[str, ClientCommand] = {
+    "health": ClientCommand(
+        "ask the signer for its health", _no_arguments, lambda _a: ("health", {}), _show_health
+    ),
+    "sign-x509": ClientCommand(
+        "issue a certificate from a CSR", _sign_x509_arguments, _sign_x509_build, _sign_x509_show
+    ),
+    "revoke-x509": ClientCommand(
+        "revoke a certificate", _revoke_x509_arguments, _revoke_x509_build, _show_plain
+    ),
+    "list-issuers": ClientCommand(
+        "the signer's CA certificates", _no_arguments, lambda _a: ("list_issuers", {}), _show_plain
+    ),
+    "list-profiles": ClientCommand(
+        "the signer's certificate profiles",
+        _no_arguments,
+        lambda _a: ("list_profiles", {}),
+        _show_plain,
+    ),
+    "request-status": ClientCommand(
+        "the outcome of an earlier request id",
+        _request_status_arguments,
+        lambda a: ("request_status", {"request_id": a.lookup}),
+        _show_plain,
+    ),
 }

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from signer.framing import DEFAULT_MAX_FRAME
+from signer.hsm import HsmSettings
 from signer.serial_link import LinkSettings
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -57,13 +58,39 @@ class RepositoryConfig(Section):
     _resolve = field_validator("path")(resolve)
 
 
+class IssuerConfig(Section):
+    certificate: Path = Field(description="the CA certificate (PEM) written by the ceremony")
+    key: str = Field(min_length=1, description="label of the CA's private key in the HSM")
+
+    _resolve = field_validator("certificate")(resolve)
+
+
 class SignerConfig(Section):
-    """`signer serve`: one signer on one serial line."""
+    """`signer serve`: one signer on one serial line.
+
+    Components are optional so that a signer can be brought up step by step: without `hsm`,
+    `repository`, `profiles` and `issuers`, it answers health only.
+    """
 
     link: LinkConfig
     max_in_flight: int = Field(default=32, ge=1, le=1024)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     repository: RepositoryConfig | None = None
+    hsm: HsmSettings | None = None
+    profiles: Path | None = None
+    issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
+
+    _resolve = field_validator("profiles")(resolve)
+
+    @field_validator("hsm")
+    @classmethod
+    def _resolve_hsm(cls, value: HsmSettings | None, info: ValidationInfo) -> HsmSettings | None:
+        base = (info.context or {}).get("base_dir")
+        return value.resolved(base) if value is not None and base is not None else value
+
+    def issuing(self) -> bool:
+        """Whether the X.509 part is configured (all four pieces are needed together)."""
+        return bool(self.hsm and self.repository and self.profiles and self.issuers)
 
 
 class ClientConfig(Section):

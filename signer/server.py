@@ -10,13 +10,19 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
+from replication.log import LocalLog
+from signer.ca import CertificateAuthority, Issuer
 from signer.config import SignerConfig
 from signer.health import Health, Section
+from signer.hsm import Hsm
+from signer.profiles import load_profiles
 from signer.protocol import HealthArgs, RequestStatusArgs, RequestStatusResult
 from signer.protocol_handler import Handler, ProtocolHandler, RequestContext
 from signer.serial_link import SerialLink
+from storage.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,28 @@ class SignerServer:
         self.link = SerialLink(config.link.settings(), self._on_event, "signer")
         self.protocol = ProtocolHandler(self.handlers, self.link.send, config.max_in_flight)
         self.health.add("link", self._link_section)
+        self.ca: CertificateAuthority | None = None
+        self._closers: list[Callable[[], None]] = []
+        if config.issuing():
+            self.ca = self._certificate_authority(config)
+            self.handlers.update(self.ca.handlers())
+            self.health.add("hsm", self.ca.hsm_section)
+            self.health.add("cas", self.ca.cas_section)
+            self.health.add("repository", self.ca.repository_section)
+
+    def _certificate_authority(self, config: SignerConfig) -> CertificateAuthority:
+        assert config.repository and config.hsm and config.profiles
+        repository = Repository(config.repository.path, config.repository.map_size_gb << 30)
+        commit_log = LocalLog(repository)
+        hsm = Hsm(config.hsm)
+        self._closers += [hsm.close, commit_log.close, repository.close]
+        issuers = [
+            Issuer.load(name, issuer.certificate, issuer.key)
+            for name, issuer in config.issuers.items()
+        ]
+        return CertificateAuthority(
+            issuers, load_profiles(config.profiles), hsm, repository, commit_log
+        )
 
     def _on_event(self, event: Any) -> None:
         self.protocol.on_frame(event)
@@ -49,6 +77,8 @@ class SignerServer:
     async def stop(self) -> None:
         await self.protocol.close()
         await self.link.close()
+        for close in self._closers:
+            close()
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT."""
@@ -69,7 +99,8 @@ class SignerServer:
     async def _request_status(self, args: RequestStatusArgs, _ctx: RequestContext) -> Any:
         if self.protocol.running(args.request_id):
             return RequestStatusResult(state="in_progress")
-        return RequestStatusResult(state="unknown")
+        recorded = self.ca.request_status(args.request_id) if self.ca else None
+        return recorded or RequestStatusResult(state="unknown")
 
     async def _link_section(self) -> Section:
         link = as_dict(self.link.stats)

@@ -1,0 +1,361 @@
+"""The CA service: X.509 issuance and revocation with HSM keys, recorded through the log.
+
+Every decision (serial, times, the signed DER, the pre-encoded CRL entry) is taken here, before
+the command goes to the log; the repository only records it. A request id that was already
+recorded returns the recorded outcome and never reaches the HSM again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from replication.log import Log
+from signer.errors import ErrorCode, SignerError
+from signer.health import Section
+from signer.hsm import Hsm
+from signer.profiles import ProfileSet
+from signer.protocol import (
+    IssuerInfo,
+    ListIssuersResult,
+    ListProfilesResult,
+    ProfileInfo,
+    RequestStatusResult,
+    RevokeX509Args,
+    RevokeX509Result,
+    SignX509Args,
+    SignX509Result,
+)
+from signer.protocol_handler import Handler, RequestContext
+from signer.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
+from signer.x509_signing import IssuanceRequest, build_certificate, new_serial, plan_certificate
+from storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+CA_EXPIRY_WARNING_DAYS = 90
+
+
+def serial_hex(serial: int) -> str:
+    """Upper-case hex of the serial's magnitude bytes, as OpenSSL and Apache print it."""
+    digits = f"{serial:X}"
+    return digits if len(digits) % 2 == 0 else "0" + digits
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A CA certificate and its signing key in the HSM."""
+
+    name: str
+    certificate: x509.Certificate
+    key_label: str
+    key_id: bytes  # RFC 5280 method 1 key identifier: SHA-1 of the subjectPublicKey
+
+    @classmethod
+    def load(cls, name: str, certificate: Path, key_label: str) -> Issuer:
+        cert = x509.load_pem_x509_certificate(certificate.read_bytes())
+        key_id = x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+        return cls(name, cert, key_label, key_id)
+
+    def matches(self, reference: str) -> bool:
+        """By name, RFC 4514 DN, or hex key identifier (what revoke_x509 may send)."""
+        return (
+            reference
+            in (
+                self.name,
+                self.certificate.subject.rfc4514_string(),
+            )
+            or reference.lower().replace(":", "") == self.key_id.hex()
+        )
+
+
+class CertificateAuthority:
+    def __init__(
+        self,
+        issuers: list[Issuer],
+        profiles: ProfileSet,
+        hsm: Hsm,
+        repository: Repository,
+        commit_log: Log,
+        clock: Callable[[], datetime] = utcnow,
+    ):
+        self.issuers = {issuer.name: issuer for issuer in issuers}
+        self.profiles = profiles
+        self.hsm = hsm
+        self.repository = repository
+        self.log = commit_log
+        self.clock = clock
+        for profile in profiles.profiles.values():
+            if profile.issuer not in self.issuers:
+                log.warning("profile %s: issuer %s is not configured", profile.name, profile.issuer)
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "sign_x509": self.sign_x509,
+            "revoke_x509": self.revoke_x509,
+            "list_issuers": self.list_issuers,
+            "list_profiles": self.list_profiles,
+        }
+
+    # --- sign_x509 ---------------------------------------------------------------------------
+
+    async def sign_x509(self, args: SignX509Args, ctx: RequestContext) -> SignX509Result:
+        recorded = self._recorded(ctx, "issue_x509")
+        if recorded is not None:
+            return self._issued_result(recorded)
+        profile = self.profiles.get(args.profile)
+        issuer = self._issuer_named(profile.issuer)
+        request = IssuanceRequest(
+            csr=args.csr,
+            profile=args.profile,
+            subject=[tuple(pair) for pair in args.subject] if args.subject else None,
+            sans=[tuple(pair) for pair in args.sans] if args.sans else None,
+            validity_days=args.validity_days,
+            digest=args.digest,
+        )
+        plan = plan_certificate(request, profile, issuer.certificate, self.clock())
+        serial = self._fresh_serial(issuer)
+        key = await self.hsm.run(self.hsm.key, issuer.key_label)
+        der = await self.hsm.run(build_certificate, plan, serial, key, issuer.certificate)
+        result = await self._commit(
+            {
+                "op": "issue_x509",
+                "request_id": ctx.request_id,
+                "request_digest": ctx.digest,
+                "issuer": issuer.key_id,
+                "serial": serial,
+                "der": der,
+                "profile": profile.name,
+                "not_before": int(plan.not_before.timestamp()),
+                "not_after": int(plan.not_after.timestamp()),
+                "issued_at": int(self.clock().timestamp()),
+            }
+        )
+        log.info(
+            "issued %s serial %s under %s (request %s)",
+            issuer.name,
+            serial_hex(result["serial"]),
+            profile.name,
+            ctx.request_id,
+        )
+        return self._issued_result(result)
+
+    def _fresh_serial(self, issuer: Issuer) -> int:
+        while True:
+            serial = new_serial()
+            if not self.repository.serial_exists(issuer.key_id, serial):
+                return serial
+
+    def _issued_result(self, summary: dict[str, Any]) -> SignX509Result:
+        issuer = self._issuer_by_key_id(summary["issuer"])
+        record = self.repository.get_certificate(summary["issuer"], summary["serial"])
+        if record is None:
+            raise SignerError(ErrorCode.REPOSITORY_ERROR, "recorded certificate not found")
+        return SignX509Result(
+            certificate=record["der"],
+            serial=serial_hex(summary["serial"]),
+            issuer=issuer.name,
+            not_before=datetime.fromtimestamp(record["not_before"], UTC),
+            not_after=datetime.fromtimestamp(record["not_after"], UTC),
+        )
+
+    # --- revoke_x509 -------------------------------------------------------------------------
+
+    async def revoke_x509(self, args: RevokeX509Args, ctx: RequestContext) -> RevokeX509Result:
+        recorded = self._recorded(ctx, "revoke_x509")
+        if recorded is not None:
+            return self._revoked_result(recorded, "revoked")
+        issuer = self._issuer_ref(args.issuer)
+        serial = int(args.serial, 16)
+        reason = reason_code(args.reason)
+        certificate = self.repository.get_certificate(issuer.key_id, serial)
+        if certificate is None:
+            raise SignerError(
+                ErrorCode.UNKNOWN_CERTIFICATE,
+                f"{issuer.name} never issued a certificate with serial {serial_hex(serial)}",
+            )
+        if certificate["revocation"] is not None:
+            return self._revoked_result(certificate["revocation"], "already_revoked")
+        revoked_at = revocation_time(args.revoked_at, self.clock())
+        invalidity = args.invalidity_date.replace(microsecond=0) if args.invalidity_date else None
+        result = await self._commit(
+            {
+                "op": "revoke_x509",
+                "request_id": ctx.request_id,
+                "request_digest": ctx.digest,
+                "issuer": issuer.key_id,
+                "serial": serial,
+                "reason": reason,
+                "revoked_at": int(revoked_at.timestamp()),
+                "invalidity_date": int(invalidity.timestamp()) if invalidity else None,
+                "crl_entry": crl_entry(serial, revoked_at, reason, invalidity),
+            }
+        )
+        status = "already_revoked" if result["status"] == "already_revoked" else "revoked"
+        log.info("revoked %s serial %s (request %s)", issuer.name, args.serial, ctx.request_id)
+        return self._revoked_result(result, status)
+
+    def _revoked_result(self, revocation: dict[str, Any], status: str) -> RevokeX509Result:
+        reason = revocation.get("reason")
+        return RevokeX509Result(
+            status=status,
+            issuer=self._issuer_by_key_id(revocation["issuer"]).name,
+            serial=serial_hex(revocation["serial"]),
+            revoked_at=datetime.fromtimestamp(revocation["revoked_at"], UTC),
+            reason=REASON_NAMES.get(reason) if reason is not None else None,
+        )
+
+    # --- descriptions ------------------------------------------------------------------------
+
+    async def list_issuers(self, _args: Any, _ctx: RequestContext) -> ListIssuersResult:
+        return ListIssuersResult(
+            issuers=[
+                IssuerInfo(
+                    name=issuer.name,
+                    key_id=issuer.key_id,
+                    subject=issuer.certificate.subject.rfc4514_string(),
+                    certificate=issuer.certificate.public_bytes(Encoding.DER),
+                    not_after=issuer.certificate.not_valid_after_utc,
+                )
+                for issuer in self.issuers.values()
+            ]
+        )
+
+    async def list_profiles(self, _args: Any, _ctx: RequestContext) -> ListProfilesResult:
+        infos, now = [], self.clock()
+        for profile in self.profiles.profiles.values():
+            infos.append(
+                ProfileInfo(
+                    name=profile.name,
+                    issuer=profile.issuer,
+                    default_validity_days=min(
+                        profile.validity.default_days, profile.validity.effective_max_days(now)
+                    ),
+                    max_validity_days=profile.validity.effective_max_days(now),
+                    digests=list(profile.digests),
+                    subject_attributes=sorted(profile.subject.attributes),
+                    san_types=sorted(profile.sans.allowed),
+                )
+            )
+        return ListProfilesResult(profiles=infos)
+
+    def request_status(self, request_id: str) -> RequestStatusResult | None:
+        """The recorded outcome of a writing request, or None when nothing was recorded."""
+        recorded = self.repository.get_request(request_id)
+        if recorded is None:
+            return None
+        op = recorded["op"]
+        if op == "issue_x509":
+            result = self._issued_result(recorded["result"])
+            return RequestStatusResult(state="done", command="sign_x509", result=_dump(result))
+        if op == "revoke_x509":
+            result = self._revoked_result(recorded["result"], "revoked")
+            return RequestStatusResult(state="done", command="revoke_x509", result=_dump(result))
+        return RequestStatusResult(state="done", command=op, result=None)
+
+    # --- health ------------------------------------------------------------------------------
+
+    async def hsm_section(self) -> Section:
+        labels = [issuer.key_label for issuer in self.issuers.values()]
+        status = await self.hsm.run(self.hsm.status, labels)
+        errors = [
+            f"key {key['label']}: {key.get('error') or 'test signature failed'}"
+            for key in status.get("keys", [])
+            if not key.get("test_signature_ok")
+        ]
+        if not status.get("token_present"):
+            errors.insert(0, "token not present")
+        return Section(status, errors=errors)
+
+    async def cas_section(self) -> Section:
+        now = self.clock()
+        data, warnings, errors = {}, [], []
+        for issuer in self.issuers.values():
+            expires = issuer.certificate.not_valid_after_utc
+            days = (expires - now).days
+            data[issuer.name] = {"not_after": expires.isoformat(), "days_left": days}
+            if days < 0:
+                errors.append(f"{issuer.name}: CA certificate expired on {expires:%Y-%m-%d}")
+            elif days < CA_EXPIRY_WARNING_DAYS:
+                warnings.append(f"{issuer.name}: CA certificate expires in {days} days")
+        return Section(data, warnings, errors)
+
+    async def repository_section(self) -> Section:
+        counts, report = await asyncio.to_thread(self._repository_facts)
+        data = {
+            "counts": counts,
+            "last_applied_index": self.repository.last_applied_index(),
+            "consistent": report.ok,
+        }
+        errors = [] if report.ok else [f"inconsistent: {p}" for p in report.problems[:5]]
+        return Section(data, errors=errors)
+
+    def _repository_facts(self) -> tuple[dict[str, Any], Any]:
+        counts = self.repository.counts()
+        counts["issuers"] = {
+            self._issuer_name(bytes.fromhex(k) if isinstance(k, str) else k): v
+            for k, v in counts.get("issuers", {}).items()
+        }
+        return counts, self.repository.check_consistency()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _recorded(self, ctx: RequestContext, op: str) -> dict[str, Any] | None:
+        recorded = self.repository.get_request(ctx.request_id)
+        if recorded is None:
+            return None
+        if recorded["op"] != op or recorded["request_digest"] != ctx.digest:
+            raise SignerError(
+                ErrorCode.REQUEST_ID_CONFLICT,
+                f"request id {ctx.request_id!r} was used before for another request",
+            )
+        return recorded["result"]
+
+    async def _commit(self, command: dict[str, Any]) -> dict[str, Any]:
+        result = await self.log.commit(command)
+        if result.get("status") == "rejected":
+            raise SignerError(result["code"], result["message"])
+        return result
+
+    def _issuer_named(self, name: str) -> Issuer:
+        issuer = self.issuers.get(name)
+        if issuer is None:
+            raise SignerError(ErrorCode.UNKNOWN_ISSUER, f"issuer {name!r} is not configured")
+        return issuer
+
+    def _issuer_ref(self, reference: str) -> Issuer:
+        for issuer in self.issuers.values():
+            if issuer.matches(reference):
+                return issuer
+        raise SignerError(
+            ErrorCode.UNKNOWN_ISSUER,
+            f"no issuer {reference[:80]!r}; known: {', '.join(self.issuers)}",
+        )
+
+    def _issuer_by_key_id(self, key_id: bytes) -> Issuer:
+        for issuer in self.issuers.values():
+            if issuer.key_id == key_id:
+                return issuer
+        raise SignerError(ErrorCode.UNKNOWN_ISSUER, f"no configured issuer with key {key_id.hex()}")
+
+    def _issuer_name(self, key_id: bytes) -> str:
+        try:
+            return self._issuer_by_key_id(key_id).name
+        except SignerError:
+            return key_id.hex()
+
+
+def _dump(result: Any) -> dict[str, Any]:
+    return result.model_dump(mode="python", exclude_none=True)
