@@ -289,8 +289,8 @@ def test_command_line_sign_and_revoke(ca, tmp_path):
             ]
             for _ in range(3):  # the first call may go out before the signer opened its end
                 signed = subprocess.run(
-                    base
-                    + [
+                    [
+                        *base,
                         "sign-x509",
                         "--csr",
                         str(csr),
@@ -311,7 +311,7 @@ def test_command_line_sign_and_revoke(ca, tmp_path):
             result = json.loads(signed.stdout)
             assert (tmp_path / "c.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
             revoked = subprocess.run(
-                base + ["revoke-x509", "--issuer", "class3", "--serial", result["serial"]],
+                [*base, "revoke-x509", "--issuer", "class3", "--serial", result["serial"]],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -319,7 +319,7 @@ def test_command_line_sign_and_revoke(ca, tmp_path):
             assert revoked.returncode == 0, revoked.stderr
             assert json.loads(revoked.stdout)["status"] == "revoked"
             refused = subprocess.run(
-                base + ["revoke-x509", "--issuer", "class3", "--serial", "0A"],
+                [*base, "revoke-x509", "--issuer", "class3", "--serial", "0A"],
                 capture_output=True,
                 text=True,
                 timeout=60,
