@@ -1,8 +1,11 @@
 """`signer demo`: the main job on embedded defaults, on one machine.
 
-A line emulator stands in for the serial cable (two ptys, paced at the real baud rate); a signer
-process serves one end, and the client drives it from the other end exactly as the WebDB side
-would. Everything lives in one working directory, kept afterwards for a look.
+A SoftHSM2 token stands in for the HSM, the key ceremony runs on it with the shipped
+`config/ceremony.yaml`, a line emulator stands in for the serial cable (two ptys paced at the
+real baud rate), and a signer process serves one end while the client drives it from the other,
+exactly as the WebDB side would: health, issuing certificates under the shipped profiles,
+revoking one, and asking for the outcome of an earlier request. Everything lives in one working
+directory, kept afterwards for a look.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -19,46 +23,104 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
+from signer.ceremony import run_ceremony
 from signer.client import SignerClient
 from signer.errors import ErrorCode, SignerError
 from signer.line_emulator import LineEmulator
 from signer.serial_link import LinkSettings
+from signer.softhsm import create_token_store, init_token
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+TOKEN_LABEL = "cacert-signer"
+Say = Any
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="signer demo", description="run a signer and a client on an emulated serial line"
+        prog="signer demo",
+        description="make a CA on SoftHSM2, run a signer and a client on an emulated line",
     )
     parser.add_argument("--dir", type=Path, help="working directory (default: a new temp dir)")
     parser.add_argument("--baud", type=int, default=115200, help="emulated line speed")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
-    workdir = args.dir or Path(tempfile.mkdtemp(prefix="signer-demo-"))
+    workdir = (args.dir or Path(tempfile.mkdtemp(prefix="signer-demo-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    report = run(workdir, args.baud, say=(lambda _t: None) if args.json else print)
+    say: Say = (lambda _t: None) if args.json else print
+    try:
+        report = run(workdir, args.baud, say)
+    except SignerError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report, default=str, indent=2))
     return 0 if report["health"]["status"] != "error" else 1
 
 
-def run(workdir: Path, baud: int, say: Any = print) -> dict[str, Any]:
+def run(workdir: Path, baud: int, say: Say = print) -> dict[str, Any]:
     say(f"demo: working in {workdir}")
+    hsm = make_token(workdir, say)
+    ca_dir = make_ca(workdir, hsm, say)
     with LineEmulator(workdir / "line", baud=baud) as line:
         say(f"demo: emulated serial line at {baud} baud: {line.end_a} <-> {line.end_b}")
-        config = write_signer_config(workdir, line.end_a, baud)
+        config = write_signer_config(workdir, line.end_a, baud, hsm, ca_dir)
         signer = start_signer(config, workdir / "signer.log")
         say(f"demo: signer started (pid {signer.pid}), log in {workdir / 'signer.log'}")
         try:
-            return asyncio.run(drive(line.end_b, baud, say))
+            return asyncio.run(drive(workdir, line.end_b, baud, ca_dir, say))
         finally:
             signer.terminate()
             signer.wait(timeout=10)
             say("demo: signer stopped")
 
 
-def write_signer_config(workdir: Path, device: Path, baud: int) -> Path:
-    config = {"link": {"device": str(device), "baudrate": baud}, "log_level": "INFO"}
+def make_token(workdir: Path, say: Say) -> dict[str, Any]:
+    """A private SoftHSM2 store with one token; the PIN goes to a mode-0600 file."""
+    store = workdir / "softhsm"
+    conf = store / "softhsm2.conf"
+    pin_file = workdir / "hsm.pin"
+    if not pin_file.exists():
+        conf = create_token_store(store)
+        pin = secrets.token_hex(8)
+        init_token(conf, TOKEN_LABEL, secrets.token_hex(8), pin)
+        fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(pin + "\n")
+        say(f"demo: SoftHSM2 token {TOKEN_LABEL!r} initialised in {store}")
+    return {"token_label": TOKEN_LABEL, "pin_file": str(pin_file), "softhsm_conf": str(conf)}
+
+
+def make_ca(workdir: Path, hsm: dict[str, Any], say: Say) -> Path:
+    """The shipped ceremony, with the demo's token and output directory."""
+    ceremony = yaml.safe_load((CONFIG_DIR / "ceremony.yaml").read_text())
+    ceremony["hsm"] = hsm
+    ceremony["output_dir"] = str(workdir / "ca")
+    path = workdir / "ceremony.yaml"
+    path.write_text(yaml.safe_dump(ceremony, sort_keys=False))
+    say("demo: key ceremony (RSA-4096 keys are generated inside the token; this takes a while)")
+    run_ceremony(path, progress=lambda line: say(f"demo:   {line}"))
+    return workdir / "ca"
+
+
+def write_signer_config(
+    workdir: Path, device: Path, baud: int, hsm: dict[str, Any], ca_dir: Path
+) -> Path:
+    config = {
+        "link": {"device": str(device), "baudrate": baud},
+        "log_level": "INFO",
+        "repository": {"path": str(workdir / "repository")},
+        "hsm": hsm,
+        "profiles": str(CONFIG_DIR / "profiles.yaml"),
+        "issuers": {
+            "class1": {"certificate": str(ca_dir / "root.crt"), "key": "cacert-root"},
+            "class3": {"certificate": str(ca_dir / "class3.crt"), "key": "cacert-class3"},
+        },
+    }
     path = workdir / "signer.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -74,21 +136,116 @@ def start_signer(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def drive(device: Path, baud: int, say: Any) -> dict[str, Any]:
+async def drive(workdir: Path, device: Path, baud: int, ca_dir: Path, say: Say) -> dict[str, Any]:
     settings = LinkSettings(device=str(device), baudrate=baud)
-    async with SignerClient(settings, timeout=20.0) as client:
+    report: dict[str, Any] = {}
+    async with SignerClient(settings, timeout=60.0) as client:
         await wait_ready(client, say)
+        issuers = await client.call("list_issuers")
+        say("demo: issuers: " + ", ".join(i["name"] for i in issuers["issuers"]))
+        report["certificates"] = await issue(client, workdir, ca_dir, say)
+        server = report["certificates"]["server"]
+        revoked = await client.call(
+            "revoke_x509",
+            {"issuer": server["issuer"], "serial": server["serial"], "reason": "superseded"},
+            request_id="demo:domaincerts:1:revoke",
+        )
+        say(f"demo: revoked {revoked['serial']} ({revoked['reason']}): {revoked['status']}")
+        status = await client.call("request_status", {"request_id": "demo:domaincerts:1:sign"})
+        say(f"demo: outcome of request demo:domaincerts:1:sign: {status['state']}")
         started = time.monotonic()
         health = await client.call("health")
         elapsed = time.monotonic() - started
+    show_health(health, elapsed, say)
+    report.update(health=health, revoked=revoked, health_round_trip_ms=round(elapsed * 1000, 1))
+    return report
+
+
+async def issue(client: SignerClient, workdir: Path, ca_dir: Path, say: Say) -> dict[str, Any]:
+    """A TLS server certificate and an S/MIME one, sent as the WebDB sends them."""
+    requests = {
+        "server": (
+            "demo:domaincerts:1:sign",
+            {
+                "profile": "server",
+                "csr": csr(ec.generate_private_key(ec.SECP256R1()), "www.example.org"),
+                "sans": [["dns", "www.example.org"], ["dns", "example.org"]],
+            },
+        ),
+        "client": (
+            "demo:emailcerts:1:sign",
+            {
+                "profile": "client",
+                "csr": csr(rsa.generate_private_key(65537, 2048), "ignored"),
+                "subject": [["CN", "alice@example.org"]],
+                "sans": [["email", "alice@example.org"]],
+                "validity_days": 365,
+            },
+        ),
+    }
+    calls = [client.call("sign_x509", args, request_id=rid) for rid, args in requests.values()]
+    results = dict(zip(requests, await asyncio.gather(*calls), strict=True))
+    for name, result in results.items():
+        path = workdir / f"{name}.crt"
+        cert = x509.load_der_x509_certificate(result["certificate"])
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        verdict = openssl_verify(ca_dir, path)
+        say(
+            f"demo: issued {name} certificate serial {result['serial']} by {result['issuer']}, "
+            f"valid to {result['not_after']:%Y-%m-%d}: {path} (openssl verify: {verdict})"
+        )
+        result["openssl_verify"] = verdict
+    return results
+
+
+def csr(key: Any, common_name: str) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def openssl_verify(ca_dir: Path, path: Path) -> str:
+    result = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(ca_dir / "root.crt"),
+            "-untrusted",
+            str(ca_dir / "class3.crt"),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "OK" if result.returncode == 0 else (result.stdout + result.stderr).strip()
+
+
+def show_health(health: dict[str, Any], elapsed: float, say: Say) -> None:
     say(f"demo: health over the line in {elapsed * 1000:.0f} ms: status {health['status']}")
     say(f"demo:   signer version {health['version']}, clock {health['time'].isoformat()}")
-    link = health["sections"]["link"]
+    for text in health["warnings"]:
+        say(f"demo:   warning: {text}")
+    sections = health["sections"]
+    link = sections["link"]
     say(f"demo:   link {link['state']}, frames in {link['frames_in']}, out {link['frames_out']}")
-    return {"health": health, "round_trip_ms": round(elapsed * 1000, 1)}
+    if "hsm" in sections:
+        for key in sections["hsm"].get("keys", []):
+            say(f"demo:   hsm key {key['label']}: test signature {key.get('latency_ms')} ms")
+    if "cas" in sections:
+        for name, ca in sections["cas"].items():
+            say(f"demo:   CA {name}: {ca['days_left']} days left")
+    if "repository" in sections:
+        repo = sections["repository"]
+        say(
+            f"demo:   repository: {repo['counts']['certificates']} certificates, "
+            f"{repo['counts']['revoked']} revoked, consistent: {repo['consistent']}"
+        )
 
 
-async def wait_ready(client: SignerClient, say: Any, limit: float = 60.0) -> None:
+async def wait_ready(client: SignerClient, say: Say, limit: float = 60.0) -> None:
     """Bytes sent before the signer opens its end are lost, as on a real line: probe until up."""
     deadline = time.monotonic() + limit
     while True:

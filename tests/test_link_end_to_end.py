@@ -178,5 +178,8 @@ def test_demo_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["health"]["status"] == "ok"
+    assert report["health"]["status"] == "ok", report["health"]["warnings"]
+    assert {c["openssl_verify"] for c in report["certificates"].values()} == {"OK"}
+    assert report["revoked"]["status"] == "revoked"
+    assert report["health"]["sections"]["repository"]["counts"]["revoked"] == 1
     assert Path(tmp_path / "demo" / "signer.log").exists()
