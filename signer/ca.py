@@ -120,8 +120,8 @@ class CertificateAuthority:
         request = IssuanceRequest(
             csr=args.csr,
             profile=args.profile,
-            subject=[tuple(pair) for pair in args.subject] if args.subject else None,
-            sans=[tuple(pair) for pair in args.sans] if args.sans else None,
+            subject=None if args.subject is None else [tuple(pair) for pair in args.subject],
+            sans=None if args.sans is None else [tuple(pair) for pair in args.sans],
             validity_days=args.validity_days,
             digest=args.digest,
         )

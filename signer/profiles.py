@@ -70,7 +70,7 @@ KeyUsageName = Literal[
     "decipherOnly",
 ]
 ALLOWED_DIGESTS = ("sha256", "sha384", "sha512")
-FORBIDDEN_DIGESTS = frozenset({"md2", "md4", "md5", "sha1", "sha-1", "sha", "sha224", "ripemd160"})
+FORBIDDEN_DIGESTS = frozenset({"md2", "md4", "md5", "sha1", "sha-1", "sha"})
 EKU_NAMES: dict[str, str] = {
     "serverAuth": "1.3.6.1.5.5.7.3.1",
     "clientAuth": "1.3.6.1.5.5.7.3.2",
@@ -453,6 +453,12 @@ class ProfileSet(_Model):
             )
         return profile
 
+    def __getitem__(self, name: object) -> Profile:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.profiles
+
     def names(self) -> list[str]:
         return sorted(self.profiles)
 
@@ -540,7 +546,11 @@ def _describe(error: Any) -> str:
     if kind == "extra_forbidden":
         model = _model_at(loc)
         if model is not None:
-            keys = [f.alias or name for name, f in model.model_fields.items() if name != "name"]
+            keys = [
+                f.alias or name
+                for name, f in model.model_fields.items()
+                if name not in ("name", "source")  # filled in by the loader, not by YAML
+            ]
             return "unknown key; expected one of: " + ", ".join(keys)
         return "unknown key"
     message = error["msg"]

@@ -50,7 +50,7 @@ _HASHES: dict[str, hashes.HashAlgorithm] = {
     "sha384": hashes.SHA384(),
     "sha512": hashes.SHA512(),
 }
-_BROKEN_DIGESTS = frozenset({"md2", "md4", "md5", "sha1", "sha", "sha224", "ripemd160"})
+_BROKEN_DIGESTS = frozenset({"md2", "md4", "md5", "sha1", "sha"})
 _CURVES = {"secp256r1": "p256", "secp384r1": "p384", "secp521r1": "p521"}
 _OID_TO_SHORT = {oid: short for short, (oid, _) in SUBJECT_ATTRIBUTES.items()}
 _SHORT_TO_OID = {short: ObjectIdentifier(oid) for short, (oid, _) in SUBJECT_ATTRIBUTES.items()}
@@ -1250,6 +1250,7 @@ class LintFinding:
 
 
 LINT_KINDS = ("tls", "smime", "ocsp", "ca", "other")
+_LINT_ALIASES = {"server": "tls", "serverauth": "tls", "email": "smime", "pkix": "other"}
 
 
 @functools.lru_cache(maxsize=32)
@@ -1292,6 +1293,7 @@ def lint_findings(der: bytes, profile_kind: str) -> list[LintFinding]:
     from pkilint.cabf import serverauth, smime
     from pkilint.cabf.serverauth import serverauth_constants
 
+    profile_kind = _LINT_ALIASES.get(profile_kind, profile_kind)
     if profile_kind not in LINT_KINDS:
         raise ValueError(f"unknown profile kind {profile_kind!r}; expected one of {LINT_KINDS}")
     document = loader.RFC5280CertificateDocumentLoader().load_der_document(der)

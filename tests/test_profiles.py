@@ -139,6 +139,8 @@ def test_tls_validity_follows_the_cabf_schedule() -> None:
 
 def test_unknown_profile_is_a_signer_error() -> None:
     profiles = load_profiles()
+    assert "server" in profiles and profiles["server"] is profiles.get("server")
+    assert "nope" not in profiles and 7 not in profiles
     for name in ("nope", "", None, 7):
         with pytest.raises(SignerError) as info:
             profiles.get(name)

@@ -6,8 +6,6 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -934,28 +932,3 @@ def test_serials_are_random_positive_bounded_and_unique() -> None:
     low = [s & ((1 << 127) - 1) for s in serials]
     ones = sum(bin(s).count("1") for s in low) / len(low)
     assert 60 < ones < 67  # 127 random bits: about 63.5 set on average
-
-
-def test_plan_and_build_are_fast(env: Env) -> None:
-    """CSR -> signed certificate with a software P-256 issuer: well under a millisecond."""
-    issuer = make_ca("Bench", ec.generate_private_key(ec.SECP256R1()))
-    profile = env.profiles.get("server")
-    request = env.good("server")
-
-    def once() -> None:
-        plan = plan_certificate(request, profile, issuer.cert, NOW)
-        build_certificate(plan, new_serial(), issuer.key, issuer.cert)
-
-    once()
-    rounds = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(100):
-            once()
-        rounds.append((time.perf_counter() - start) / 100)
-    best = min(rounds)
-    print(
-        f"plan+build (RSA-2048 CSR, P-256 issuer): best {best * 1e6:.0f} us, "
-        f"median {statistics.median(rounds) * 1e6:.0f} us"
-    )
-    assert best < 0.001
