@@ -54,6 +54,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class KeyMismatchError(SignerError):
+    """An issuer's HSM key is not the key of its certificate: the signer must not start."""
+
+
 @dataclass(frozen=True)
 class Issuer:
     """A CA certificate and its signing key in the HSM."""
@@ -100,6 +104,17 @@ class CertificateAuthority:
         for profile in profiles.profiles.values():
             if profile.issuer not in self.issuers:
                 log.warning("profile %s: issuer %s is not configured", profile.name, profile.issuer)
+
+    def check_keys(self) -> None:
+        """Each issuer's HSM key must be the key of its certificate: checked once at start."""
+        for issuer in self.issuers.values():
+            public = self.hsm.key(issuer.key_label).public_key()
+            if public != issuer.certificate.public_key():
+                raise KeyMismatchError(
+                    ErrorCode.HSM_KEY_NOT_FOUND,
+                    f"issuer {issuer.name}: HSM key {issuer.key_label!r} does not match the "
+                    "public key of its CA certificate",
+                )
 
     def handlers(self) -> dict[str, Handler]:
         return {

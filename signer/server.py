@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from replication.log import LocalLog
-from signer.ca import CertificateAuthority, Issuer
+from signer.ca import CertificateAuthority, Issuer, KeyMismatchError
 from signer.config import SignerConfig
+from signer.errors import SignerError
 from signer.health import Health, Section
 from signer.hsm import Hsm
 from signer.profiles import load_profiles
@@ -71,8 +72,20 @@ class SignerServer:
         self.protocol.on_frame(event)
 
     async def start(self) -> None:
+        if self.ca is not None:
+            await self._check_ca_keys(self.ca)
         await self.link.start()
         log.info("signer serving on %s", self.config.link.device)
+
+    @staticmethod
+    async def _check_ca_keys(ca: CertificateAuthority) -> None:
+        """A key that does not match its certificate is fatal; an HSM not reachable yet is not."""
+        try:
+            await ca.hsm.run(ca.check_keys)
+        except KeyMismatchError:
+            raise
+        except SignerError as exc:
+            log.warning("cannot check the CA keys now (%s); the HSM is retried per request", exc)
 
     async def stop(self) -> None:
         await self.protocol.close()
