@@ -27,9 +27,10 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, get_args
 
@@ -171,6 +172,18 @@ class KeyNotExtractableError(SignerError):
 
 
 @dataclass
+class _Login:
+    """The process's login to one token. PKCS#11 login is per process and token, and closing a
+    logged-in session (C_Logout) logs out every session of the process; so one dedicated session
+    holds the login for all Hsm objects on the token and is closed when the last one closes.
+    Hsm objects use sessions opened without a PIN: closing them never logs anybody out."""
+
+    session: Any
+    pin_check: bytes  # salted hash of the PIN that worked (never the PIN)
+    users: weakref.WeakSet[Hsm] = field(default_factory=weakref.WeakSet)
+
+
+@dataclass
 class _Module:
     """A loaded PKCS#11 library, shared by all Hsm objects of the process that use it."""
 
@@ -178,9 +191,17 @@ class _Module:
     lib: Any
     # Bumped on every re-initialisation: sessions of an older generation are dead.
     generation: int = 0
+    logins: dict[str, _Login] = field(default_factory=dict)  # by token label
+    refused_pins: dict[str, bytes] = field(default_factory=dict)  # token label -> PIN hash
 
 
 _MODULES: dict[str, _Module] = {}
+_PIN_SALT = os.urandom(32)
+
+
+def _pin_check(pin: str) -> bytes:
+    """A salted hash to compare PINs in memory without keeping the PIN."""
+    return hashlib.sha256(_PIN_SALT + pin.encode("utf-8")).digest()
 
 
 def _p11_name(exc: BaseException) -> str:
@@ -421,8 +442,6 @@ class Hsm:
         self._handles: dict[str, Any] = {}
         self._keys: dict[str, HsmPrivateKey] = {}
         self._token_found = False
-        self._pin_salt = os.urandom(16)
-        self._refused_pin: bytes | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -640,11 +659,13 @@ class Hsm:
             session, self._session = self._session, None
             self._handles.clear()
             module = self._module
-            if session is not None and module is not None and self._generation == module.generation:
-                try:
-                    session.close()
-                except p11e.PKCS11Error as exc:
-                    log.debug("closing HSM session: %s", _p11_name(exc))
+            if module is not None and self._generation == module.generation:
+                if session is not None:
+                    try:
+                        session.close()  # opened without PIN: no C_Logout
+                    except p11e.PKCS11Error as exc:
+                        log.debug("closing HSM session: %s", _p11_name(exc))
+                self._release_login(module)
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
@@ -789,6 +810,7 @@ class Hsm:
         log.warning("re-initialising PKCS#11 module %s", module.path)
         self._apply_softhsm_conf()
         module.generation += 1
+        module.logins.clear()  # C_Finalize logs the process out of every token
         try:
             module.lib.finalize()
         except p11e.PKCS11Error as exc:
@@ -842,23 +864,50 @@ class Hsm:
                     f"cannot list the tokens of {module.path}: {_p11_name(exc)}",
                 ) from exc
         self._token_found = True
+        login = self._login(module, token)
+        try:
+            session = token.open(rw=self._read_write)
+        except p11e.PKCS11Error as exc:
+            raise SignerError(
+                ErrorCode.HSM_UNAVAILABLE,
+                f"cannot open a session on token {label!r}: {_p11_name(exc)}",
+            ) from exc
+        login.users.add(self)
+        self._session = session
+        self._generation = module.generation
+        self._broken = False
+        log.info("opened token %r (%s)", label, "read-write" if self._read_write else "read-only")
+
+    def _login(self, module: _Module, token: Any) -> _Login:
+        """Log the process in to the token, or join the existing login after checking that
+        this Hsm's PIN is the one that worked (a wrong PIN must not ride on another's login)."""
+        label = self._settings.token_label
         pin = self._read_pin()
-        fingerprint = hashlib.sha256(self._pin_salt + pin.encode("utf-8")).digest()
-        if self._refused_pin is not None and fingerprint == self._refused_pin:
+        check = _pin_check(pin)
+        login = module.logins.get(label)
+        if login is not None:
+            if check != login.pin_check:
+                raise SignerError(
+                    ErrorCode.HSM_LOGIN_FAILED,
+                    f"the PIN for token {label!r} differs from the one this process logged in "
+                    "with: refusing it",
+                )
+            return login
+        if module.refused_pins.get(label) == check:
             raise SignerError(
                 ErrorCode.HSM_LOGIN_FAILED,
                 f"token {label!r} refused this PIN before; not trying it again so that the HSM "
                 "does not lock the PIN: correct the PIN source",
             )
         try:
-            try:
-                session = token.open(rw=self._read_write, user_pin=pin)
-            except p11e.UserAlreadyLoggedIn:
-                # Login is per process and token: another Hsm object of this process logged in.
-                session = token.open(rw=self._read_write)
+            session = token.open(user_pin=pin)
+        except p11e.UserAlreadyLoggedIn:
+            # Logged in by code outside this module (same process): it holds the login.
+            log.warning("token %r was already logged in by this process", label)
+            session = None
         except tuple(_PIN_ERRORS) as exc:
             if isinstance(exc, (p11e.PinIncorrect, p11e.PinLocked)):
-                self._refused_pin = fingerprint
+                module.refused_pins[label] = check
             raise SignerError(
                 ErrorCode.HSM_LOGIN_FAILED,
                 f"login to token {label!r} failed: {_PIN_ERRORS[type(exc)]}",
@@ -866,15 +915,27 @@ class Hsm:
         except p11e.PKCS11Error as exc:
             raise SignerError(
                 ErrorCode.HSM_UNAVAILABLE,
-                f"cannot open a session on token {label!r}: {_p11_name(exc)}",
+                f"cannot log in to token {label!r}: {_p11_name(exc)}",
             ) from exc
-        finally:
-            del pin
-        self._refused_pin = None
-        self._session = session
-        self._generation = module.generation
-        self._broken = False
-        log.info("logged in to token %r (%s)", label, "read-write" if self._read_write else "ro")
+        module.refused_pins.pop(label, None)
+        login = module.logins[label] = _Login(session=session, pin_check=check)
+        log.info("logged in to token %r", label)
+        return login
+
+    def _release_login(self, module: _Module) -> None:
+        """Drop this Hsm from the token's login; the last one out logs the process out."""
+        label = self._settings.token_label
+        login = module.logins.get(label)
+        if login is None or self not in login.users:
+            return
+        login.users.discard(self)
+        if len(login.users) == 0:
+            del module.logins[label]
+            if login.session is not None:
+                try:
+                    login.session.close()  # C_Logout + C_CloseSession
+                except p11e.PKCS11Error as exc:
+                    log.debug("logging out of token %r: %s", label, _p11_name(exc))
 
     def _read_pin(self) -> str:
         """Read the PIN now (never cached); refuse a PIN file others can read, as ssh does."""

@@ -423,6 +423,31 @@ def test_wrong_pin_is_login_failed_and_not_retried(
     hsm.close()
 
 
+def test_hsm_objects_share_the_process_login(softhsm_token: SoftHsmToken, tmp_path: Path) -> None:
+    """PKCS#11 login is per process: closing one Hsm must not log out another, and a wrong PIN
+    must not ride on the login another Hsm made."""
+    with Hsm(softhsm_token.settings(), read_write=True) as first:
+        first.generate_key("ca", "ec-p256")
+        second = Hsm(softhsm_token.settings())
+        second.key("ca").sign(MESSAGE, ec.ECDSA(hashes.SHA256()))
+        second.close()
+        # A fresh lookup of a private object: a logged-out session would find nothing.
+        assert first.key_info("ca")["extractable"] is False
+        wrong = tmp_path / "wrong-pin"
+        wrong.write_text("99999999")
+        wrong.chmod(0o600)
+        with pytest.raises(SignerError) as caught:
+            Hsm(softhsm_token.settings(pin_file=wrong)).key("ca")
+        assert caught.value.code == ErrorCode.HSM_LOGIN_FAILED
+        assert "differs" in caught.value.message
+        first.key("ca").sign(MESSAGE, ec.ECDSA(hashes.SHA256()))
+        third = Hsm(softhsm_token.settings())
+        third.key("ca")
+    # `first` logged the process in and is closed now; `third` still sees private objects.
+    assert third.key_info("ca")["sensitive"] is True
+    third.close()
+
+
 def test_missing_module_is_unavailable(softhsm_token: SoftHsmToken, tmp_path: Path) -> None:
     hsm = Hsm(softhsm_token.settings(module=str(tmp_path / "no-such-pkcs11.so")))
     with pytest.raises(SignerError) as caught:
