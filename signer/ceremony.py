@@ -558,7 +558,12 @@ class _Ceremony:
         if path.exists():
             try:
                 meta = yaml.safe_load(path.read_text(encoding="utf-8"))
-                created = dt.datetime.fromisoformat(meta["created"])
+                recorded = meta["created"]
+                created = (
+                    recorded
+                    if isinstance(recorded, dt.datetime)
+                    else dt.datetime.fromisoformat(recorded)
+                )
             except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
                 raise CeremonyError(f"{path}: unreadable ({exc!r})") from None
             if meta.get("label") != spec.label or meta.get("kind") != spec.kind:
@@ -566,7 +571,7 @@ class _Ceremony:
                     f"{path} records key {meta.get('label')!r} ({meta.get('kind')}), "
                     f"the config says {spec.label!r} ({spec.kind})"
                 )
-            self.progress(f"openpgp {spec.label}: exists (created {meta['created']})")
+            self.progress(f"openpgp {spec.label}: exists (created {recorded})")
             status: Status = "exists"
         else:
             created = _utcnow()
@@ -613,25 +618,29 @@ class _Ceremony:
                     raise CeremonyError(
                         f"key {label!r} in the token is {found}, the config says {kind}"
                     )
+        pgp = self.config.openpgp
+        recorded = self.out / OPENPGP_META
+        if pgp is not None and recorded.exists() and not self.hsm.has_key(pgp.label):
+            raise CeremonyError(
+                f"{recorded} records key {pgp.label!r} but the token has no such key "
+                "(wrong token?): move the file away to make a new OpenPGP key"
+            )
 
     def run(self) -> CeremonyResult:
         self.out.mkdir(parents=True, exist_ok=True)
+        pgp = self.config.openpgp
         self.progress(
             f"ceremony: token {self.hsm.settings.token_label!r}, output {self.out}, "
-            f"{len(self.config.keys)} key(s), {len(self.config.certificates)} certificate(s)"
+            f"{len(self.config.keys)} X.509 key(s), {len(self.config.certificates)} "
+            f"certificate(s), OpenPGP key: {pgp.label if pgp else 'none'}"
         )
         self.preflight()
         for key_spec in self.config.keys:
             self.ensure_key(key_spec.label, key_spec.kind)
         if self.config.openpgp is not None:
             spec = self.config.openpgp
-            if (self.out / OPENPGP_META).exists() and not self.hsm.has_key(spec.label):
-                raise CeremonyError(
-                    f"{self.out / OPENPGP_META} records key {spec.label!r} but the token has no "
-                    "such key (wrong token?): move the file away to make a new OpenPGP key"
-                )
             status = self.ensure_key(spec.label, spec.kind)
-            self.ensure_openpgp(self.config.openpgp, status)
+            self.ensure_openpgp(spec, status)
         for cert_spec in self.config.ordered_certificates():
             self.ensure_certificate(cert_spec)
         created = sum(1 for item in self.result.items if item.status != "exists")

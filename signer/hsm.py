@@ -5,7 +5,7 @@
 `CertificateRevocationListBuilder.sign(...)` work directly while the private key stays in the
 token: hashing happens here and only a digest (or a ~51-byte DigestInfo) goes to the HSM.
 
-Rules this module enforces (see docs/reference hsm-x509-openpgp.md):
+Rules this module enforces (from the measurements in the team's HSM reference notes):
 - python-pkcs11 with SoftHSM is not thread-safe: every PKCS#11 call of the process runs under one
   lock (`PKCS11_LOCK`), whichever thread calls (cryptography's builders call `sign` synchronously).
 - HSM sessions die in production (device errors, stale handles, token unplugged). A failure of
@@ -426,10 +426,13 @@ def _public_ec(priv: Any, pub: Any | None) -> ec.EllipticCurvePublicKey:
 
 
 class Hsm:
-    """One PKCS#11 token, opened lazily, logged in, with one session; safe to share by threads.
+    """One PKCS#11 token found by label, opened lazily, with one session; safe to share by
+    threads. `read_write=True` only for the ceremony (key generation).
 
     Every PKCS#11 call holds `PKCS11_LOCK`. Use `await hsm.run(fn, *args)` from asyncio code so
-    signing runs in the Hsm's single worker thread instead of blocking the event loop.
+    signing runs in the Hsm's single worker thread instead of blocking the event loop. Several
+    Hsm objects of one process may use the same token: they share the process's login (see
+    `_Login`), and one with a different PIN is refused.
     """
 
     def __init__(self, settings: HsmSettings, *, read_write: bool = False) -> None:
@@ -443,6 +446,7 @@ class Hsm:
         self._keys: dict[str, HsmPrivateKey] = {}
         self._token_found = False
         self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         self._closed = False
 
     # -- public API --------------------------------------------------------------------------
@@ -456,6 +460,9 @@ class Hsm:
 
         Raises SignerError(HSM_KEY_NOT_FOUND) when the token has no private key with the label.
         """
+        cached = self._keys.get(label)  # no lock: a known key never waits for a signature
+        if cached is not None:
+            return cached
         with PKCS11_LOCK:
             cached = self._keys.get(label)
             if cached is not None:
@@ -644,7 +651,9 @@ class Hsm:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking (HSM) work in this Hsm's single worker thread; the event loop stays free."""
         loop = asyncio.get_running_loop()
-        with PKCS11_LOCK:
+        # Not PKCS11_LOCK: another thread may hold it for seconds (smart-card RSA) and the event
+        # loop must not wait for it.
+        with self._executor_lock:
             if self._closed:
                 raise SignerError(ErrorCode.HSM_UNAVAILABLE, "the HSM connection is closed")
             if self._executor is None:
@@ -666,6 +675,7 @@ class Hsm:
                     except p11e.PKCS11Error as exc:
                         log.debug("closing HSM session: %s", _p11_name(exc))
                 self._release_login(module)
+        with self._executor_lock:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)

@@ -61,11 +61,11 @@ def softhsm_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmS
     """One SoftHSM2 token store for the session, with SOFTHSM2_CONF set for the process."""
     module = find_softhsm_module()
     if module is None:
-        pytest.skip("SoftHSM2 is not installed (apt install softhsm2)")
+        pytest.fail("SoftHSM2 is not installed (run ops/setup.sh: it installs softhsm2)")
     try:
         softhsm_util()
     except RuntimeError as exc:
-        pytest.skip(str(exc))
+        pytest.fail(str(exc))
     base = tmp_path_factory.mktemp("softhsm")
     conf = create_token_store(base)
     with pytest.MonkeyPatch.context() as mp:

@@ -409,12 +409,11 @@ def test_openpgp_record_of_a_vanished_key_is_an_error(
     # Same output directory, new (empty) token: the recorded key is not in it.
     other = softhsm_token_factory()
     config = _config(other)
-    config["keys"] = []
-    config["certificates"] = []
     with pytest.raises(CeremonyError, match="the token has no such key"):
         run_ceremony(_write(tmp_path / "other.yaml", config), progress=lambda _: None)
     with Hsm(other.settings()) as hsm:
-        assert not hsm.has_key("pgp-key")  # refused before generating anything
+        for label in ("root-key", "sub-key", "pgp-key"):
+            assert not hsm.has_key(label)  # refused before generating anything
 
 
 # -- config and CLI -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -581,21 +582,34 @@ async def test_run_uses_one_worker_thread(keyed: Hsm) -> None:
     assert names[0] != threading.current_thread().name
     signature = await keyed.run(key.sign, MESSAGE, ec.ECDSA(hashes.SHA256()))
     key.public_key().verify(signature, MESSAGE, ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
-    # The event loop keeps running while the worker signs.
-    ticks = 0
+    # The event loop keeps running while the worker waits for the PKCS#11 lock and signs.
+    tick_times: list[float] = []
 
     async def ticker() -> None:
-        nonlocal ticks
         while True:
-            ticks += 1
-            await asyncio.sleep(0)
+            tick_times.append(time.monotonic())
+            await asyncio.sleep(0.001)
 
+    holding = threading.Event()
+    released_at: list[float] = []
+
+    def hold_the_lock() -> None:
+        with PKCS11_LOCK:
+            holding.set()
+            time.sleep(0.3)  # as a slow smart-card signature would
+            released_at.append(time.monotonic())
+
+    rsa_key = keyed.key("rsa")  # looked up now; later key() calls need no lock
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    holding.wait()
     task = asyncio.create_task(ticker())
-    rsa_key = keyed.key("rsa")
-    for _ in range(20):
-        await keyed.run(rsa_key.sign, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+    assert keyed.key("rsa") is rsa_key
+    signature = await keyed.run(rsa_key.sign, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
     task.cancel()
-    assert ticks > 20
+    holder.join()
+    rsa_key.public_key().verify(signature, MESSAGE, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[call-arg]
+    assert len([t for t in tick_times if t < released_at[0]]) > 10
 
 
 def test_status_reports_each_key(keyed: Hsm) -> None:
