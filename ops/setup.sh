@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 packages=(
   python3 python3-venv python3-dev build-essential   # Python and what wheels may compile with
   softhsm2 opensc                                     # PKCS#11: SoftHSM2, and OpenSC for real HSMs
-  openssl gnupg                                       # outside verifiers used by tests and operators
+  openssl gnupg sq                                    # outside verifiers used by tests and operators
+  mariadb-server                                      # the WebDB database (the client tests start their own)
 )
 missing=()
 for package in "${packages[@]}"; do
