@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +37,23 @@ from signer.protocol import (
 )
 from signer.protocol_handler import Handler, RequestContext
 from signer.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
-from signer.x509_signing import IssuanceRequest, build_certificate, new_serial, plan_certificate
+from signer.x509_signing import (
+    CertificatePlan,
+    IssuanceRequest,
+    build_certificate,
+    new_serial,
+    plan_certificate,
+)
 from storage.repository import Repository
 
 log = logging.getLogger(__name__)
 
 CA_EXPIRY_WARNING_DAYS = 90
+
+#: Threads that build and sign certificates. Two, so that one prepares the next certificate while
+#: the other's signature is in the HSM: PKCS11_LOCK serialises the HSM itself, which then never
+#: waits for Python between signatures (bench/issuance.py, docs/performance.md "Issuance").
+BUILD_THREADS = 2
 
 
 def serial_hex(serial: int) -> str:
@@ -101,6 +113,7 @@ class CertificateAuthority:
         self.repository = repository
         self.log = commit_log
         self.clock = clock
+        self._builders = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="x509-build")
         for profile in profiles.profiles.values():
             if profile.issuer not in self.issuers:
                 log.warning("profile %s: issuer %s is not configured", profile.name, profile.issuer)
@@ -142,22 +155,21 @@ class CertificateAuthority:
         )
         plan = plan_certificate(request, profile, issuer.certificate, self.clock())
         serial = self._fresh_serial(issuer)
-        key = await self.hsm.run(self.hsm.key, issuer.key_label)
-        der = await self.hsm.run(build_certificate, plan, serial, key, issuer.certificate)
-        result = await self._commit(
-            {
-                "op": "issue_x509",
-                "request_id": ctx.request_id,
-                "request_digest": ctx.digest,
-                "issuer": issuer.key_id,
-                "serial": serial,
-                "der": der,
-                "profile": profile.name,
-                "not_before": int(plan.not_before.timestamp()),
-                "not_after": int(plan.not_after.timestamp()),
-                "issued_at": int(self.clock().timestamp()),
-            }
-        )
+        loop = asyncio.get_running_loop()
+        der = await loop.run_in_executor(self._builders, self._build, plan, serial, issuer)
+        command = {
+            "op": "issue_x509",
+            "request_id": ctx.request_id,
+            "request_digest": ctx.digest,
+            "issuer": issuer.key_id,
+            "serial": serial,
+            "der": der,
+            "profile": profile.name,
+            "not_before": int(plan.not_before.timestamp()),
+            "not_after": int(plan.not_after.timestamp()),
+            "issued_at": int(self.clock().timestamp()),
+        }
+        result = await self._commit(command)
         log.info(
             "issued %s serial %s under %s (request %s)",
             issuer.name,
@@ -165,7 +177,15 @@ class CertificateAuthority:
             profile.name,
             ctx.request_id,
         )
-        return self._issued_result(result)
+        if result["serial"] == serial and result["issuer"] == issuer.key_id:
+            return self._result(issuer, command)  # recorded as built: no need to read it back
+        return self._issued_result(result)  # the id was recorded first by a concurrent copy
+
+    def _build(self, plan: CertificatePlan, serial: int, issuer: Issuer) -> bytes:
+        """Runs in a builder thread: key lookup (cached by the Hsm), TBS, HSM signature, DER.
+        Only the signature holds PKCS11_LOCK; one trip off the event loop per certificate."""
+        key = self.hsm.key(issuer.key_label)
+        return build_certificate(plan, serial, key, issuer.certificate)
 
     def _fresh_serial(self, issuer: Issuer) -> int:
         while True:
@@ -178,9 +198,13 @@ class CertificateAuthority:
         record = self.repository.get_certificate(summary["issuer"], summary["serial"])
         if record is None:
             raise SignerError(ErrorCode.REPOSITORY_ERROR, "recorded certificate not found")
+        return self._result(issuer, record)
+
+    @staticmethod
+    def _result(issuer: Issuer, record: dict[str, Any]) -> SignX509Result:
         return SignX509Result(
             certificate=record["der"],
-            serial=serial_hex(summary["serial"]),
+            serial=serial_hex(record["serial"]),
             issuer=issuer.name,
             not_before=datetime.fromtimestamp(record["not_before"], UTC),
             not_after=datetime.fromtimestamp(record["not_after"], UTC),

@@ -12,7 +12,7 @@ import base64
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -73,10 +73,31 @@ def _demo(argv: list[str]) -> int:
     return demo.main(argv)
 
 
+def _webdb_client(argv: list[str]) -> int:
+    from signer import webdb_client
+
+    return webdb_client.main(argv)
+
+
+def _openpgp_export(argv: list[str]) -> int:
+    from signer import openpgp_signing
+
+    return openpgp_signing.export_main(argv)
+
+
+def _cluster(argv: list[str]) -> int:
+    from replication import control
+
+    return control.main(argv)
+
+
 DELEGATES: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "line-emulator": ("an emulated serial cable (two ptys, paced)", _emulator),
     "ceremony": ("generate CA keys in the HSM and make the CA", _ceremony),
     "demo": ("run a signer and a client on an emulated line", _demo),
+    "openpgp-export": ("write the OpenPGP CA's public key for publication", _openpgp_export),
+    "webdb-client": ("poll the WebDB database, drive the signer, write back", _webdb_client),
+    "cluster": ("status and membership of the replicated pair (on the signer host)", _cluster),
 }
 
 
@@ -121,7 +142,9 @@ def _add_client(sub: Any) -> None:
     for name, spec in CLIENT_COMMANDS.items():
         command = commands.add_parser(name, help=spec.help, description=spec.help)
         spec.arguments(command)
-        command.set_defaults(run=_client, build=spec.build, show=spec.show, command=name)
+        command.set_defaults(
+            run=_client, build=spec.build, show=spec.show, session=spec.session, command=name
+        )
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -167,6 +190,8 @@ async def _call(
         max_in_flight=config.max_in_flight,
     )
     async with client:
+        if getattr(args, "session", None) is not None:  # a command that takes several calls
+            return await args.session(client, args)
         return await client.call(command, payload, request_id=args.request_id)
 
 
@@ -299,12 +324,69 @@ def _request_status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("lookup", metavar="REQUEST_ID", help="the earlier request's id")
 
 
+def _sign_openpgp_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", type=Path, required=True, help="public key, binary or armored")
+    parser.add_argument(
+        "--uid",
+        action="append",
+        required=True,
+        metavar="EMAIL",
+        help="e-mail address (or whole user ID) to certify (repeat)",
+    )
+    parser.add_argument("--out", type=Path, help="write the certified key here (binary)")
+
+
+def _sign_openpgp_build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    return "sign_openpgp", {"public_key": args.key.read_bytes(), "uids": args.uid}
+
+
+def _sign_openpgp_show(result: dict[str, Any], args: Any, quiet: bool = False) -> None:
+    if args.out:
+        args.out.write_bytes(result["public_key"])
+    if quiet:
+        return
+    print(f"fingerprint: {result['fingerprint']}")
+    for uid in result["certified_uids"]:
+        print(f"certified:   {uid}")
+    print(f"expires:     {result['expires'].isoformat()}")
+    if args.out:
+        print(f"written to:  {args.out}")
+
+
+def _fetch_crl_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--issuer", required=True, help="issuer name, DN or hex key id")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the local CRL (DER), refreshed in place"
+    )
+    parser.add_argument(
+        "--ca-cert",
+        type=Path,
+        help="the issuer's certificate (PEM or DER) to check the CRL with; default: the one the "
+        "signer lists, fetched once and kept in OUT.state",
+    )
+    parser.add_argument(
+        "--max-bytes", type=int, default=65536, help="largest answer wanted (1024-1048576)"
+    )
+
+
+async def _fetch_crl_session(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from signer.crl_refresh import refresh_file
+
+    return await refresh_file(client, args.issuer, args.out, args.ca_cert, args.max_bytes)
+
+
+def _fetch_crl_show(result: dict[str, Any], _args: Any, quiet: bool = False) -> None:
+    if not quiet:
+        _show_mapping(result, "")
+
+
 @dataclass(frozen=True)
 class ClientCommand:
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]
     build: Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
     show: Callable[..., None]
+    session: Callable[[Any, argparse.Namespace], Awaitable[dict[str, Any]]] | None = None
 
 
 CLIENT_COMMANDS: dict[str, ClientCommand] = {
@@ -325,6 +407,19 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
         _no_arguments,
         lambda _a: ("list_profiles", {}),
         _show_plain,
+    ),
+    "sign-openpgp": ClientCommand(
+        "certify user IDs of an OpenPGP key",
+        _sign_openpgp_arguments,
+        _sign_openpgp_build,
+        _sign_openpgp_show,
+    ),
+    "fetch-crl": ClientCommand(
+        "keep a local copy of an issuer's CRL fresh (deltas, resumable chunks)",
+        _fetch_crl_arguments,
+        lambda _a: ("fetch_crl", {}),
+        _fetch_crl_show,
+        _fetch_crl_session,
     ),
     "request-status": ClientCommand(
         "the outcome of an earlier request id",

@@ -26,6 +26,8 @@ class ErrorCode(StrEnum):
     # Client side only: never sent by the signer
     TIMEOUT = "timeout"
     LINK_DOWN = "link_down"
+    BAD_ROW = "bad_row"  # the WebDB client: a row that cannot become a request
+    BAD_CRL = "bad_crl"  # client side: a fetched CRL failed verification
     # Idempotency
     REQUEST_ID_CONFLICT = "request_id_conflict"
     UNKNOWN_REQUEST = "unknown_request"
@@ -70,6 +72,7 @@ class ErrorCode(StrEnum):
     REPOSITORY_ERROR = "repository_error"
     NO_QUORUM = "no_quorum"
     NOT_COMMITTED = "not_committed"
+    CLOCK_BEHIND = "clock_behind"
 
 
 class SignerError(Exception):

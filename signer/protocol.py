@@ -142,9 +142,10 @@ class RevokeX509Result(Result):
 
 class FetchCrlArgs(Args):
     issuer: str = Field(min_length=1, max_length=1024)
-    have_number: int | None = Field(default=None, ge=0)
+    have_number: int | None = Field(default=None, ge=0, lt=2**64)
     want: Literal["auto", "full"] = "auto"
-    offset: int = Field(default=0, ge=0)
+    crl_number: int | None = Field(default=None, ge=0, lt=2**64)
+    offset: int = Field(default=0, ge=0, lt=2**63)
     max_bytes: int = Field(default=65536, ge=1024, le=1024 * 1024)
 
 
@@ -153,7 +154,11 @@ class FetchCrlResult(Result):
     crl_number: int
     this_update: datetime
     next_update: datetime
-    delta: dict[str, Any] | None = None
+    added: list[Bin] | None = None
+    removed: list[str] | None = None
+    expired_certs_on_crl: datetime | None = None
+    signature_algorithm: Bin | None = None
+    signature: Bin | None = None
     total_size: int | None = None
     offset: int | None = None
     chunk: Bin | None = None

@@ -13,16 +13,20 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from replication.log import LocalLog
+from replication.control import ControlServer
+from replication.log import LocalLog, Log
+from replication.raft import RaftLog
 from signer.ca import CertificateAuthority, Issuer, KeyMismatchError
 from signer.config import SignerConfig
+from signer.crl import CrlService
 from signer.errors import SignerError
 from signer.health import Health, Section
 from signer.hsm import Hsm
+from signer.openpgp_signing import OpenPgpService
 from signer.profiles import load_profiles
-from signer.protocol import HealthArgs, RequestStatusArgs, RequestStatusResult
+from signer.protocol import COMMANDS, HealthArgs, RequestStatusArgs, RequestStatusResult
 from signer.protocol_handler import Handler, ProtocolHandler, RequestContext
-from signer.serial_link import SerialLink
+from signer.serial_link import LinkSettings, SerialLink
 from storage.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -45,21 +49,67 @@ class SignerServer:
         self.link = SerialLink(config.link.settings(), self._on_event, "signer")
         self.protocol = ProtocolHandler(self.handlers, self.link.send, config.max_in_flight)
         self.health.add("link", self._link_section)
+        self.lines: list[tuple[SerialLink, ProtocolHandler]] = []  # further serial lines
+        for number, extra in enumerate(config.extra_links, start=2):
+            self.add_line(extra.settings(), f"signer-line{number}")
         self.ca: CertificateAuthority | None = None
+        self.crl: CrlService | None = None
         self._closers: list[Callable[[], None]] = []
+        self._shared_parts: tuple[Repository, Log, Hsm] | None = None
+        self.cluster: RaftLog | None = None  # the replicated log, when `replication` is set
+        self.control: ControlServer | None = None
         if config.issuing():
             self.ca = self._certificate_authority(config)
             self.handlers.update(self.ca.handlers())
             self.health.add("hsm", self.ca.hsm_section)
             self.health.add("cas", self.ca.cas_section)
             self.health.add("repository", self.ca.repository_section)
+            ca = self.ca
+            self.crl = CrlService(ca.issuers.values(), ca.hsm, ca.repository, ca.log, config.crl)
+            self.handlers.update(self.crl.handlers())
+            self.health.add("crls", self.crl.health_section)
+        self.openpgp: OpenPgpService | None = None
+        if config.openpgp is not None:
+            repository, commit_log, hsm = self._shared(config)
+            self.openpgp = OpenPgpService.from_config(config.openpgp, hsm, repository, commit_log)
+            self.handlers.update(self.openpgp.handlers())
+            self.health.add("openpgp", self.openpgp.health_section)
+        if config.replication is not None and config.repository is not None and not self.cluster:
+            self._replica_only(config)  # a voter without HSM (a third signer for failover)
+        if self.cluster is not None:
+            for name, command in COMMANDS.items():  # writers first catch up with the cluster
+                if command.writes and name in self.handlers:
+                    self.handlers[name] = self.cluster.guard(self.handlers[name])
+
+    def _shared(self, config: SignerConfig) -> tuple[Repository, Log, Hsm]:
+        """One repository, log and HSM session for the X.509 and OpenPGP services."""
+        if self._shared_parts is None:
+            assert config.repository and config.hsm
+            repository = Repository(config.repository.path, config.repository.map_size_gb << 30)
+            commit_log = self._commit_log(config, repository)
+            hsm = Hsm(config.hsm)
+            self._closers += [hsm.close, commit_log.close, repository.close]
+            self._shared_parts = (repository, commit_log, hsm)
+        return self._shared_parts
+
+    def _commit_log(self, config: SignerConfig, repository: Repository) -> Log:
+        """LocalLog alone; RaftLog (and its control socket and health section) in a cluster."""
+        if config.replication is None:
+            return LocalLog(repository)
+        self.cluster = RaftLog(config.replication, repository).start()
+        self.control = ControlServer(self.cluster, config.replication.socket_path)
+        self.health.add("cluster", self.cluster.health_section)
+        return self.cluster
+
+    def _replica_only(self, config: SignerConfig) -> None:
+        assert config.repository is not None
+        repository = Repository(config.repository.path, config.repository.map_size_gb << 30)
+        commit_log = self._commit_log(config, repository)
+        self._closers += [commit_log.close, repository.close]
 
     def _certificate_authority(self, config: SignerConfig) -> CertificateAuthority:
-        assert config.repository and config.hsm and config.profiles
-        repository = Repository(config.repository.path, config.repository.map_size_gb << 30)
-        commit_log = LocalLog(repository)
-        hsm = Hsm(config.hsm)
-        self._closers += [hsm.close, commit_log.close, repository.close]
+        assert config.profiles
+        repository, commit_log, hsm = self._shared(config)
         issuers = [
             Issuer.load(name, issuer.certificate, issuer.key)
             for name, issuer in config.issuers.items()
@@ -71,10 +121,29 @@ class SignerServer:
     def _on_event(self, event: Any) -> None:
         self.protocol.on_frame(event)
 
+    def add_line(self, settings: LinkSettings, name: str) -> SerialLink:
+        """Serve one more serial line (a second cable, for the client's failover); call before
+        start(). Answers go back on the line the request came on; a request id sent on two
+        lines at once may run twice, but the repository records it once, so it issues once."""
+        protocol = ProtocolHandler(
+            self.handlers, lambda message: link.send(message), self.config.max_in_flight
+        )
+        link = SerialLink(settings, protocol.on_frame, name)
+        self.lines.append((link, protocol))
+        return link
+
     async def start(self) -> None:
+        if self.control is not None:
+            await self.control.start()
         if self.ca is not None:
             await self._check_ca_keys(self.ca)
+        if self.openpgp is not None:
+            await self.openpgp.warm_up()
+        if self.crl is not None:
+            await self.crl.start()  # CRLs that are due are made before the line is served
         await self.link.start()
+        for link, _ in self.lines:
+            await link.start()
         log.info("signer serving on %s", self.config.link.device)
 
     @staticmethod
@@ -88,8 +157,15 @@ class SignerServer:
             log.warning("cannot check the CA keys now (%s); the HSM is retried per request", exc)
 
     async def stop(self) -> None:
+        if self.crl is not None:
+            await self.crl.stop()
         await self.protocol.close()
         await self.link.close()
+        for link, protocol in self.lines:
+            await protocol.close()
+            await link.close()
+        if self.control is not None:
+            await self.control.close()
         for close in self._closers:
             close()
 
@@ -110,8 +186,10 @@ class SignerServer:
         return await self.health.report()
 
     async def _request_status(self, args: RequestStatusArgs, _ctx: RequestContext) -> Any:
-        if self.protocol.running(args.request_id):
+        if any(p.running(args.request_id) for p in [self.protocol, *(p for _, p in self.lines)]):
             return RequestStatusResult(state="in_progress")
+        if self.openpgp and (recorded := self.openpgp.request_status(args.request_id)):
+            return recorded
         recorded = self.ca.request_status(args.request_id) if self.ca else None
         return recorded or RequestStatusResult(state="unknown")
 
@@ -120,4 +198,7 @@ class SignerServer:
         link["handler"] = as_dict(self.protocol.stats)
         link["in_flight"] = self.protocol.in_flight
         warnings = [] if self.link.connected else ["the serial line is down"]
+        if self.lines:
+            link["extra_lines"] = {extra.name: as_dict(extra.stats) for extra, _ in self.lines}
+            warnings += [f"{x.name} is down" for x, _ in self.lines if not x.connected]
         return Section(link, warnings)

@@ -15,6 +15,7 @@ byte by byte.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import threading
@@ -42,19 +43,34 @@ MAX_REQUEST_ID_BYTES = 256
 MAX_DIGEST_BYTES = 64
 MAX_TEXT_BYTES = 1024
 MAX_UIDS = 100
+MAX_MEMBERS = 16  # voters named in a set_cluster command
 FINGERPRINT_SIZES = (20, 32)  # OpenPGP v4 (SHA-1) and v5/v6 (SHA-256)
 CRL_REASONS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10})  # RFC 5280 CRLReason; 7 is unused
 
 # Sub-databases, in the order content_digest and check_consistency walk them (sorted by name).
-DB_NAMES = ("certs", "crls", "issuers", "meta", "openpgp", "requests", "revoked", "revseq")
+DB_NAMES = (
+    "certs",
+    "crl_entries",
+    "crl_expiry",
+    "crl_history",
+    "crls",
+    "issuers",
+    "meta",
+    "openpgp",
+    "requests",
+    "revoked",
+    "revseq",
+)
 META_SCHEMA_VERSION = b"schema_version"
 META_APPLIED_INDEX = b"applied_index"
+META_CLUSTER = b"cluster"  # replication's cluster identity (set_cluster)
 DATA_FILE = "data.mdb"
 RESTORE_TEMP = "data.mdb.restoring"
 
 REQUEST_OPS = frozenset({"issue_x509", "revoke_x509", "certify_openpgp"})
 REPLAYED: dict[str, Any] = {"status": "replayed"}
 MAX_REPORTED_PROBLEMS = 1000
+NEW_MEMBERS_BY_SEQ = 10_000  # publish_crl: beyond this many new entries, scan `revoked` in order
 
 Dbs = dict[str, Any]  # sub-database name -> LMDB handle
 
@@ -88,6 +104,16 @@ def cert_key(issuer: bytes, serial: int) -> bytes:
 def revseq_key(issuer: bytes, seq: int) -> bytes:
     """Key of `revseq`: issuer key id (20) || revocation sequence number (8, big-endian)."""
     return issuer + seq.to_bytes(SEQ_SIZE, "big")
+
+
+def crl_expiry_key(issuer: bytes, not_after: int, serial_raw: bytes) -> bytes:
+    """Key of `crl_expiry`: issuer (20) || not_after (8, big-endian) || serial (20)."""
+    return issuer + not_after.to_bytes(SEQ_SIZE, "big") + serial_raw
+
+
+def crl_history_key(issuer: bytes, crl_number: int) -> bytes:
+    """Key of `crl_history`: issuer (20) || CRL number (20, big-endian)."""
+    return issuer + serial_bytes(crl_number)
 
 
 def openpgp_key(fingerprint: bytes, request_id: str) -> bytes:
@@ -216,10 +242,49 @@ def _v_reason(name: str, value: Any) -> int | None:
     return int(value)
 
 
+def _v_seq(name: str, value: Any) -> int:
+    return _int_in(name, value, 0, 2 ** (8 * SEQ_SIZE))
+
+
+def _v_sha256(name: str, value: Any) -> bytes:
+    return _bytes(name, value, (32,))
+
+
+def _v_serial_list(name: str, value: Any) -> list[int]:
+    """Serials in strictly ascending order (so a list is one set, in one canonical order)."""
+    if not isinstance(value, list | tuple):
+        raise _bad(f"{name} must be a list of serials")
+    serials = [_v_serial(f"{name}[{i}]", serial) for i, serial in enumerate(value)]
+    if any(a >= b for a, b in itertools.pairwise(serials)):
+        raise _bad(f"{name} must be strictly ascending")
+    return serials
+
+
 def _v_uids(name: str, value: Any) -> list[str]:
     if not isinstance(value, list | tuple) or not 1 <= len(value) <= MAX_UIDS:
         raise _bad(f"{name} must be a list of 1 to {MAX_UIDS} str")
     return [_v_text(f"{name}[{i}]", uid) for i, uid in enumerate(value)]
+
+
+def _v_cluster_id(name: str, value: Any) -> bytes:
+    return _bytes(name, value, (16,))
+
+
+def _v_epoch(name: str, value: Any) -> bytes:
+    return _bytes(name, value, (8,))
+
+
+def _v_generation(name: str, value: Any) -> int:
+    return _int_in(name, value, 1, INDEX_LIMIT)
+
+
+def _v_members(name: str, value: Any) -> list[str]:
+    if not isinstance(value, list | tuple) or not 1 <= len(value) <= MAX_MEMBERS:
+        raise _bad(f"{name} must be a list of 1 to {MAX_MEMBERS} str")
+    members = [_v_text(f"{name}[{i}]", member) for i, member in enumerate(value)]
+    if members != sorted(set(members)):
+        raise _bad(f"{name} must be sorted and distinct")
+    return members
 
 
 _Validator = Callable[[str, Any], Any]
@@ -253,6 +318,21 @@ COMMAND_FIELDS: dict[str, dict[str, _Validator]] = {
         "next_update": _v_time,
         "der": _v_blob,
     },
+    "publish_crl": {
+        "issuer": _v_issuer,
+        "crl_number": _v_crl_number,
+        "this_update": _v_time,
+        "next_update": _v_time,
+        "revocation_seq": _v_seq,
+        "removed": _v_serial_list,
+        "entries": _v_seq,
+        "removed_before": _v_optional_time,
+        "expired_certs_on_crl": _v_optional_time,
+        "signature_algorithm": _v_blob,
+        "signature": _v_blob,
+        "sha256": _v_sha256,
+        "der": _v_blob,
+    },
     "certify_openpgp": {
         **_REQUEST_FIELDS,
         "fingerprint": _v_fingerprint,
@@ -262,6 +342,14 @@ COMMAND_FIELDS: dict[str, dict[str, _Validator]] = {
         "result": _v_blob,
     },
     "noop": {},
+    "set_cluster": {
+        "cluster_id": _v_cluster_id,
+        "generation": _v_generation,
+        "epoch": _v_epoch,
+        "members": _v_members,
+        "event": _v_text,
+        "at": _v_time,
+    },
 }
 
 
@@ -295,7 +383,7 @@ def validate_command(command: Any) -> tuple[str, dict[str, Any]]:
 def _check_cross_fields(op: str, fields: dict[str, Any]) -> None:
     if op == "issue_x509" and fields["not_after"] < fields["not_before"]:
         raise _bad("not_after is before not_before")
-    if op == "record_crl" and fields["next_update"] < fields["this_update"]:
+    if op in ("record_crl", "publish_crl") and fields["next_update"] < fields["this_update"]:
         raise _bad("next_update is before this_update")
 
 
@@ -471,6 +559,244 @@ def _apply_record_crl(w: _Writer, index: int, f: dict[str, Any]) -> dict[str, An
     }
 
 
+def _last_crl_history(txn: lmdb.Transaction, dbs: Dbs, issuer: bytes) -> tuple[int, Any] | None:
+    """(crl_number, record) of the issuer's newest `crl_history` entry, or None."""
+    cursor = txn.cursor(dbs["crl_history"])
+    found = cursor.prev() if cursor.set_range(issuer + b"\xff" * SERIAL_SIZE) else cursor.last()
+    if not found or cursor.key()[:ISSUER_SIZE] != issuer:
+        return None
+    return serial_int(cursor.key()[ISSUER_SIZE:]), _unpack(cursor.value())
+
+
+def _publish_rejection(
+    w: _Writer, f: dict[str, Any], last: tuple[int, Any] | None
+) -> dict[str, Any] | None:
+    """Why `publish_crl` cannot be applied (a rejection), or None. Reads only."""
+    issuer = f["issuer"]
+    stored = w.get("crls", issuer)
+    if stored is not None and f["crl_number"] <= serial_int(stored["crl_number"]):
+        message = (
+            f"crl_number {f['crl_number']} is not greater than the stored "
+            f"{serial_int(stored['crl_number'])}"
+        )
+        return rejection(ErrorCode.REPOSITORY_ERROR, message)
+    previous_seq, previous_entries = (0, 0)
+    if last is not None:
+        previous_seq, previous_entries = last[1]["revocation_seq"], last[1]["entries"]
+    assigned = w.issuer_counters(issuer)["revocation_seq"]
+    if not previous_seq <= f["revocation_seq"] <= assigned:
+        message = (
+            f"revocation_seq {f['revocation_seq']} is outside [{previous_seq}, {assigned}] "
+            "(the last published one, the last assigned one)"
+        )
+        return rejection(ErrorCode.REPOSITORY_ERROR, message)
+    for serial in f["removed"]:
+        if _member_expiry_key(w, issuer, serial) is None:
+            message = f"serial {serial:#x} is not on the issuer's last published CRL"
+            return rejection(ErrorCode.REPOSITORY_ERROR, message)
+    expected = previous_entries - len(f["removed"]) + f["revocation_seq"] - previous_seq
+    if f["entries"] != expected:
+        message = f"entries {f['entries']} but the published state gives {expected}"
+        return rejection(ErrorCode.REPOSITORY_ERROR, message)
+    return None
+
+
+def _member_expiry_key(w: _Writer, issuer: bytes, serial: int) -> bytes | None:
+    """The `crl_expiry` key of a member of the issuer's last published CRL (None if no member)."""
+    revoked = w.get("revoked", cert_key(issuer, serial))
+    if revoked is None:
+        return None
+    key = crl_expiry_key(issuer, revoked[4], serial_bytes(serial))
+    return key if w.txn.get(key, db=w.dbs["crl_expiry"]) is not None else None
+
+
+def _new_members(
+    w: _Writer, issuer: bytes, after: int, upto: int
+) -> Iterator[tuple[bytes, list[Any]]]:
+    """(key, revoked value) of the revocations with seq in (after, upto], in key order: looked up
+    by sequence number and sorted when they are few, else read in key order (a first CRL over a
+    large history)."""
+    if upto - after <= NEW_MEMBERS_BY_SEQ:
+        keys = [issuer + w.get("revseq", revseq_key(issuer, s)) for s in range(after + 1, upto + 1)]
+        for key in sorted(keys):
+            yield key, w.get("revoked", key)
+        return
+    cursor = w.txn.cursor(w.dbs["revoked"])
+    if not cursor.set_range(issuer):
+        return
+    for key, raw in cursor:
+        if key[:ISSUER_SIZE] != issuer:
+            return
+        entry = _unpack(raw)
+        if after < entry[0] <= upto:
+            yield bytes(key), entry
+
+
+# A published CRL's entries are kept in blocks: `crl_entries` maps issuer || first serial of the
+# block to [serials (20 bytes each), sizes (4 bytes each), the entries' DER concatenated]. CRL
+# building then copies whole blocks; a publication rewrites only the blocks it touches.
+CRL_BLOCK_ENTRIES = 128  # entries per block when blocks are (re)written
+CRL_BLOCK_LIMIT = 2 * CRL_BLOCK_ENTRIES  # a touched block holding more is split
+
+Row = tuple[bytes, bytes]  # (serial20, crl_entry DER)
+
+
+def crl_block_rows(serials: bytes, sizes: bytes, entries: bytes) -> list[Row]:
+    """The (serial20, entry) rows of one `crl_entries` block, in serial order."""
+    rows, position = [], 0
+    for i in range(len(serials) // SERIAL_SIZE):
+        size = int.from_bytes(sizes[4 * i : 4 * i + 4], "big")
+        rows.append(
+            (serials[SERIAL_SIZE * i : SERIAL_SIZE * (i + 1)], entries[position : position + size])
+        )
+        position += size
+    return rows
+
+
+def _has_blocks(w: _Writer, issuer: bytes) -> bool:
+    cursor = w.txn.cursor(w.dbs["crl_entries"])
+    return cursor.set_range(issuer) and cursor.key()[:ISSUER_SIZE] == issuer
+
+
+def _put_blocks(w: _Writer, issuer: bytes, rows: list[Row], limit: int) -> None:
+    """Write rows (serial order) as blocks: one block when at most `limit`, else blocks of
+    CRL_BLOCK_ENTRIES."""
+    size = len(rows) if len(rows) <= limit else CRL_BLOCK_ENTRIES
+    for start in range(0, len(rows), size or 1):
+        chunk = rows[start : start + size]
+        value = [
+            b"".join(serial for serial, _ in chunk),
+            b"".join(len(entry).to_bytes(4, "big") for _, entry in chunk),
+            b"".join(entry for _, entry in chunk),
+        ]
+        w.put("crl_entries", issuer + chunk[0][0], value)
+
+
+def _stream_blocks(w: _Writer, issuer: bytes, members: Iterator[tuple[bytes, list[Any]]]) -> None:
+    """Write an issuer's first blocks from members in key order, CRL_BLOCK_ENTRIES at a time."""
+    rows: list[Row] = []
+    for key, entry in members:
+        rows.append((key[ISSUER_SIZE:], entry[6]))
+        if len(rows) == CRL_BLOCK_ENTRIES:
+            _put_blocks(w, issuer, rows, CRL_BLOCK_ENTRIES)
+            rows = []
+    if rows:
+        _put_blocks(w, issuer, rows, CRL_BLOCK_ENTRIES)
+
+
+def _block_for(w: _Writer, issuer: bytes, serial_raw: bytes) -> tuple[bytes | None, bytes | None]:
+    """(key, next block's key) of the block whose range holds `serial_raw`: the last block
+    starting at or below it, else the issuer's first block; (None, None) when it has none."""
+    cursor = w.txn.cursor(w.dbs["crl_entries"])
+    target = issuer + serial_raw
+    found = cursor.set_range(target)
+    at_or_below = (found and cursor.key() == target) or (
+        (cursor.prev() if found else cursor.last()) and cursor.key()[:ISSUER_SIZE] == issuer
+    )
+    if not at_or_below and not (cursor.set_range(issuer) and cursor.key()[:ISSUER_SIZE] == issuer):
+        return None, None
+    key = bytes(cursor.key())
+    upper = bytes(cursor.key()) if cursor.next() else None
+    return key, upper if upper is not None and upper[:ISSUER_SIZE] == issuer else None
+
+
+def _merge_rows(rows: list[Row], changes: list[tuple[bytes, bytes | None]]) -> list[Row]:
+    """`rows` with `changes` applied: both in serial order; an entry of None removes the row."""
+    merged: list[Row] = []
+    i = 0
+    for serial, entry in changes:
+        while i < len(rows) and rows[i][0] < serial:
+            merged.append(rows[i])
+            i += 1
+        if i < len(rows) and rows[i][0] == serial:
+            i += 1  # replaced or removed
+        if entry is not None:
+            merged.append((serial, entry))
+    merged.extend(rows[i:])
+    return merged
+
+
+def _update_members(w: _Writer, issuer: bytes, changes: list[tuple[bytes, bytes | None]]) -> None:
+    """Apply membership changes (serial order) block by block; an issuer without blocks gets
+    its first ones written straight from the stream."""
+    i = 0
+    while i < len(changes):
+        key, upper = _block_for(w, issuer, changes[i][0])
+        j = i
+        while j < len(changes) and (upper is None or issuer + changes[j][0] < upper):
+            j += 1
+        rows = [] if key is None else crl_block_rows(*w.get("crl_entries", key))
+        if key is not None:
+            w.txn.delete(key, db=w.dbs["crl_entries"])
+        _put_blocks(w, issuer, _merge_rows(rows, changes[i:j]), CRL_BLOCK_LIMIT)
+        i = j
+
+
+def _apply_publish_crl(w: _Writer, index: int, f: dict[str, Any]) -> dict[str, Any]:
+    """A CRL made by the signer: membership changes, its history record, and the latest CRL.
+
+    The entries of the last published CRL are kept in `crl_entries` (blocks, by serial) and
+    `crl_expiry` (by expiry). This CRL removes `removed` and adds every revocation with sequence
+    number in (previous revocation_seq, revocation_seq]. Decided by the caller, checked here.
+    """
+    issuer = f["issuer"]
+    last = _last_crl_history(w.txn, w.dbs, issuer)
+    refused = _publish_rejection(w, f, last)
+    if refused is not None:
+        return refused
+    previous_seq = 0 if last is None else last[1]["revocation_seq"]
+    removed, changes = [], []
+
+    def additions() -> Iterator[tuple[bytes, list[Any]]]:
+        return _new_members(w, issuer, previous_seq, f["revocation_seq"])
+
+    for serial in f["removed"]:
+        expiry_key = _member_expiry_key(w, issuer, serial)
+        w.txn.delete(expiry_key, db=w.dbs["crl_expiry"])
+        serial_raw = serial_bytes(serial)
+        removed.append([serial_raw, w.get("revoked", issuer + serial_raw)[0]])
+        changes.append((serial_raw, None))
+    if _has_blocks(w, issuer):
+        rows = [(key[ISSUER_SIZE:], entry[6]) for key, entry in additions()]
+        _update_members(w, issuer, sorted(changes + rows, key=lambda change: change[0]))
+    else:  # a first CRL, maybe over a long history: its blocks streamed, then written together
+        _stream_blocks(w, issuer, additions())
+    for key, entry in additions():  # after the blocks: their pages stay together in the file
+        w.put("crl_expiry", crl_expiry_key(issuer, entry[4], key[ISSUER_SIZE:]), None)
+    history = {
+        "this_update": f["this_update"],
+        "next_update": f["next_update"],
+        "revocation_seq": f["revocation_seq"],
+        "entries": f["entries"],
+        "removed": removed,
+        "removed_before": f["removed_before"],
+        "expired_certs_on_crl": f["expired_certs_on_crl"],
+        "signature_algorithm": f["signature_algorithm"],
+        "signature": f["signature"],
+        "sha256": f["sha256"],
+        "size": len(f["der"]),
+    }
+    w.put("crl_history", crl_history_key(issuer, f["crl_number"]), history)
+    crl = {
+        "crl_number": serial_bytes(f["crl_number"]),
+        "this_update": f["this_update"],
+        "next_update": f["next_update"],
+        "der": f["der"],
+    }
+    w.put("crls", issuer, crl)
+    return {
+        "status": "recorded",
+        "issuer": issuer,
+        "crl_number": f["crl_number"],
+        "this_update": f["this_update"],
+        "next_update": f["next_update"],
+        "revocation_seq": f["revocation_seq"],
+        "entries": f["entries"],
+        "added": f["revocation_seq"] - previous_seq,
+        "removed": len(removed),
+    }
+
+
 def _apply_certify(w: _Writer, index: int, f: dict[str, Any]) -> dict[str, Any]:
     known = _known_request(w, "certify_openpgp", f)
     if known is not None:
@@ -499,12 +825,38 @@ def _apply_noop(w: _Writer, index: int, f: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok"}
 
 
+def _apply_set_cluster(w: _Writer, index: int, f: dict[str, Any]) -> dict[str, Any]:
+    """Replication's cluster identity: the next generation of the same cluster, or the first."""
+    stored = w.get("meta", META_CLUSTER)
+    expected = 1 if stored is None else stored["generation"] + 1
+    if stored is not None and stored["cluster_id"] != f["cluster_id"]:
+        return rejection(ErrorCode.REPOSITORY_ERROR, "set_cluster names another cluster id")
+    if f["generation"] != expected:
+        message = f"set_cluster generation {f['generation']}, expected {expected}"
+        return rejection(ErrorCode.REPOSITORY_ERROR, message)
+    history = [] if stored is None else stored["history"]
+    record = {
+        "cluster_id": f["cluster_id"],
+        "generation": f["generation"],
+        "epoch": f["epoch"],
+        "members": f["members"],
+        "event": f["event"],
+        "at": f["at"],
+        "index": index,
+        "history": [*history, [f["generation"], f["epoch"], f["members"]]],
+    }
+    w.put("meta", META_CLUSTER, record)
+    return {"status": "recorded", "generation": f["generation"], "index": index}
+
+
 _HANDLERS: dict[str, Callable[[_Writer, int, dict[str, Any]], dict[str, Any]]] = {
     "issue_x509": _apply_issue,
     "revoke_x509": _apply_revoke,
     "record_crl": _apply_record_crl,
+    "publish_crl": _apply_publish_crl,
     "certify_openpgp": _apply_certify,
     "noop": _apply_noop,
+    "set_cluster": _apply_set_cluster,
 }
 
 
@@ -628,6 +980,16 @@ def _revoked_entry(key: bytes, raw: bytes) -> RevokedEntry:
         crl_entry,
         seq,
     )
+
+
+def _history_record(issuer: bytes, crl_number: int, stored: dict[str, Any]) -> dict[str, Any]:
+    """The public view of a `crl_history` value: ints for serials, tuples for removed pairs."""
+    return {
+        "issuer": issuer,
+        "crl_number": crl_number,
+        **stored,
+        "removed": [(serial_int(serial), seq) for serial, seq in stored["removed"]],
+    }
 
 
 @dataclass
@@ -785,6 +1147,12 @@ class Repository:
 
     # ----------------------------------------------------------------- reads
 
+    def cluster_info(self) -> dict[str, Any] | None:
+        """Replication's cluster record (`set_cluster`), or None before the first one."""
+        with self._reading() as txn:
+            raw = txn.get(META_CLUSTER, db=self._dbs["meta"])
+        return None if raw is None else _unpack(raw)
+
     def schema_version(self) -> int:
         with self._reading() as txn:
             return _unpack(txn.get(META_SCHEMA_VERSION, db=self._dbs["meta"]))
@@ -882,6 +1250,13 @@ class Repository:
                     raise SignerError(ErrorCode.REPOSITORY_ERROR, message)
                 yield _revoked_entry(revoked_key, entry)
 
+    def revocation(self, issuer: bytes, serial: int) -> RevokedEntry | None:
+        """The revocation of one certificate (None if it is not revoked)."""
+        key = cert_key(_check_arg_issuer(issuer), _check_arg_serial(serial))
+        with self._reading() as txn:
+            raw = txn.get(key, db=self._dbs["revoked"])
+        return None if raw is None else _revoked_entry(key, raw)
+
     def revocation_seq(self, issuer: bytes) -> int:
         """The last revocation sequence number assigned for `issuer` (0 if none)."""
         issuer = _check_arg_issuer(issuer)
@@ -903,6 +1278,69 @@ class Repository:
             "next_update": crl["next_update"],
             "der": crl["der"],
         }
+
+    def iter_crl_blocks(self, issuer: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
+        """The entries of the issuer's last published CRL, block by block in serial order, as
+        (serials, sizes, entries): 20 bytes per serial, 4 per size, the DER concatenated. The
+        lean read CRL building walks: a block is copied whole unless something changes in it."""
+        issuer = _check_arg_issuer(issuer)
+        with self._reading() as txn:
+            cursor = txn.cursor(self._dbs["crl_entries"])
+            if not cursor.set_range(issuer):
+                return
+            for key, raw in cursor:
+                if key[:ISSUER_SIZE] != issuer:
+                    return
+                serials, sizes, entries = _unpack(raw)
+                yield serials, sizes, entries
+
+    def iter_crl_members(self, issuer: bytes) -> Iterator[Row]:
+        """(serial20, crl_entry DER) of every entry on the issuer's last published CRL."""
+        for block in self.iter_crl_blocks(issuer):
+            yield from crl_block_rows(*block)
+
+    def iter_crl_expiry(self, issuer: bytes) -> Iterator[tuple[int, int]]:
+        """(not_after, serial) of the entries on the issuer's last published CRL, earliest
+        expiry first: what RFC 5280 retention looks at, without walking the whole list."""
+        issuer = _check_arg_issuer(issuer)
+        with self._reading() as txn:
+            cursor = txn.cursor(self._dbs["crl_expiry"])
+            if not cursor.set_range(issuer):
+                return
+            for key in cursor.iternext(keys=True, values=False):
+                if key[:ISSUER_SIZE] != issuer:
+                    return
+                not_after = int.from_bytes(key[ISSUER_SIZE : ISSUER_SIZE + SEQ_SIZE], "big")
+                yield not_after, serial_int(key[ISSUER_SIZE + SEQ_SIZE :])
+
+    def crl_history(self, issuer: bytes, crl_number: int) -> dict[str, Any] | None:
+        """What `publish_crl` recorded for one CRL number (None if it was not published so)."""
+        issuer = _check_arg_issuer(issuer)
+        if not isinstance(crl_number, int) or not 0 <= crl_number < CRL_NUMBER_LIMIT:
+            return None
+        with self._reading() as txn:
+            raw = txn.get(crl_history_key(issuer, crl_number), db=self._dbs["crl_history"])
+        return None if raw is None else _history_record(issuer, crl_number, _unpack(raw))
+
+    def last_crl_history(self, issuer: bytes) -> dict[str, Any] | None:
+        """The history record of the issuer's newest published CRL, or None."""
+        issuer = _check_arg_issuer(issuer)
+        with self._reading() as txn:
+            last = _last_crl_history(txn, self._dbs, issuer)
+        return None if last is None else _history_record(issuer, *last)
+
+    def iter_crl_history(self, issuer: bytes, after: int = -1) -> Iterator[dict[str, Any]]:
+        """History records of the issuer's published CRLs numbered above `after`, ascending."""
+        issuer = _check_arg_issuer(issuer)
+        start = crl_history_key(issuer, max(after + 1, 0))
+        with self._reading() as txn:
+            cursor = txn.cursor(self._dbs["crl_history"])
+            if after + 1 >= CRL_NUMBER_LIMIT or not cursor.set_range(start):
+                return
+            for key, raw in cursor:
+                if key[:ISSUER_SIZE] != issuer:
+                    return
+                yield _history_record(issuer, serial_int(key[ISSUER_SIZE:]), _unpack(raw))
 
     def iter_openpgp(self, fingerprint: bytes) -> Iterator[dict[str, Any]]:
         """OpenPGP certifications recorded for a key fingerprint, in request-id byte order."""
@@ -1073,6 +1511,8 @@ class _Checker:
             self._requests,
             self._openpgp,
             self._crls,
+            self._crl_members,
+            self._crl_history,
             self._counters,
         )
         for step in steps:
@@ -1194,6 +1634,66 @@ class _Checker:
         for key, crl in self._items("crls"):
             if len(key) != ISSUER_SIZE or len(crl["crl_number"]) != SERIAL_SIZE:
                 self.report.add(f"crls {key.hex()}: malformed key or crl_number")
+
+    def _crl_members(self) -> None:
+        """Each member of a published CRL is a revocation with that very entry DER, listed once
+        in `crl_expiry` under its certificate's expiry, and vice versa; blocks are well formed
+        and in serial order."""
+        members: dict[bytes, int] = {}
+        previous = b""
+        for key, block in self._items("crl_entries"):
+            issuer = key[:ISSUER_SIZE]
+            rows = crl_block_rows(*block)
+            if (
+                not rows
+                or key != issuer + rows[0][0]
+                or len(b"".join(e for _, e in rows)) != len(block[2])
+            ):
+                self.report.add(f"crl_entries {key.hex()}: malformed block")
+                continue
+            members[issuer] = members.get(issuer, 0) + len(rows)
+            for serial_raw, crl_entry in rows:
+                self._crl_member(issuer, serial_raw, crl_entry, previous)
+                previous = issuer + serial_raw
+        expiring: dict[bytes, int] = {}
+        for key, _ in self._items("crl_expiry"):
+            issuer = key[:ISSUER_SIZE]
+            expiring[issuer] = expiring.get(issuer, 0) + 1
+        for issuer in sorted(set(members) | set(expiring)):
+            last = _last_crl_history(self.txn, self.dbs, issuer)
+            published = 0 if last is None else last[1]["entries"]
+            if not members.get(issuer, 0) == expiring.get(issuer, 0) == published:
+                self.report.add(
+                    f"crl_entries {issuer.hex()}: {members.get(issuer, 0)} members, "
+                    f"{expiring.get(issuer, 0)} by expiry, {published} published"
+                )
+
+    def _crl_member(
+        self, issuer: bytes, serial_raw: bytes, crl_entry: bytes, previous: bytes
+    ) -> None:
+        label = f"crl_entries {issuer.hex()} serial {serial_raw.hex()}"
+        if issuer + serial_raw <= previous:
+            self.report.add(f"{label}: out of order")
+        revoked = self._get("revoked", issuer + serial_raw)
+        if revoked is None or revoked[6] != crl_entry:
+            self.report.add(f"{label}: not a revocation with this CRL entry")
+            return
+        expiry_key = crl_expiry_key(issuer, revoked[4], serial_raw)
+        if self.txn.get(expiry_key, db=self.dbs["crl_expiry"]) is None:
+            self.report.add(f"{label}: missing from crl_expiry")
+
+    def _crl_history(self) -> None:
+        """Entries a CRL dropped are revocations (with the recorded seq) no longer listed."""
+        for key, record in self._items("crl_history"):
+            issuer = key[:ISSUER_SIZE]
+            for serial_raw, seq in record["removed"]:
+                revoked = self._get("revoked", issuer + serial_raw)
+                if revoked is None or revoked[0] != seq:
+                    self.report.add(f"crl_history {key.hex()}: dropped {serial_raw.hex()} unknown")
+                elif self.txn.get(
+                    crl_expiry_key(issuer, revoked[4], serial_raw), db=self.dbs["crl_expiry"]
+                ):
+                    self.report.add(f"crl_history {key.hex()}: dropped {serial_raw.hex()} listed")
 
     def _counters(self) -> None:
         stored = {key: value for key, value in self._items("issuers")}

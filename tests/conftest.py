@@ -111,3 +111,15 @@ def hsm(hsm_settings: HsmSettings) -> Iterator[Hsm]:
     """A read-write Hsm on `softhsm_token` (can generate keys); closed after the test."""
     with Hsm(hsm_settings, read_write=True) as opened:
         yield opened
+
+
+@pytest.fixture(scope="session")
+def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A private MariaDB server for the session (tests/mariadb.py), ended by its PID."""
+    from mariadb import start_mariadb
+
+    server = start_mariadb(tmp_path_factory.mktemp("mariadb"))
+    try:
+        yield server
+    finally:
+        server.stop()

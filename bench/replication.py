@@ -1,0 +1,566 @@
+"""Replication: what Raft between two signers costs, and how fast a wiped signer catches up.
+
+Measured in one run, side by side (the shared VM's speed drifts: compare the ratios):
+
+1. Commit latency of the log alone (a 1.5 KB command, one at a time): the unreplicated
+   LocalLog (LMDB, sync on) against RaftLog on the leader and on the follower, and RaftLog with
+   the journal's fdatasync switched off (the price of "on disk on both before the answer").
+   The physical bound beside it: this disk's fdatasync and LMDB commit, measured now.
+2. Issuance through the CA service, as served (barrier, plan, serial, SoftHSM2 signature,
+   commit): one at a time (latency) and 8 in flight (throughput), unreplicated against
+   replicated; interleaved rounds, medians.
+3. Catch-up of a wiped signer: a repository of N small fake certificates (100k; 1M in the full
+   run), the other signer wiped and started: time until its repository is identical (snapshot
+   built, sent in chunks, restored, log tail applied), and the longest turn of either Raft loop
+   meanwhile (it must stay under the election timeout, or the pair would flap).
+4. (full run) A snapshot built while commits run on the 1M repository: longest Raft loop turn
+   and commit latency during the build.
+
+Run: python bench/replication.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from replication.journal import DurableJournal  # noqa: E402
+from replication.log import LocalLog  # noqa: E402
+from replication.raft import RaftLog  # noqa: E402
+from replication.settings import ReplicationSettings  # noqa: E402
+from signer.ca import CertificateAuthority, Issuer  # noqa: E402
+from signer.ceremony import run_ceremony  # noqa: E402
+from signer.errors import SignerError  # noqa: E402
+from signer.hsm import Hsm, HsmSettings  # noqa: E402
+from signer.profiles import load_profiles  # noqa: E402
+from signer.protocol import SignX509Args, request_digest  # noqa: E402
+from signer.protocol_handler import RequestContext  # noqa: E402
+from signer.softhsm import create_token_store, find_softhsm_module, init_token  # noqa: E402
+from storage.repository import Repository  # noqa: E402
+
+SECRET = b"test replication secret 0123456789"  # as tests/raft_node.py (the peer) uses
+ISSUER_ID = bytes(range(20))
+MAP_SIZE = 8 << 30
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def command(n: int, size: int = 1500) -> dict[str, Any]:
+    return {
+        "op": "issue_x509",
+        "request_id": f"bench-{n}",
+        "request_digest": b"d" * 32,
+        "issuer": ISSUER_ID,
+        "serial": 2**140 + n,
+        "der": os.urandom(size),
+        "profile": "server",
+        "not_before": 1_700_000_000,
+        "not_after": 1_800_000_000,
+        "issued_at": 1_700_000_000,
+    }
+
+
+# --------------------------------------------------------------------------- physical bound
+
+
+def disk_bound(base: Path, count: int) -> tuple[float, float]:
+    """(fdatasync p50 ms of a 1.7 KB append, LMDB commit p50 ms of one 1.5 KB command)."""
+    fd = os.open(base / "sync-probe", os.O_RDWR | os.O_CREAT, 0o600)
+    times = []
+    for i in range(count):
+        began = time.perf_counter()
+        os.pwrite(fd, b"x" * 1700, i * 1700)
+        os.fdatasync(fd)
+        times.append(time.perf_counter() - began)
+    os.close(fd)
+    repository = Repository(base / "lmdb-probe", MAP_SIZE)
+    commits = []
+    for i in range(count):
+        began = time.perf_counter()
+        repository.apply(i + 1, command(i))
+        commits.append(time.perf_counter() - began)
+    repository.close()
+    return statistics.median(times) * 1000, statistics.median(commits) * 1000
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+class Remote:
+    """The other signer, a process of its own (tests/raft_node.py): no GIL shared with us."""
+
+    def __init__(self, process: asyncio.subprocess.Process):
+        self.process = process
+        self.next_id = 0
+
+    @classmethod
+    async def start(cls, settings: ReplicationSettings, repository: Path) -> Remote:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(ROOT / "tests" / "raft_node.py"),
+            settings.model_dump_json(),
+            str(repository),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=open(repository.with_suffix(".log"), "ab"),  # noqa: SIM115 (the child's)
+            limit=1 << 20,
+        )
+        assert process.stdout is not None
+        await process.stdout.readline()  # {"ready": true}
+        return cls(process)
+
+    async def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.next_id += 1
+        self.process.stdin.write(json.dumps({"id": self.next_id, **request}).encode() + b"\n")
+        await self.process.stdin.drain()
+        while True:
+            answer = json.loads(await self.process.stdout.readline())
+            if answer.get("id") == self.next_id:
+                return dict(answer["result"])
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+
+
+class Pair:
+    """This process's signer (index 0) and the other one in its own process (index 1),
+    production timings, on 127.0.0.1."""
+
+    def __init__(self, base: Path, **overrides: Any):
+        self.base = base
+        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        self.overrides = overrides
+        self.local: RaftLog | None = None
+        self.repository: Repository | None = None
+        self.remote: Remote | None = None
+
+    def settings(self, index: int) -> ReplicationSettings:
+        address = self.addresses[index]
+        return ReplicationSettings(
+            self_address=address,
+            peers=[a for a in self.addresses if a != address],
+            secret_env="UNUSED",
+            journal_dir=self.base / f"raft-{index}",
+            **self.overrides,
+        )
+
+    def start_local(self) -> RaftLog:
+        self.repository = Repository(self.base / "repo-0", MAP_SIZE)
+        self.local = RaftLog(self.settings(0), self.repository, secret=SECRET).start()
+        return self.local
+
+    async def start_remote(self) -> Remote:
+        self.remote = await Remote.start(self.settings(1), self.base / "repo-1")
+        return self.remote
+
+    @classmethod
+    async def running(cls, base: Path, **overrides: Any) -> Pair:
+        pair = cls(base, **overrides)
+        pair.start_local()
+        await pair.start_remote()
+        await pair.ready()
+        return pair
+
+    async def ready(self) -> None:
+        """Until a barrier passes (elections, a catch-up in progress: retry)."""
+        assert self.local is not None
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self.local.barrier()
+                return
+            except SignerError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("no leader elected") from None
+                await asyncio.sleep(0.1)
+
+    async def make_local(self, role: str) -> None:
+        """Move leadership so that this process's signer has `role`."""
+        assert self.local is not None and self.remote is not None
+        for _ in range(20):
+            if self.local.view.role == role:
+                await self.local.barrier()
+                return
+            if self.local.view.role == "leader":
+                await self.local.transfer_leadership()
+            else:
+                await self.remote.ask(transfer=1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and self.local.view.role != role:
+                await asyncio.sleep(0.02)
+            await self.ready()
+        raise SystemExit(f"could not make this signer the {role}")
+
+    async def close(self) -> None:
+        if self.remote is not None:
+            await self.remote.close()
+        if self.local is not None:
+            self.local.close()
+        if self.repository is not None:
+            self.repository.close()
+
+
+async def sequential(call: Callable[[int], Awaitable[Any]], count: int, start: int) -> list[float]:
+    times = []
+    for n in range(start, start + count):
+        began = time.perf_counter()
+        await call(n)
+        times.append(time.perf_counter() - began)
+    return times
+
+
+# --------------------------------------------------------------------------- 1. commits
+
+
+async def commit_latency(base: Path, count: int) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {}
+    local_repo = Repository(base / "local", MAP_SIZE)
+    local = LocalLog(local_repo)
+    results["LocalLog (unreplicated)"] = await sequential(
+        lambda n: local.commit(command(n)), count, 0
+    )
+    local.close()
+    local_repo.close()
+    pair = await Pair.running(base / "pair")
+    raft = pair.local
+    assert raft is not None
+    await pair.make_local("leader")
+    results["RaftLog, on the leader"] = await sequential(
+        lambda n: raft.commit(command(n)), count, 10_000
+    )
+    results["barrier (no repository write)"] = await sequential(lambda n: raft.barrier(), count, 0)
+    await pair.make_local("follower")
+    results["RaftLog, on the follower"] = await sequential(
+        lambda n: raft.commit(command(n)), count, 20_000
+    )
+    await pair.close()
+    original = DurableJournal.sync
+
+    def no_sync(journal: DurableJournal) -> None:
+        journal._settle()
+        journal._dirty = False  # what the fdatasync costs is what this measures
+
+    DurableJournal.sync = no_sync  # type: ignore[method-assign]
+    try:  # (only this process's journal skips its fdatasync: the leader's, one of the two)
+        unsynced = await Pair.running(base / "unsynced")
+        await unsynced.make_local("leader")
+        raft = unsynced.local
+        assert raft is not None
+        results["RaftLog, leader, its journal not synced"] = await sequential(
+            lambda n: raft.commit(command(n)), count, 30_000
+        )
+        await unsynced.close()
+    finally:
+        DurableJournal.sync = original  # type: ignore[method-assign]
+    return results
+
+
+# --------------------------------------------------------------------------- 2. issuance
+
+
+def make_ca(base: Path) -> tuple[HsmSettings, Path]:
+    module = find_softhsm_module()
+    if module is None:
+        raise SystemExit("SoftHSM2 is not installed (apt install softhsm2)")
+    conf = create_token_store(base / "softhsm")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    pin = os.urandom(8).hex()
+    init_token(conf, "bench", os.urandom(8).hex(), pin)
+    pin_file = base / "pin"
+    with os.fdopen(os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(pin + "\n")
+    settings = HsmSettings(module=module, token_label="bench", pin_file=pin_file)
+    config = {
+        "hsm": settings.model_dump(mode="json", exclude_none=True),
+        "output_dir": str(base / "ca"),
+        "keys": [{"label": "class3", "kind": "ec-p256"}],
+        "certificates": [
+            {
+                "name": "class3",
+                "key": "class3",
+                "validity_days": 3650,
+                "path_length": 0,
+                "subject": [["O", "Bench CA"], ["CN", "Bench class3"]],
+            }
+        ],
+    }
+    (base / "ceremony.yaml").write_text(yaml.safe_dump(config))
+    run_ceremony(base / "ceremony.yaml", progress=lambda *_: None)
+    return settings, base / "ca" / "class3.crt"
+
+
+def make_csrs(count: int) -> list[bytes]:
+    csrs = []
+    for i in range(count):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"host{i}.example.org")])
+        request = x509.CertificateSigningRequestBuilder().subject_name(name)
+        csrs.append(request.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    return csrs
+
+
+class Issuing:
+    """sign_x509 as served: through the barrier when replicated."""
+
+    def __init__(
+        self, name: str, ca: CertificateAuthority, raft: RaftLog | None, csrs: list[bytes]
+    ):
+        self.name = name
+        self.handler = raft.guard(ca.sign_x509) if raft is not None else ca.sign_x509
+        self.csrs = csrs
+        self.sent = 0
+
+    async def sign(self, _n: int = 0) -> None:
+        n = self.sent
+        self.sent += 1
+        name = f"host{n % len(self.csrs)}.example.org"
+        raw = {"profile": "server", "csr": self.csrs[n % len(self.csrs)], "sans": [["dns", name]]}
+        ctx = RequestContext(f"{self.name}:{n}", "sign_x509", request_digest("sign_x509", raw))
+        await self.handler(SignX509Args.model_validate(raw), ctx)
+
+    async def rate(self, seconds: float, window: int = 8) -> float:
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                await self.sign()
+                done += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(window)))
+        return done / (time.perf_counter() - began)
+
+
+async def issuance(base: Path, rounds: int, seconds: float, latency_count: int) -> dict[str, Any]:
+    hsm_settings, certificate = make_ca(base)
+    hsm = Hsm(hsm_settings)
+    profiles = load_profiles(ROOT / "config" / "profiles.yaml")
+    issuer = Issuer.load("class3", certificate, "class3")
+    csrs = make_csrs(64)
+    local_repo = Repository(base / "ca-local", MAP_SIZE)
+    local_log = LocalLog(local_repo)
+    local = Issuing("local", CertificateAuthority([issuer], profiles, hsm, local_repo, local_log),
+                    None, csrs)  # fmt: skip
+    pair = await Pair.running(base / "ca-pair")
+    await pair.make_local("leader")
+    leader, repo = pair.local, pair.repository
+    assert leader is not None and repo is not None
+    replicated = Issuing(
+        "pair", CertificateAuthority([issuer], profiles, hsm, repo, leader), leader, csrs
+    )
+    out: dict[str, Any] = {"latency": {}, "rate": {"unreplicated": [], "replicated": []}}
+    await local.sign()
+    await replicated.sign()
+    for name in ("unreplicated", "replicated"):
+        out["latency"][name] = []
+    for _ in range(rounds):
+        for name, run in (("unreplicated", local), ("replicated", replicated)):
+            out["latency"][name] += await sequential(run.sign, latency_count // rounds, 0)
+            out["rate"][name].append(await run.rate(seconds))
+    await pair.close()
+    local_log.close()
+    local_repo.close()
+    hsm.close()
+    return out
+
+
+# --------------------------------------------------------------------------- 3. catch-up
+
+
+def fill(repository: Repository, count: int, say: Callable[[str], None]) -> float:
+    """`count` small fake certificates in batches (one transaction each): fast to build."""
+    began = time.perf_counter()
+    batch = 10_000
+    for start in range(0, count, batch):
+        items = []
+        for n in range(start, min(count, start + batch)):
+            fake = command(n, size=200)
+            fake["request_id"] = f"fill-{n}"
+            items.append((n + 1, fake))
+        repository.apply_batch(items)
+    took = time.perf_counter() - began
+    say(f"  filled {count} certificates in {took:.1f} s")
+    return took
+
+
+async def catch_up(base: Path, count: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """This signer holds `count` certificates; the other one starts empty (wiped)."""
+    pair = Pair(base / f"catchup-{count}", snapshot_every_entries=1000)
+    seed = Repository(pair.base / "repo-0", MAP_SIZE)
+    fill(seed, count, say)
+    seed.close()
+    began = time.perf_counter()
+    local = pair.start_local()  # its repository becomes the start of the log: a snapshot first
+    build = time.perf_counter() - began
+    size = local.last_snapshot.size if local.last_snapshot else 0
+    began = time.perf_counter()
+    remote = await pair.start_remote()
+    while True:
+        status = await remote.ask(status=1)
+        if status["repository_index"] >= count and status["applied_index"] >= count:
+            break
+        if time.perf_counter() - began > 3600:
+            raise SystemExit("catch-up did not finish")
+        await asyncio.sleep(0.05)
+    seconds = time.perf_counter() - began
+    await pair.ready()
+    target = local.view.applied_index
+    while (status := await remote.ask(status=1, digest=1))["applied_index"] < target:
+        await asyncio.sleep(0.02)
+    assert pair.repository is not None
+    identical = status.get("digest") == pair.repository.content_digest().hex()
+    result = {
+        "count": count,
+        "seconds": seconds,
+        "snapshot_mb": size / 1e6,
+        "build_s": build,
+        "identical": identical,
+        "max_loop_ms": max(local.max_loop * 1000, status["max_loop_ms"]),
+        "election_ms": pair.settings(0).election_min_timeout * 1000,
+    }
+    if count >= 1_000_000:
+        result["during_snapshot"] = await snapshot_under_load(pair)
+    await pair.close()
+    shutil.rmtree(pair.base, ignore_errors=True)
+    return result
+
+
+async def snapshot_under_load(pair: Pair) -> dict[str, float]:
+    """Commit one at a time across a snapshot of the large repository on both signers."""
+    local, remote = pair.local, pair.remote
+    assert local is not None and remote is not None
+    await pair.make_local("leader")
+    local.max_loop = 0.0
+    before = local.last_snapshot.created if local.last_snapshot else 0.0
+    times = []
+    n = 5_000_000
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        began = time.perf_counter()
+        await local.commit(command(n))
+        times.append(time.perf_counter() - began)
+        n += 1
+        built = local.last_snapshot.created if local.last_snapshot else 0.0
+        if built > before and len(times) > 1100:
+            break
+    status = await remote.ask(status=1)
+    return {
+        "commits": len(times),
+        "p50_ms": percentile(times, 0.5) * 1000,
+        "p99_ms": percentile(times, 0.99) * 1000,
+        "max_loop_ms": max(local.max_loop * 1000, status["max_loop_ms"]),
+        "build_s": local.snapshot_seconds or 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="under a minute: 100k catch-up only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s: %(message)s")
+    base = Path(tempfile.mkdtemp(prefix="bench-replication-"))
+    try:
+        asyncio.run(run(base, args.quick))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def run(base: Path, quick: bool) -> None:
+    count = 150 if quick else 500
+    fsync_ms, lmdb_ms = disk_bound(base, 100)
+    print(f"disk here: fdatasync of an append {fsync_ms:.2f} ms, LMDB commit {lmdb_ms:.2f} ms")
+    bound = 2 * fsync_ms + lmdb_ms
+    print("\n1. Commit latency, one at a time (1.5 KB command), ms")
+    print(f"{'log':40} {'p50':>8} {'p99':>8} {'vs bound':>9}")
+    latencies = await commit_latency(base, count)
+    for name, times in latencies.items():
+        p50, p99 = percentile(times, 0.5) * 1000, percentile(times, 0.99) * 1000
+        print(f"{name:40} {p50:8.2f} {p99:8.2f} {p50 / bound:9.2f}")
+    print(f"{'bound: 2 journal fdatasync + LMDB commit':40} {bound:8.2f}")
+    leader = latencies["RaftLog, on the leader"]
+    p50_ms, p99_ms = percentile(leader, 0.5) * 1000, percentile(leader, 0.99) * 1000
+    unsynced = percentile(latencies["RaftLog, leader, its journal not synced"], 0.5) * 1000
+    print(f"the leader's journal fdatasync costs {p50_ms - unsynced:.2f} ms per commit at p50")
+
+    rounds, seconds = (3, 0.6) if quick else (6, 1.5)
+    print("\n2. Issuance through the CA service (SoftHSM2 P-256 key), as served")
+    result = await issuance(base, rounds, seconds, 60 if quick else 150)
+    lat = {k: statistics.median(v) * 1000 for k, v in result["latency"].items()}
+    rate = {k: statistics.median(v) for k, v in result["rate"].items()}
+    print(f"{'':14} {'latency p50 ms':>15} {'p99 ms':>8} {'certs/s (8 in flight)':>22}")
+    for name in ("unreplicated", "replicated"):
+        p99 = percentile(result["latency"][name], 0.99) * 1000
+        print(f"{name:14} {lat[name]:15.2f} {p99:8.2f} {rate[name]:22.1f}")
+    overhead = lat["replicated"] / lat["unreplicated"]
+    print(f"replicated/unreplicated: latency x{overhead:.2f}, "
+          f"throughput x{rate['replicated'] / rate['unreplicated']:.2f}")  # fmt: skip
+
+    print("\n3. Catch-up of a wiped signer (snapshot + log), small fake certificates")
+    sizes = [100_000] if quick else [100_000, 1_000_000]
+    catchups = {}
+    for size in sizes:
+        outcome = await catch_up(base, size, print)
+        catchups[size] = outcome
+        print(
+            f"  {size:>9} certs: {outcome['seconds']:.1f} s to identical={outcome['identical']}, "
+            f"snapshot {outcome['snapshot_mb']:.0f} MB built in {outcome['build_s']:.1f} s, "
+            f"longest Raft loop turn {outcome['max_loop_ms']:.0f} ms "
+            f"(election timeout {outcome['election_ms']:.0f} ms)"
+        )
+        if "during_snapshot" in outcome:
+            during = outcome["during_snapshot"]
+            print(
+                f"  snapshot of the 1M repository while committing: {during['commits']} commits, "
+                f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, longest loop "
+                f"turn {during['max_loop_ms']:.0f} ms, build {during['build_s']:.1f} s"
+            )
+    extra = ""
+    if 1_000_000 in catchups:
+        extra = f" catchup_1m_s={catchups[1_000_000]['seconds']:.1f}"
+    print(
+        f"RESULT p50_ms={p50_ms:.2f} p99_ms={p99_ms:.2f} overhead_ratio={overhead:.2f} "
+        f"catchup_100k_s={catchups[100_000]['seconds']:.1f}{extra}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The Raft journal, durable: pysyncobj's log entries and term/vote on disk, flushed on demand.
+
+pysyncobj's own FileJournal writes through mmap and never flushes, and rewrites itself in place
+when compacting, so a power cut can lose acknowledged entries. This journal keeps the same
+interface (`pysyncobj.journal.Journal`) with three differences:
+
+- `sync()` makes every added entry durable (one fdatasync for any number of entries). The
+  transport calls it before an entry can be counted anywhere: before the leader sends entries,
+  before a follower acknowledges them, and before anything is applied to the repository.
+- Records carry a CRC32; a torn tail (power cut mid-append) is cut off at the next open.
+- Compaction writes a new file and renames it over the old one, so a crash leaves either.
+
+`clear()` followed by the two `add()`s of a snapshot load keeps the entries after the
+snapshot's last entry when this journal holds that same entry (Raft's rule for snapshots),
+while `retain_suffix` is set: pysyncobj loads the local snapshot that way at start, and a crash
+between writing a snapshot and compacting the journal must not lose committed entries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+from pysyncobj.journal import Journal
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"cacert-signer raft journal v1\n"
+_RECORD = struct.Struct("<II")  # payload length, CRC32 of the payload
+_ENTRY = struct.Struct("<QQ")  # index, term
+NO_OP = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP
+MEMBERSHIP = 2  # pysyncobj's _COMMAND_TYPE.MEMBERSHIP
+
+Entry = tuple[bytes, int, int]  # (command, index, term), as pysyncobj keeps them
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode(entry: Entry) -> bytes:
+    command, index, term = entry
+    payload = _ENTRY.pack(index, term) + bytes(command)
+    return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_entries(path: Path) -> tuple[list[Entry], list[int], int]:
+    """Entries of a journal file, the offset of each, and where the valid part ends."""
+    data = path.read_bytes() if path.exists() else b""
+    if not data.startswith(MAGIC):
+        if data:
+            raise ValueError(f"{path}: not a cacert-signer raft journal")
+        return [], [], 0
+    entries: list[Entry] = []
+    offsets: list[int] = []
+    pos = len(MAGIC)
+    while pos + _RECORD.size <= len(data):
+        size, crc = _RECORD.unpack_from(data, pos)
+        payload = data[pos + _RECORD.size : pos + _RECORD.size + size]
+        if len(payload) != size or size < _ENTRY.size or zlib.crc32(payload) != crc:
+            break
+        index, term = _ENTRY.unpack_from(payload)
+        entries.append((payload[_ENTRY.size :], index, term))
+        offsets.append(pos)
+        pos += _RECORD.size + size
+    return entries, offsets, pos
+
+
+class DurableJournal(Journal):
+    """pysyncobj's journal interface on an append-only file with CRC'd records."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._meta_path = self.path.with_name(self.path.name + ".meta")
+        entries, offsets, end = read_entries(self.path)
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if end and size > end:
+            log.warning("journal %s: cut off a torn tail of %d bytes", self.path, size - end)
+        self._entries, self._offsets = entries, offsets
+        self._fd = -1
+        if not end:
+            self._rewrite()
+        else:
+            self._fd = os.open(self.path, os.O_RDWR)
+            os.ftruncate(self._fd, end)
+            self._end = end
+        self._dirty = False
+        self._meta = self._load_meta()
+        self._meta_dirty = False
+        self._stash: list[Entry] | None = None
+        self.retain_suffix = True
+        self.syncs = 0
+
+    # --- pysyncobj's interface ------------------------------------------------------------
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        entry = (bytes(command), idx, term)
+        self._entries.append(entry)
+        if self._stash is not None:
+            self._after_clear()
+            return
+        record = _encode(entry)
+        os.pwrite(self._fd, record, self._end)
+        self._offsets.append(self._end)
+        self._end += len(record)
+        self._dirty = True
+
+    def clear(self) -> None:
+        """Called only by pysyncobj's snapshot load, which adds the snapshot's two entries next."""
+        self._stash = self._entries
+        self._entries = []
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        self._settle()
+        if entryFrom >= len(self._entries):
+            return
+        self._end = self._offsets[entryFrom]
+        del self._entries[entryFrom:]
+        del self._offsets[entryFrom:]
+        os.ftruncate(self._fd, self._end)
+        self._dirty = True
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        self._settle()
+        self._entries = self._entries[entryTo:]
+        self._rewrite()
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _destroy(self) -> None:
+        if self._fd >= 0:
+            self.sync()
+            self._store_meta()
+            os.close(self._fd)
+            self._fd = -1
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        if self._meta.get("commit") != raftCommitIndex:
+            self._meta["commit"] = raftCommitIndex
+            self._meta_dirty = True
+
+    def getRaftCommitIndex(self) -> int:
+        return int(self._meta.get("commit", 1))
+
+    def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
+        # Raft needs term and vote on disk before any message reflecting them goes out.
+        self._meta["term"] = term
+        self._meta["voted_for"] = votedForNodeId
+        self._store_meta()
+
+    def getCurrentTerm(self) -> int:
+        return int(self._meta.get("term", 0))
+
+    def getVotedForNodeId(self) -> Any:
+        return self._meta.get("voted_for")
+
+    def onOneSecondTimer(self) -> None:
+        if self._meta_dirty:
+            self._store_meta()
+
+    # --- durability -----------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make every entry added so far durable (no-op when nothing changed)."""
+        self._settle()
+        if self._dirty:
+            os.fdatasync(self._fd)
+            self._dirty = False
+            self.syncs += 1
+
+    @property
+    def last_index(self) -> int:
+        return self._entries[-1][1] if self._entries else 0
+
+    def neutralize_membership(self) -> int:
+        """Turn membership-change entries into no-ops (same index and term); return how many.
+
+        Used by force-standalone: the survivor's membership is decided by the operator, so
+        changes still in the journal must not re-add the fenced signer when replayed.
+        """
+        changed = 0
+        for i, (command, index, term) in enumerate(self._entries):
+            if command[:1] == bytes([MEMBERSHIP]):
+                self._entries[i] = (NO_OP, index, term)
+                changed += 1
+        if changed:
+            self._rewrite()
+        return changed
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _after_clear(self) -> None:
+        """After clear(): once the snapshot's two entries are in, keep what followed them."""
+        if len(self._entries) < 2:
+            return
+        stash, self._stash = self._stash or [], None
+        _, last_index, last_term = self._entries[-1]
+        if self.retain_suffix:
+            for position, (_, index, term) in enumerate(stash):
+                if index == last_index and term == last_term:
+                    kept = stash[position + 1 :]
+                    if kept:
+                        log.info("journal: kept %d entries after the snapshot", len(kept))
+                    self._entries.extend(kept)
+                    break
+        self._rewrite()
+
+    def _settle(self) -> None:
+        """A clear() not followed by its adds (never seen): write what we have."""
+        if self._stash is not None:
+            self._stash = None
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Write all entries to a new file, make it durable, rename it over the journal."""
+        temp = self.path.with_name(self.path.name + ".tmp")
+        records = [_encode(entry) for entry in self._entries]
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, MAGIC + b"".join(records))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, self.path)
+        _fsync_dir(self.path.parent)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_RDWR)
+        self._offsets = []
+        pos = len(MAGIC)
+        for record in records:
+            self._offsets.append(pos)
+            pos += len(record)
+        self._end = pos
+        self._dirty = False
+
+    def _load_meta(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self._meta_path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{self._meta_path}: unreadable raft state: {exc}") from exc
+
+    def _store_meta(self) -> None:
+        temp = self._meta_path.with_name(self._meta_path.name + ".tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(self._meta, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, self._meta_path)
+        _fsync_dir(self._meta_path.parent)
+        self._meta_dirty = False

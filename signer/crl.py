@@ -1,0 +1,904 @@
+"""CRLs: one per issuer, assembled by hand from pre-encoded entries, signed in the HSM.
+
+A revoked entry never changes, so its DER is encoded once at revocation (signer/revocation.py)
+and stored; a CRL is that stored DER concatenated in serial order, wrapped in a header written
+here byte by byte, and signed over a locally computed digest (only the digest goes to the HSM).
+
+Membership is kept by the repository: the entries of the last published CRL (`crl_entries`, by
+serial; `crl_expiry`, by expiry). A new CRL is that list minus the entries RFC 5280 lets go
+(they were on the previous CRL, which was issued more than `grace_days` after they expired),
+plus every revocation since the previous CRL. Everything is decided here, before the
+`publish_crl` command goes to the log: number, times, the entries that leave, the signature.
+
+The same pure functions serve the client: `signer/crl_refresh.py` rebuilds a CRL from the one it
+holds and a delta, byte for byte, with `tbs_der` and `crl_der`. See docs/crl.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from signer.errors import ErrorCode, SignerError
+from signer.health import Section
+from signer.protocol import FetchCrlArgs, FetchCrlResult
+from storage.repository import RevokedEntry, crl_block_rows, serial_bytes
+
+if TYPE_CHECKING:
+    from replication.log import Log
+    from signer.ca import Issuer
+    from signer.config import CrlConfig
+    from signer.hsm import Hsm
+    from signer.protocol_handler import Handler, RequestContext
+    from storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+FIRST_CRL_NUMBER = 2  # the key ceremony published number 1
+SMALL_ADDITIONS = 10_000  # beyond this, new entries are read in serial order instead of sorted
+OLDER_KEPT = 2  # earlier CRLs kept in memory per issuer, for pinned chunked transfers
+DELTA_HEADER = 200  # bytes of a delta result besides its lists and signature (msgpack)
+ADDED_HEADER = 3  # msgpack bin header of an added entry
+REMOVED_WIRE_SIZE = 44  # a removed serial in a delta: up to 42 hex digits and a str header
+
+# --------------------------------------------------------------------------- DER
+
+
+def der_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes((length,))
+    raw = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(raw),)) + raw
+
+
+def der_tlv(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + der_length(len(content)) + content
+
+
+def der_integer(value: int) -> bytes:
+    """A non-negative INTEGER in its minimal two's complement form."""
+    return der_tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def der_time(moment: int) -> bytes:
+    """UTCTime through 2049, GeneralizedTime from 2050 (RFC 5280 §5.1.2.4), whole seconds."""
+    when = datetime.fromtimestamp(moment, UTC)
+    if 1950 <= when.year < 2050:
+        return der_tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+    return der_generalized_time(moment)
+
+
+def der_generalized_time(moment: int) -> bytes:
+    return der_tlv(0x18, datetime.fromtimestamp(moment, UTC).strftime("%Y%m%d%H%M%SZ").encode())
+
+
+def der_header(data: bytes | memoryview, pos: int) -> tuple[int, int, int]:
+    """(tag, start of content, end) of the element at `pos`; ValueError if it is malformed."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag, first = data[pos], data[pos + 1]
+    start = pos + 2
+    if first & 0x80:
+        size = first & 0x7F
+        if size == 0 or size > 4 or start + size > len(data):
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[start : start + size], "big")
+        start += size
+    else:
+        length = first
+    if start + length > len(data):
+        raise ValueError("truncated DER")
+    return tag, start, start + length
+
+
+# --------------------------------------------------------------------------- signatures
+
+_RSA_OID = bytes.fromhex("2a864886f70d0101")  # 1.2.840.113549.1.1 (PKCS #1)
+_ECDSA_OID = bytes.fromhex("2a8648ce3d0403")  # 1.2.840.10045.4.3 (ecdsa-with-SHA2)
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+_CURVE_DIGESTS = {"secp256r1": "sha256", "secp384r1": "sha384", "secp521r1": "sha512"}
+
+
+@dataclass(frozen=True)
+class SignatureAlgorithm:
+    """RSA PKCS#1 v1.5 or ECDSA with a SHA-2 digest, and its AlgorithmIdentifier DER."""
+
+    family: str  # "rsa" or "ecdsa"
+    digest_name: str
+    der: bytes
+
+    @property
+    def hash(self) -> hashes.HashAlgorithm:
+        return _HASHES[self.digest_name]()
+
+    def digest(self, data: bytes | bytearray) -> bytes:
+        return hashlib.new(self.digest_name, data).digest()
+
+    def sign(self, key: Any, digest: bytes) -> bytes:
+        """Sign a digest computed here: an HSM key gets 32 to 64 bytes, not the CRL."""
+        prehashed = Prehashed(self.hash)
+        if self.family == "rsa":
+            return key.sign(digest, padding.PKCS1v15(), prehashed)
+        return key.sign(digest, ec.ECDSA(prehashed))
+
+    def verify(self, public_key: Any, signature: bytes, digest: bytes) -> bool:
+        prehashed = Prehashed(self.hash)
+        try:
+            if self.family == "rsa":
+                public_key.verify(signature, digest, padding.PKCS1v15(), prehashed)
+            else:
+                public_key.verify(signature, digest, ec.ECDSA(prehashed))
+        except (InvalidSignature, TypeError, ValueError):
+            return False
+        return True
+
+
+def _algorithms() -> dict[bytes, SignatureAlgorithm]:
+    table = {}
+    for name, rsa_arc, ec_arc in (("sha256", 11, 2), ("sha384", 12, 3), ("sha512", 13, 4)):
+        rsa_der = der_tlv(0x30, der_tlv(0x06, _RSA_OID + bytes((rsa_arc,))) + b"\x05\x00")
+        ec_der = der_tlv(0x30, der_tlv(0x06, _ECDSA_OID + bytes((ec_arc,))))
+        table[rsa_der] = SignatureAlgorithm("rsa", name, rsa_der)
+        table[ec_der] = SignatureAlgorithm("ecdsa", name, ec_der)
+    return table
+
+
+SIGNATURE_ALGORITHMS = _algorithms()
+
+
+def algorithm_for(public_key: Any) -> SignatureAlgorithm:
+    """RSA keys sign with SHA-256; EC keys with the digest their curve pairs with (RFC 5480)."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        family, digest = "rsa", "sha256"
+    elif isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in (
+        _CURVE_DIGESTS
+    ):
+        family, digest = "ecdsa", _CURVE_DIGESTS[public_key.curve.name]
+    else:
+        raise SignerError(ErrorCode.CRL_UNAVAILABLE, "the issuer's key cannot sign CRLs here")
+    return next(
+        a for a in SIGNATURE_ALGORITHMS.values() if (a.family, a.digest_name) == (family, digest)
+    )
+
+
+# --------------------------------------------------------------------------- header and assembly
+
+
+@dataclass(frozen=True)
+class CrlIssuer:
+    """What a CRL takes from its issuer's certificate (the signer and the client agree on it)."""
+
+    name_der: bytes  # the certificate's subject, copied byte for byte
+    key_id: bytes  # authorityKeyIdentifier: the certificate's subjectKeyIdentifier
+    public_key: Any
+
+    @classmethod
+    def from_certificate(cls, certificate: x509.Certificate) -> CrlIssuer:
+        try:
+            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+            key_id = ski.value.digest
+        except x509.ExtensionNotFound:
+            key_id = x509.SubjectKeyIdentifier.from_public_key(
+                certificate.public_key()  # type: ignore[arg-type]
+            ).digest
+        name = _subject_der(certificate.tbs_certificate_bytes)
+        return cls(name, key_id, certificate.public_key())
+
+
+def _subject_der(tbs: bytes) -> bytes:
+    """The subject Name of a TBSCertificate, as encoded (version, serial, signature, issuer,
+    validity come first)."""
+    _, pos, _ = der_header(tbs, 0)
+    if tbs[pos] == 0xA0:  # [0] version
+        pos = der_header(tbs, pos)[2]
+    for _ in range(4):  # serialNumber, signature, issuer, validity
+        pos = der_header(tbs, pos)[2]
+    return tbs[pos : der_header(tbs, pos)[2]]
+
+
+@dataclass(frozen=True)
+class CrlHeader:
+    """The fields of a CRL besides its entries, its issuer and its signature."""
+
+    crl_number: int
+    this_update: int
+    next_update: int
+    expired_certs_on_crl: int | None  # ExpiredCertsOnCRL (2.5.29.60), when expired entries stay
+    algorithm: SignatureAlgorithm
+
+
+_VERSION_2 = der_integer(1)
+_AKI_OID = der_tlv(0x06, bytes.fromhex("551d23"))
+_CRL_NUMBER_OID = der_tlv(0x06, bytes.fromhex("551d14"))
+_EXPIRED_CERTS_ON_CRL_OID = der_tlv(0x06, bytes.fromhex("551d3c"))
+
+
+def _extensions(issuer: CrlIssuer, header: CrlHeader) -> bytes:
+    """crlExtensions [0]: authorityKeyIdentifier, cRLNumber, expiredCertsOnCRL; non-critical."""
+    aki = der_tlv(0x30, der_tlv(0x80, issuer.key_id))
+    items = [
+        der_tlv(0x30, _AKI_OID + der_tlv(0x04, aki)),
+        der_tlv(0x30, _CRL_NUMBER_OID + der_tlv(0x04, der_integer(header.crl_number))),
+    ]
+    if header.expired_certs_on_crl is not None:
+        value = der_generalized_time(header.expired_certs_on_crl)
+        items.append(der_tlv(0x30, _EXPIRED_CERTS_ON_CRL_OID + der_tlv(0x04, value)))
+    return der_tlv(0xA0, der_tlv(0x30, b"".join(items)))
+
+
+def tbs_der(issuer: CrlIssuer, header: CrlHeader, entries: bytes | bytearray) -> bytes:
+    """TBSCertList v2 around `entries` (concatenated revokedCertificates entries, serial order;
+    the list is left out when empty, as RFC 5280 §5.1.2.6 requires). One copy of `entries`."""
+    head = b"".join(
+        (
+            _VERSION_2,
+            header.algorithm.der,
+            issuer.name_der,
+            der_time(header.this_update),
+            der_time(header.next_update),
+        )
+    )
+    listed = b"\x30" + der_length(len(entries)) if entries else b""
+    tail = _extensions(issuer, header)
+    size = len(head) + len(listed) + len(entries) + len(tail)
+    return b"".join((b"\x30", der_length(size), head, listed, entries, tail))
+
+
+def crl_der(tbs: bytes, algorithm: SignatureAlgorithm, signature: bytes) -> bytes:
+    bits = b"\x03" + der_length(len(signature) + 1) + b"\x00"
+    size = len(tbs) + len(algorithm.der) + len(bits) + len(signature)
+    return b"".join((b"\x30", der_length(size), tbs, algorithm.der, bits, signature))
+
+
+@dataclass
+class ParsedCrl:
+    """A DER CRL taken apart as far as a client rebuilding it needs (crl_refresh.py)."""
+
+    crl_number: int | None
+    entries: list[tuple[int, bytes]]  # (serial, entry DER) in the CRL's order
+
+
+def parse_crl(der: bytes) -> ParsedCrl:
+    """The CRL number and the entries of a DER CRL; ValueError if it is malformed."""
+    data = memoryview(der)
+    tag, pos, end = der_header(data, 0)
+    if tag != 0x30 or end != len(data) or data[pos] != 0x30:
+        raise ValueError("not a DER CertificateList")
+    _, body, tbs_end = der_header(data, pos)
+    if data[body] == 0x02:  # version
+        body = der_header(data, body)[2]
+    for _ in range(3):  # signature, issuer, thisUpdate
+        body = der_header(data, body)[2]
+    if body < tbs_end and data[body] in (0x17, 0x18):  # nextUpdate
+        body = der_header(data, body)[2]
+    entries: list[tuple[int, bytes]] = []
+    if body < tbs_end and data[body] == 0x30:
+        _, cursor, listed_end = der_header(data, body)
+        entries = _parse_entries(data, cursor, listed_end)
+        body = listed_end
+    number = _crl_number(data, body, tbs_end) if body < tbs_end else None
+    return ParsedCrl(number, entries)
+
+
+def _parse_entries(data: memoryview, cursor: int, end: int) -> list[tuple[int, bytes]]:
+    entries = []
+    while cursor < end:
+        _, start, entry_end = der_header(data, cursor)
+        _, serial_start, serial_end = der_header(data, start)
+        serial = int.from_bytes(data[serial_start:serial_end], "big", signed=True)
+        entries.append((serial, bytes(data[cursor:entry_end])))
+        cursor = entry_end
+    return entries
+
+
+def _crl_number(data: memoryview, pos: int, end: int) -> int | None:
+    tag, pos, _ = der_header(data, pos)
+    if tag != 0xA0:
+        return None
+    _, cursor, extensions_end = der_header(data, pos)
+    while cursor < min(extensions_end, end):
+        _, start, item_end = der_header(data, cursor)
+        oid_end = der_header(data, start)[2]
+        if bytes(data[start:oid_end]) == _CRL_NUMBER_OID:
+            value_pos = oid_end
+            if data[value_pos] == 0x01:  # critical BOOLEAN
+                value_pos = der_header(data, value_pos)[2]
+            _, octets, _ = der_header(data, value_pos)
+            _, number_start, number_end = der_header(data, octets)
+            return int.from_bytes(data[number_start:number_end], "big", signed=True)
+        cursor = item_end
+    return None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def merge_entries(
+    blocks: Iterable[tuple[bytes, bytes, bytes]],
+    drop: Iterable[bytes],
+    additions: Iterable[tuple[bytes, bytes]],
+) -> tuple[bytearray, int]:
+    """Concatenate the entries of `blocks` (the repository's `crl_entries`, in serial order)
+    without the serials in `drop` and with `additions` ((serial20, entry) in serial order)
+    merged in. A block nothing touches is copied whole: building a CRL is mostly memcpy."""
+    body = bytearray()
+    count = 0
+    pending, drops = iter(additions), iter(sorted(drop))
+    add, gone = next(pending, None), next(drops, None)
+
+    def add_below(bound: bytes | None) -> None:
+        nonlocal add, count
+        while add is not None and (bound is None or add[0] < bound):
+            body.extend(add[1])
+            count += 1
+            add = next(pending, None)
+
+    for serials, sizes, entries in blocks:
+        first, last = serials[:20], serials[-20:]
+        add_below(first)
+        while gone is not None and gone < first:
+            gone = next(drops, None)
+        if (add is None or add[0] > last) and (gone is None or gone > last):
+            body += entries
+            count += len(serials) // 20
+            continue
+        for serial, entry in crl_block_rows(serials, sizes, entries):
+            add_below(serial)
+            while gone is not None and gone < serial:
+                gone = next(drops, None)
+            if gone != serial:
+                body += entry
+                count += 1
+    add_below(None)
+    return body, count
+
+
+class _Additions:
+    """Revocations with sequence number in (after, upto], as (serial20, entry) in serial order;
+    notes the earliest certificate expiry among them."""
+
+    def __init__(self, repository: Repository, key_id: bytes, after: int, upto: int):
+        self.repository, self.key_id, self.after, self.upto = repository, key_id, after, upto
+        self.min_not_after: int | None = None
+
+    def _note(self, entry: RevokedEntry) -> tuple[bytes, bytes]:
+        if self.min_not_after is None or entry.not_after < self.min_not_after:
+            self.min_not_after = entry.not_after
+        return serial_bytes(entry.serial), entry.crl_entry
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        if self.upto - self.after <= SMALL_ADDITIONS:
+            since = self.repository.iter_revocations_since(self.key_id, self.after)
+            rows = [self._note(e) for e in since if e.seq <= self.upto]
+            yield from sorted(rows)
+            return
+        for entry in self.repository.iter_revoked(self.key_id):  # a first CRL: read in order
+            if self.after < entry.seq <= self.upto:
+                yield self._note(entry)
+
+
+@dataclass
+class CrlDraft:
+    """A CRL decided and assembled but not signed: all `publish_crl` carries but the signature."""
+
+    key_id: bytes
+    header: CrlHeader
+    revocation_seq: int
+    removed: list[int]
+    entries: int
+    removed_before: int | None
+    tbs: bytes
+
+
+def draft_crl(
+    repository: Repository,
+    issuer: CrlIssuer,
+    key_id: bytes,
+    crl_number: int,
+    this_update: int,
+    config: CrlConfig,
+) -> CrlDraft:
+    """Decide the next CRL of an issuer and assemble its TBS; reads the repository only.
+
+    RFC 5280 §3.3 retention: an entry leaves once it has been on a CRL issued more than
+    `grace_days` after its certificate expired (the previous CRL: every entry in the membership
+    index was on it). The CRL carries ExpiredCertsOnCRL when it lists expired certificates.
+    """
+    last = repository.last_crl_history(key_id)
+    upto = repository.revocation_seq(key_id)
+    after = 0 if last is None else last["revocation_seq"]
+    removed: list[int] = []
+    removed_before = None if last is None else last["removed_before"]
+    first_kept = None
+    if last is not None:
+        threshold = last["this_update"] - int(config.grace_days * 86400)
+        for not_after, serial in repository.iter_crl_expiry(key_id):
+            if not_after >= threshold:
+                first_kept = not_after
+                break
+            removed.append(serial)
+            removed_before = max(removed_before or 0, not_after + 1)
+    removed.sort()
+    additions = _Additions(repository, key_id, after, upto)
+    drop = [serial_bytes(serial) for serial in removed]
+    body, count = merge_entries(repository.iter_crl_blocks(key_id), drop, additions)
+    earliest = min(
+        (t for t in (first_kept, additions.min_not_after) if t is not None), default=None
+    )
+    expired = None
+    if earliest is not None and earliest < this_update:
+        expired = removed_before if removed_before is not None else earliest
+    header = CrlHeader(
+        crl_number,
+        this_update,
+        this_update + config.next_update_days * 86400,
+        expired,
+        algorithm_for(issuer.public_key),
+    )
+    tbs = tbs_der(issuer, header, body)
+    return CrlDraft(key_id, header, upto, removed, count, removed_before, tbs)
+
+
+def rebuild_crl(
+    repository: Repository, issuer: CrlIssuer, key_id: bytes, crl_number: int
+) -> bytes | None:
+    """An earlier published CRL, byte for byte, from the membership of the last one and the
+    history between them (None if that CRL was not published with history). The caller keeps
+    publications out meanwhile."""
+    target = repository.crl_history(key_id, crl_number)
+    last = repository.last_crl_history(key_id)
+    algorithm = None if target is None else SIGNATURE_ALGORITHMS.get(target["signature_algorithm"])
+    if target is None or last is None or algorithm is None:
+        return None
+    newer = repository.iter_revocations_since(key_id, target["revocation_seq"])
+    drop = {serial_bytes(e.serial) for e in newer if e.seq <= last["revocation_seq"]}
+    back = []
+    for record in repository.iter_crl_history(key_id, after=crl_number):
+        if record["crl_number"] > last["crl_number"]:
+            break
+        for serial, seq in record["removed"]:
+            entry = repository.revocation(key_id, serial)
+            if seq <= target["revocation_seq"] and entry is not None:
+                back.append((serial_bytes(serial), entry.crl_entry))
+    body, _ = merge_entries(repository.iter_crl_blocks(key_id), drop, sorted(back))
+    header = CrlHeader(
+        crl_number,
+        target["this_update"],
+        target["next_update"],
+        target["expired_certs_on_crl"],
+        algorithm,
+    )
+    der = crl_der(tbs_der(issuer, header, body), algorithm, target["signature"])
+    return der if hashlib.sha256(der).digest() == target["sha256"] else None
+
+
+def serial_hex(serial: int) -> str:
+    """Upper-case hex with an even number of digits, as serials travel on the wire."""
+    digits = f"{serial:X}"
+    return digits if len(digits) % 2 == 0 else "0" + digits
+
+
+def delta_since(
+    repository: Repository, key_id: bytes, have: int, current: dict[str, Any], budget: int
+) -> tuple[list[bytes], list[str]] | None:
+    """(added entries, removed serials) from CRL `have` to `current` (a history record), or None
+    when `have` has no history, is not older, or the delta's result would exceed `budget` bytes."""
+    old = repository.crl_history(key_id, have)
+    if old is None or have >= current["crl_number"]:
+        return None
+    size = DELTA_HEADER + len(current["signature"])
+    gone, removed = set(), []
+    for record in repository.iter_crl_history(key_id, after=have):
+        if record["crl_number"] > current["crl_number"]:
+            break
+        for serial, seq in record["removed"]:
+            gone.add(serial)
+            if seq <= old["revocation_seq"]:  # the client's CRL lists it
+                removed.append(serial)
+                size += REMOVED_WIRE_SIZE
+        if size > budget:
+            return None
+    added = []
+    for entry in repository.iter_revocations_since(key_id, old["revocation_seq"]):
+        if entry.seq > current["revocation_seq"]:
+            break
+        if entry.serial not in gone:
+            added.append(entry.crl_entry)
+            size += len(entry.crl_entry) + ADDED_HEADER
+            if size > budget:
+                return None
+    return added, [serial_hex(serial) for serial in sorted(removed)]
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _time(moment: int) -> datetime:
+    return datetime.fromtimestamp(moment, UTC)
+
+
+@dataclass
+class PublishedCrl:
+    """A CRL the signer published: its history record, DER and SHA-256."""
+
+    record: dict[str, Any]
+    der: bytes
+    sha256: bytes
+
+    @property
+    def number(self) -> int:
+        return self.record["crl_number"]
+
+
+@dataclass
+class _IssuerCrls:
+    issuer: Issuer
+    crl_issuer: CrlIssuer
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    current: PublishedCrl | None = None
+    older: OrderedDict[int, PublishedCrl] = field(default_factory=OrderedDict)
+    last_error: str | None = None
+    build_seconds: float | None = None  # the last CRL: decided, assembled and signed
+    commit_seconds: float | None = None  # the last CRL: recorded through the log
+
+    @property
+    def key_id(self) -> bytes:
+        return self.issuer.key_id
+
+    def keep(self, crl: PublishedCrl) -> None:
+        """Make `crl` current; the one it replaces stays for transfers pinned to it."""
+        if self.current is not None and self.current.number != crl.number:
+            self.older[self.current.number] = self.current
+            while len(self.older) > OLDER_KEPT:
+                self.older.popitem(last=False)
+        self.current = crl
+
+
+class CrlService:
+    """Issues each issuer's CRL when due (a periodic task) and answers `fetch_crl`.
+
+    The request path signs only when the issuer has no CRL yet or the current one is stale
+    (within `refresh_margin_hours` of its nextUpdate); otherwise it serves what the scheduler made.
+    """
+
+    def __init__(
+        self,
+        issuers: Iterable[Issuer],
+        hsm: Hsm,
+        repository: Repository,
+        commit_log: Log,
+        config: CrlConfig,
+        clock: Callable[[], datetime] = utcnow,
+    ):
+        self.hsm = hsm
+        self.repository = repository
+        self.log = commit_log
+        self.config = config
+        self.clock = clock
+        self._states = {
+            i.name: _IssuerCrls(i, CrlIssuer.from_certificate(i.certificate)) for i in issuers
+        }
+        self._task: asyncio.Task[None] | None = None
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"fetch_crl": self.fetch_crl}
+
+    # --- scheduling --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Issue what is due now (so a new signer has CRLs before it answers), then keep at it."""
+        await self.refresh_due()
+        self._task = asyncio.create_task(self._run(), name="crl-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_seconds)
+            await self.refresh_due()
+
+    def _now(self) -> int:
+        return int(self.clock().timestamp())
+
+    def due(self, name: str) -> str | None:
+        """Why the issuer needs a new CRL now, or None."""
+        state = self._states[name]
+        last = self.repository.last_crl_history(state.key_id)
+        now = self._now()
+        if last is None:
+            return "no CRL yet"
+        if now >= last["next_update"] - self.config.refresh_margin_hours * 3600:
+            return "nextUpdate is near"
+        if now >= last["this_update"] + self.config.reissue_hours * 3600:
+            return "scheduled"
+        if self.repository.revocation_seq(state.key_id) > last["revocation_seq"] and (
+            now >= last["this_update"] + self.config.min_interval_seconds
+        ):
+            return "new revocations"
+        return None
+
+    async def refresh_due(self) -> dict[str, str]:
+        """Publish every CRL that is due; a failure is logged and retried at the next poll."""
+        outcome = {}
+        for name, state in self._states.items():
+            try:
+                async with state.lock:
+                    reason = self.due(name)
+                    if reason is None:
+                        continue
+                    crl = await self._publish(state)
+                outcome[name] = f"published {crl.number} ({reason})"
+                log.info("CRL %s of %s published (%s)", crl.number, name, reason)
+            except SignerError as exc:
+                state.last_error = f"{exc.code.value}: {exc.message}"
+                outcome[name] = f"failed: {state.last_error}"
+                log.error("CRL of %s not published: %s", name, exc)
+            except Exception as exc:  # the scheduler must outlive any bug
+                state.last_error = f"internal error: {type(exc).__name__}"
+                outcome[name] = f"failed: {state.last_error}"
+                log.exception("CRL of %s not published", name)
+        return outcome
+
+    async def publish(self, name: str) -> PublishedCrl:
+        """Publish a new CRL of `name` now, due or not."""
+        state = self._state(name)
+        async with state.lock:
+            return await self._publish(state)
+
+    async def _publish(self, state: _IssuerCrls) -> PublishedCrl:
+        started = time.perf_counter()
+        number = await asyncio.to_thread(self._next_number, state.key_id)
+        draft, digest = await asyncio.to_thread(self._draft, state, number, self._now())
+        key = await self.hsm.run(self.hsm.key, state.issuer.key_label)
+        algorithm = draft.header.algorithm
+        signature = await self.hsm.run(algorithm.sign, key, digest)
+        if not algorithm.verify(state.crl_issuer.public_key, signature, digest):
+            raise SignerError(ErrorCode.HSM_ERROR, "the HSM's CRL signature does not verify")
+        der, sha256 = await asyncio.to_thread(finish_crl, draft, signature)
+        signed = time.perf_counter()
+        result = await self.log.commit(_command(draft, signature, sha256, der))
+        if result.get("status") != "recorded":
+            raise SignerError(result.get("code", ErrorCode.REPOSITORY_ERROR), result["message"])
+        record = self.repository.crl_history(state.key_id, number)
+        if record is None:
+            raise SignerError(ErrorCode.REPOSITORY_ERROR, f"CRL {number} was not recorded")
+        crl = PublishedCrl(record, der, sha256)
+        state.keep(crl)
+        state.last_error = None
+        state.build_seconds = signed - started
+        state.commit_seconds = time.perf_counter() - signed
+        return crl
+
+    def _next_number(self, key_id: bytes) -> int:
+        last = self.repository.last_crl_history(key_id)
+        if last is not None:
+            return int(last["crl_number"]) + 1
+        recorded = self.repository.latest_crl(key_id)  # one recorded without history
+        return max(FIRST_CRL_NUMBER, 0 if recorded is None else recorded["crl_number"] + 1)
+
+    def _draft(self, state: _IssuerCrls, number: int, now: int) -> tuple[CrlDraft, bytes]:
+        draft = draft_crl(self.repository, state.crl_issuer, state.key_id, number, now, self.config)
+        return draft, draft.header.algorithm.digest(draft.tbs)
+
+    # --- fetch_crl ---------------------------------------------------------------------------
+
+    async def fetch_crl(self, args: FetchCrlArgs, _ctx: RequestContext) -> FetchCrlResult:
+        state = self._issuer_ref(args.issuer)
+        current = await self._fresh(state)
+        if args.want == "auto" and args.have_number is not None:
+            if args.have_number == current.number:
+                return _summary(current, "unchanged")
+            budget = args.max_bytes
+            delta = await asyncio.to_thread(
+                delta_since, self.repository, state.key_id, args.have_number, current.record, budget
+            )
+            if delta is not None:
+                return _delta_result(current, *delta)
+            return _chunk(current, 0, args.max_bytes)
+        if args.want == "full" and args.crl_number not in (None, current.number):
+            pinned = await self._pinned(state, args.crl_number)
+            if pinned is None:  # gone: the client starts over with the current one
+                return _chunk(current, 0, args.max_bytes)
+            return _chunk(pinned, args.offset, args.max_bytes)
+        return _chunk(current, args.offset if args.want == "full" else 0, args.max_bytes)
+
+    async def _fresh(self, state: _IssuerCrls) -> PublishedCrl:
+        """The current CRL; made here only when there is none or it is stale."""
+        current = await self._current(state)
+        margin = self.config.refresh_margin_hours * 3600
+        if current is not None and self._now() < current.record["next_update"] - margin:
+            return current
+        try:
+            async with state.lock:
+                current = await self._current(state)
+                if current is None or self._now() >= current.record["next_update"] - margin:
+                    current = await self._publish(state)
+        except SignerError as exc:
+            state.last_error = f"{exc.code.value}: {exc.message}"
+            if current is None:
+                raise SignerError(
+                    ErrorCode.CRL_UNAVAILABLE,
+                    f"no CRL of {state.issuer.name} could be made: {exc.message}",
+                    {"cause": exc.code.value},
+                ) from exc
+            log.error("serving a stale CRL of %s: %s", state.issuer.name, exc)
+        return current
+
+    async def _current(self, state: _IssuerCrls) -> PublishedCrl | None:
+        """The newest published CRL, from memory when it is still the newest."""
+        last = self.repository.last_crl_history(state.key_id)
+        if last is None:
+            return None
+        if state.current is not None and state.current.number == last["crl_number"]:
+            return state.current
+        stored = await asyncio.to_thread(self.repository.latest_crl, state.key_id)
+        if stored is not None and stored["crl_number"] == last["crl_number"]:
+            der = stored["der"]
+        else:
+            der = await asyncio.to_thread(self._rebuild, state, last["crl_number"])
+        sha256 = None if der is None else await asyncio.to_thread(_sha256, der)
+        if der is None or sha256 != last["sha256"]:
+            raise SignerError(ErrorCode.CRL_UNAVAILABLE, f"CRL {last['crl_number']} is damaged")
+        crl = PublishedCrl(last, der, sha256)
+        state.keep(crl)
+        return crl
+
+    async def _pinned(self, state: _IssuerCrls, number: int) -> PublishedCrl | None:
+        """An earlier CRL a chunked transfer is pinned to: from memory, or rebuilt."""
+        if number in state.older:
+            return state.older[number]
+        async with state.lock:
+            record = self.repository.crl_history(state.key_id, number)
+            der = await asyncio.to_thread(self._rebuild, state, number)
+        if record is None or der is None:
+            return None
+        crl = PublishedCrl(record, der, record["sha256"])
+        state.older[number] = crl
+        while len(state.older) > OLDER_KEPT:
+            state.older.popitem(last=False)
+        return crl
+
+    def _rebuild(self, state: _IssuerCrls, number: int) -> bytes | None:
+        return rebuild_crl(self.repository, state.crl_issuer, state.key_id, number)
+
+    def _state(self, name: str) -> _IssuerCrls:
+        state = self._states.get(name)
+        if state is None:
+            raise SignerError(ErrorCode.UNKNOWN_ISSUER, f"issuer {name!r} is not configured")
+        return state
+
+    def _issuer_ref(self, reference: str) -> _IssuerCrls:
+        for state in self._states.values():
+            if state.issuer.matches(reference):
+                return state
+        raise SignerError(
+            ErrorCode.UNKNOWN_ISSUER,
+            f"no issuer {reference[:80]!r}; known: {', '.join(self._states)}",
+        )
+
+    # --- health ------------------------------------------------------------------------------
+
+    async def health_section(self) -> Section:
+        now = self._now()
+        margin = self.config.refresh_margin_hours * 3600
+        data: dict[str, Any] = {}
+        warnings, errors = [], []
+        for name, state in self._states.items():
+            last = self.repository.last_crl_history(state.key_id)
+            if last is None:
+                errors.append(f"{name}: no CRL ({state.last_error or 'not made yet'})")
+                data[name] = {"crl_number": None, "last_error": state.last_error}
+                continue
+            data[name] = {
+                "crl_number": last["crl_number"],
+                "this_update": _time(last["this_update"]).isoformat(),
+                "next_update": _time(last["next_update"]).isoformat(),
+                "entries": last["entries"],
+                "size": last["size"],
+                "hours_left": round((last["next_update"] - now) / 3600, 1),
+                "build_seconds": state.build_seconds,
+                "commit_seconds": state.commit_seconds,
+                "last_error": state.last_error,
+            }
+            if now >= last["next_update"]:
+                errors.append(f"{name}: CRL {last['crl_number']} expired (nextUpdate passed)")
+            elif now >= last["next_update"] - margin:
+                warnings.append(f"{name}: CRL {last['crl_number']} is stale and not reissued")
+            elif state.last_error:
+                warnings.append(f"{name}: last CRL attempt failed: {state.last_error}")
+        return Section(data, warnings, errors)
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def finish_crl(draft: CrlDraft, signature: bytes) -> tuple[bytes, bytes]:
+    """The signed CRL's DER and SHA-256 (the draft gives up its TBS, now inside the DER)."""
+    der = crl_der(draft.tbs, draft.header.algorithm, signature)
+    draft.tbs = b""  # the TBS is inside `der` now: let the copy go
+    return der, hashlib.sha256(der).digest()
+
+
+def _command(draft: CrlDraft, signature: bytes, sha256: bytes, der: bytes) -> dict[str, Any]:
+    header = draft.header
+    return {
+        "op": "publish_crl",
+        "issuer": draft.key_id,
+        "crl_number": header.crl_number,
+        "this_update": header.this_update,
+        "next_update": header.next_update,
+        "revocation_seq": draft.revocation_seq,
+        "removed": draft.removed,
+        "entries": draft.entries,
+        "removed_before": draft.removed_before,
+        "expired_certs_on_crl": header.expired_certs_on_crl,
+        "signature_algorithm": header.algorithm.der,
+        "signature": signature,
+        "sha256": sha256,
+        "der": der,
+    }
+
+
+def _summary(crl: PublishedCrl, kind: str, **fields: Any) -> FetchCrlResult:
+    return FetchCrlResult(
+        kind=kind,  # type: ignore[arg-type]
+        crl_number=crl.number,
+        this_update=_time(crl.record["this_update"]),
+        next_update=_time(crl.record["next_update"]),
+        **fields,
+    )
+
+
+def _delta_result(crl: PublishedCrl, added: list[bytes], removed: list[str]) -> FetchCrlResult:
+    expired = crl.record["expired_certs_on_crl"]
+    return _summary(
+        crl,
+        "delta",
+        added=added,
+        removed=removed,
+        expired_certs_on_crl=None if expired is None else _time(expired),
+        signature_algorithm=crl.record["signature_algorithm"],
+        signature=crl.record["signature"],
+    )
+
+
+def _chunk(crl: PublishedCrl, offset: int, max_bytes: int) -> FetchCrlResult:
+    if offset > len(crl.der):
+        raise SignerError(
+            ErrorCode.BAD_ARGUMENTS,
+            f"offset {offset} lies beyond CRL {crl.number} ({len(crl.der)} bytes)",
+        )
+    return _summary(
+        crl,
+        "full",
+        total_size=len(crl.der),
+        offset=offset,
+        chunk=crl.der[offset : offset + max_bytes],
+        sha256=crl.sha256,
+    )

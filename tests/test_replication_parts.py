@@ -1,0 +1,295 @@
+"""The replication's parts one by one: the durable journal, snapshot files, the cluster identity
+rules, the settings and secret, the transport's message coalescing, the pysyncobj pin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
+from raft_cluster import issue
+
+from replication import snapshot
+from replication.cluster import Hello, Verdict, judge, next_record_command
+from replication.journal import NO_OP, DurableJournal, read_entries
+from replication.raft import TESTED_PYSYNCOBJ
+from replication.settings import ReplicationSettings
+from replication.transport import _coalesce
+from signer.config import ConfigError, SignerConfig, load
+from storage.repository import Repository
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the journal ---------------------------------------------------------------------------
+
+
+def entries(count: int, term: int = 1, start: int = 1) -> list[tuple[bytes, int, int]]:
+    return [(b"\x00command %d" % i, i, term) for i in range(start, start + count)]
+
+
+def test_journal_survives_reopen_and_cuts_a_torn_tail(tmp_path):
+    path = tmp_path / "raft.journal"
+    journal = DurableJournal(path)
+    for entry in entries(5):
+        journal.add(*entry)
+    journal.sync()
+    journal.setCurrentTerm(3, "127.0.0.1:1")
+    journal._destroy()
+    with open(path, "ab") as handle:
+        handle.write(b"\x40\x00\x00\x00half a record")  # a power cut in the middle of an append
+    reopened = DurableJournal(path)
+    assert list(reopened) == entries(5)
+    assert reopened.getCurrentTerm() == 3 and reopened.getVotedForNodeId() == "127.0.0.1:1"
+    assert path.stat().st_size == read_entries(path)[2]  # the torn bytes are gone
+    reopened.add(*entries(1, start=6)[0])
+    reopened._destroy()
+    assert [e[1] for e in DurableJournal(path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_journal_flips_one_bit_and_stops_there(tmp_path):
+    path = tmp_path / "raft.journal"
+    journal = DurableJournal(path)
+    for entry in entries(4):
+        journal.add(*entry)
+    journal._destroy()
+    _, offsets, _ = read_entries(path)
+    data = bytearray(path.read_bytes())
+    data[offsets[2] + 20] ^= 1
+    path.write_bytes(bytes(data))
+    assert [e[1] for e in DurableJournal(path)] == [1, 2]
+
+
+def test_journal_truncation_and_compaction_are_durable(tmp_path):
+    path = tmp_path / "raft.journal"
+    journal = DurableJournal(path)
+    for entry in entries(10):
+        journal.add(*entry)
+    journal.deleteEntriesFrom(7)  # a follower drops a conflicting tail
+    journal.add(b"\x00other", 8, 2)
+    journal.deleteEntriesTo(3)  # compaction after a snapshot
+    journal.sync()
+    expected = [*entries(7)[3:], (b"\x00other", 8, 2)]
+    assert list(journal) == expected
+    journal._destroy()
+    assert list(DurableJournal(path)) == expected
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_snapshot_load_keeps_the_suffix_only_at_start(tmp_path, retain):
+    """pysyncobj loads a snapshot as clear() + add(prev) + add(last). At start (a crash between
+    writing the snapshot and compacting) the entries after it are ours and are kept; for a
+    snapshot installed from the leader they are dropped (the leader resends what it has)."""
+    journal = DurableJournal(tmp_path / "raft.journal")
+    for entry in entries(10):
+        journal.add(*entry)
+    journal.retain_suffix = retain
+    journal.clear()
+    journal.add(*entries(10)[5])
+    journal.add(*entries(10)[6])
+    expected = entries(10)[5:] if retain else entries(10)[5:7]
+    assert list(journal) == expected
+    journal._destroy()
+    assert list(DurableJournal(tmp_path / "raft.journal")) == expected
+
+
+def test_neutralize_membership_keeps_indexes(tmp_path):
+    journal = DurableJournal(tmp_path / "raft.journal")
+    journal.add(b"\x00cmd", 1, 1)
+    journal.add(b"\x02membership", 2, 1)
+    journal.add(b"\x00cmd", 3, 1)
+    assert journal.neutralize_membership() == 1
+    assert list(journal) == [(b"\x00cmd", 1, 1), (NO_OP, 2, 1), (b"\x00cmd", 3, 1)]
+
+
+# --- snapshots -----------------------------------------------------------------------------
+
+
+def test_snapshot_file_round_trip_and_restore(tmp_path):
+    source = Repository(tmp_path / "a", 1 << 28)
+    source.apply_batch([(i, issue(i)) for i in range(1, 50)])
+    meta = snapshot.SnapshotMeta(
+        last=(b"\x00x", 60, 2),
+        prev=(b"\x00y", 59, 2),
+        cluster=["127.0.0.1:2", "127.0.0.1:1"],
+        applied=0,
+        floor_ms=123,
+        created=1.5,
+    )
+    built = snapshot.build(source, tmp_path / "work", tmp_path / "snap" / "data.mdb", meta)
+    read = snapshot.read_meta(tmp_path / "snap" / "data.mdb")
+    assert read == built and read.applied == 49 and read.last == (b"\x00x", 60, 2)
+    assert read.cluster == ["127.0.0.1:1", "127.0.0.1:2"] and read.floor_ms == 123
+    target = Repository(tmp_path / "b", 1 << 28)
+    assert snapshot.restore(target, tmp_path / "snap" / "data.mdb", tmp_path / "restore") == 49
+    assert target.content_digest() == source.content_digest()
+    assert target.check_consistency().ok
+    target.apply(50, issue(50))  # LMDB writes over the trailer as the file grows
+    assert target.check_consistency().ok and target.counts()["certificates"] == 50
+    source.close()
+    target.close()
+
+
+def test_a_damaged_snapshot_file_is_refused(tmp_path):
+    bad = tmp_path / "data.mdb"
+    bad.write_bytes(b"x" * 100)
+    with pytest.raises(snapshot.SnapshotError, match="trailer"):
+        snapshot.read_meta(bad)
+    bad.write_bytes(b"x" * 100 + (10**9).to_bytes(8, "big") + snapshot.TRAILER_MAGIC)
+    with pytest.raises(snapshot.SnapshotError, match="impossible"):
+        snapshot.read_meta(bad)
+    with pytest.raises(snapshot.SnapshotError, match="cannot read"):
+        snapshot.read_meta(tmp_path / "absent")
+
+
+# --- cluster identity ----------------------------------------------------------------------
+
+A, B, C = "10.0.0.1:4321", "10.0.0.2:4321", "10.0.0.3:4321"
+
+
+def records() -> dict[str, dict]:
+    """create [A B] -> force-standalone [A] -> add C [A C], each applied in a repository."""
+    made = {}
+    current = None
+    for name, members in (("create", [A, B]), ("alone", [A]), ("add", [A, C])):
+        command = next_record_command(current, members, name)
+        history = [] if current is None else current["history"]
+        current = {
+            **{k: command[k] for k in ("cluster_id", "generation", "epoch", "members", "event")},
+            "history": [*history, [command["generation"], command["epoch"], command["members"]]],
+        }
+        made[name] = current
+    return made
+
+
+def test_judge_fresh_lagging_stale_foreign_and_diverged():
+    r = records()
+    assert judge(Hello(A, 9, r["add"]), Hello(C, 0, None))[0] is Verdict.ACCEPT  # new signer
+    assert judge(Hello(C, 0, None), Hello(A, 9, r["add"]))[0] is Verdict.ACCEPT
+    assert judge(Hello(A, 9, r["add"]), Hello(C, 9, r["add"]))[0] is Verdict.ACCEPT
+    # B was removed by force-standalone: A refuses it; B, judging A, fences itself
+    verdict, reason = judge(Hello(A, 9, r["add"]), Hello(B, 5, r["create"]))
+    assert verdict is Verdict.REFUSE and "removed at generation 2" in reason
+    assert judge(Hello(B, 5, r["create"]), Hello(A, 9, r["add"]))[0] is Verdict.FENCE_SELF
+    # a member that was only behind (A at "alone", C joined later) is accepted
+    assert judge(Hello(C, 9, r["add"]), Hello(A, 5, r["alone"]))[0] is Verdict.ACCEPT
+    # data without a record next to a cluster: refused / fences itself
+    assert judge(Hello(A, 9, r["add"]), Hello(C, 3, None))[0] is Verdict.REFUSE
+    assert judge(Hello(C, 3, None), Hello(A, 9, r["add"]))[0] is Verdict.FENCE_SELF
+    assert judge(Hello(A, 3, None), Hello(B, 3, None))[0] is Verdict.REFUSE
+    # another cluster, or two survivors that both went standalone
+    other = next_record_command(None, [A, B], "create")
+    foreign = {**r["create"], "cluster_id": other["cluster_id"]}
+    assert judge(Hello(A, 9, r["add"]), Hello(B, 9, foreign))[0] is Verdict.REFUSE
+    split = {**r["alone"], "epoch": b"\x00" * 8, "members": [B]}
+    split["history"] = [r["create"]["history"][0], [2, b"\x00" * 8, [B]]]
+    verdict, reason = judge(Hello(A, 9, r["alone"]), Hello(B, 9, split))
+    assert verdict is Verdict.REFUSE and "diverged" in reason
+
+
+def test_set_cluster_records_generations_in_order(tmp_path):
+    repo = Repository(tmp_path / "r", 1 << 28)
+    first = next_record_command(None, [A, B], "create")
+    assert repo.apply(1, first)["status"] == "recorded"
+    assert repo.apply(2, first)["code"] == "repository_error"  # same generation again
+    second = next_record_command(repo.cluster_info(), [A], "force-standalone")
+    foreign = {**second, "cluster_id": b"\x01" * 16}
+    assert repo.apply(3, foreign)["code"] == "repository_error"
+    assert repo.apply(4, {**second, "members": [B, A]})["code"] == "bad_arguments"  # unsorted
+    assert repo.apply(5, second)["status"] == "recorded"
+    info = repo.cluster_info()
+    assert info["generation"] == 2 and info["members"] == [A] and len(info["history"]) == 2
+    assert repo.check_consistency().ok
+    repo.close()
+
+
+# --- settings and secret -------------------------------------------------------------------
+
+
+def settings(tmp_path: Path, **values) -> ReplicationSettings:
+    base = {"self_address": A, "peers": [B], "journal_dir": str(tmp_path), "secret_env": "S"}
+    return ReplicationSettings.model_validate({**base, **values})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"secret_env": None}, "exactly one of secret_file and secret_env"),
+        ({"secret_file": "/x"}, "exactly one of secret_file and secret_env"),
+        ({"self_address": "0.0.0.0:4321"}, "not to every interface"),
+        ({"self_address": "signer-a:4321"}, "must be an IP address"),
+        ({"peers": [A]}, "must not include self_address"),
+        ({"election_min_timeout": 0.1}, "3 x append_entries_period"),
+        ({"connection_timeout": 0.5}, "at least election_max_timeout"),
+    ],
+)
+def test_bad_settings_are_refused(tmp_path, values, message):
+    with pytest.raises(ValueError, match=message):
+        settings(tmp_path, **values)
+
+
+def test_secret_from_a_private_file_or_the_environment(tmp_path, monkeypatch):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("correct horse battery staple\n")
+    secret_file.chmod(0o640)
+    chosen = settings(tmp_path, secret_env=None, secret_file=str(secret_file))
+    with pytest.raises(ConfigError, match="accessible by group or others"):
+        chosen.read_secret()
+    secret_file.chmod(0o600)
+    assert chosen.read_secret() == b"correct horse battery staple"
+    monkeypatch.setenv("S", "tiny-secret")
+    with pytest.raises(ValueError, match="refusing to start") as caught:
+        settings(tmp_path).read_secret()
+    assert "tiny-secret" not in str(caught.value)  # never the secret itself
+
+
+def test_shipped_pair_configs_load(tmp_path):
+    for name in ("signer-a.yaml", "signer-b.yaml"):
+        config = load(ROOT / "config" / name, SignerConfig)
+        assert config.replication is not None and config.replication.peers
+        assert config.replication.journal_dir.is_absolute()
+
+
+# --- transport and pins --------------------------------------------------------------------
+
+
+def test_outbox_coalesces_appends_and_acks():
+    def append(first: int, count: int, commit: int) -> dict:
+        return {
+            "type": "append_entries",
+            "term": 3,
+            "commit_index": commit,
+            "entries": [(b"c", i, 3) for i in range(first, first + count)],
+            "prevLogIdx": first - 1,
+            "prevLogTerm": 3,
+        }
+
+    def ack(index: int) -> dict:
+        return {"type": "next_node_idx", "next_node_idx": index, "reset": False, "success": True}
+
+    heartbeat = {"type": "append_entries", "term": 3, "commit_index": 9, "prevLogIdx": 9}
+    out = _coalesce(
+        [
+            ("b", append(5, 2, 4)),
+            ("b", append(7, 1, 5)),
+            ("c", ack(8)),
+            ("c", ack(7)),
+            ("b", heartbeat),
+            ("b", append(8, 1, 6)),
+            ("c", ack(9)),
+        ]
+    )
+    assert [(n, m["type"]) for n, m in out] == [
+        ("b", "append_entries"),
+        ("c", "next_node_idx"),
+        ("b", "append_entries"),
+        ("b", "append_entries"),
+    ]
+    assert [e[1] for e in out[0][1]["entries"]] == [5, 6, 7] and out[0][1]["commit_index"] == 5
+    assert out[1][1]["next_node_idx"] == 9  # the highest ack stands for the others
+    assert out[2][1] is heartbeat and [e[1] for e in out[3][1]["entries"]] == [8]
+
+
+def test_pysyncobj_is_the_tested_version():
+    # The apply index (raftLastApplied + 1) and the serializer hooks are pysyncobj internals.
+    assert PYSYNCOBJ_VERSION in TESTED_PYSYNCOBJ

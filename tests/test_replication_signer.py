@@ -1,0 +1,169 @@
+"""Two replicating signers end to end: each a SignerServer on its own emulated serial line, both
+with the CA's keys on SoftHSM2 (the same token stands for two HSMs holding the same keys), Raft
+between them on 127.0.0.1. A certificate issued on one is on both; a retry on the other signer
+answers the same certificate; revocation on the other; health; `signer cluster` on the socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from raft_cluster import FAST, free_ports, wait_for
+
+from replication.settings import ReplicationSettings
+from signer.ceremony import run_ceremony
+from signer.client import SignerClient
+from signer.config import SignerConfig, load
+from signer.errors import ErrorCode, SignerError
+from signer.line_emulator import LineEmulator
+from signer.serial_link import LinkSettings
+from signer.server import SignerServer
+
+ROOT = Path(__file__).resolve().parent.parent
+BAUD = 921600
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def ca(softhsm_token_factory, tmp_path_factory):
+    token = softhsm_token_factory()
+    base = tmp_path_factory.mktemp("ca")
+    ceremony = {
+        "hsm": {"module": token.store.module, "token_label": token.label,
+                "pin_file": str(token.pin_file)},
+        "output_dir": "ca",
+        "keys": [{"label": "root", "kind": "ec-p256"}, {"label": "class3", "kind": "ec-p256"}],
+        "certificates": [
+            {"name": "class1", "key": "root", "issuer": "self", "validity_days": 7000,
+             "path_length": 1, "subject": [["O", "Test CA"], ["CN", "Test Root"]],
+             "crl": {"next_update_days": 7}},
+            {"name": "class3", "key": "class3", "issuer": "class1", "validity_days": 3000,
+             "path_length": 0, "subject": [["O", "Test CA"], ["CN", "Test Class 3"]],
+             "crl": {"next_update_days": 7}},
+        ],
+    }  # fmt: skip
+    (base / "ceremony.yaml").write_text(yaml.safe_dump(ceremony))
+    run_ceremony(base / "ceremony.yaml", progress=lambda *_: None)
+    return base, token
+
+
+def pair_configs(ca, tmp: Path, lines: list[LineEmulator]) -> list[SignerConfig]:
+    base, token = ca
+    sections = ReplicationSettings.local_pair(tmp, tuple(free_ports(2)), **FAST)
+    configs = []
+    for name, section, line in zip("ab", sections, lines, strict=True):
+        text = {
+            "link": {"device": str(line.end_a), "baudrate": BAUD, "reopen_interval": 0.1},
+            "repository": {"path": str(tmp / f"repo-{name}")},
+            "hsm": {"module": token.store.module, "token_label": token.label,
+                    "pin_file": str(token.pin_file)},
+            "profiles": str(ROOT / "config" / "profiles.yaml"),
+            "issuers": {
+                "class1": {"certificate": str(base / "ca" / "class1.crt"), "key": "root"},
+                "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
+            },
+            "replication": section,
+        }  # fmt: skip
+        path = tmp / f"signer-{name}.yaml"
+        path.write_text(yaml.safe_dump(text))
+        configs.append(load(path, SignerConfig))
+    return configs
+
+
+def csr() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "www.example.org")])
+    request = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return request.public_bytes(serialization.Encoding.DER)
+
+
+def openssl_verify(ca, der: bytes, tmp: Path) -> subprocess.CompletedProcess[str]:
+    base, _ = ca
+    leaf = tmp / "leaf.pem"
+    cert = x509.load_der_x509_certificate(der)
+    leaf.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return subprocess.run(
+        ["openssl", "verify", "-CAfile", str(base / "ca" / "class1.crt"),
+         "-untrusted", str(base / "ca" / "class3.crt"), str(leaf)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+
+
+async def test_a_pair_issues_on_either_signer(ca, tmp_path):
+    with (
+        LineEmulator(tmp_path / "line-a", baud=None) as line_a,
+        LineEmulator(tmp_path / "line-b", baud=None) as line_b,
+    ):
+        config_a, config_b = pair_configs(ca, tmp_path, [line_a, line_b])
+        servers = [SignerServer(config_a), SignerServer(config_b)]
+        clients = []
+        try:
+            for server, line in zip(servers, (line_a, line_b), strict=True):
+                await server.start()
+                settings = LinkSettings(device=str(line.end_b), baudrate=BAUD, reopen_interval=0.1)
+                client = SignerClient(settings, timeout=20)
+                await client.start()
+                clients.append(client)
+            a, b = servers
+            args = {"profile": "server", "csr": csr(), "sans": [["dns", "www.example.org"]]}
+            first = await clients[0].call("sign_x509", args, request_id="domaincerts:1:sign")
+            check = openssl_verify(ca, first["certificate"], tmp_path)
+            assert check.returncode == 0, check.stdout + check.stderr
+            # the WebDB side switches to the other signer and retries: the same certificate
+            again = await clients[1].call("sign_x509", args, request_id="domaincerts:1:sign")
+            assert again == first
+            revoked = await clients[1].call(
+                "revoke_x509", {"issuer": "class3", "serial": first["serial"]}, request_id="r1"
+            )
+            assert revoked["status"] == "revoked"
+            repos = [server.ca.repository for server in servers]
+            await wait_for(
+                lambda: repos[0].content_digest() == repos[1].content_digest(), 10, "same data"
+            )
+            assert repos[0].counts()["certificates"] == 1 and repos[0].counts()["revoked"] == 1
+            health = await clients[0].call("health")
+            cluster = health["sections"]["cluster"]
+            assert cluster["quorum"] is True and cluster["cluster"]["generation"] == 1
+            assert set(cluster["members"]) == {
+                config_a.replication.self_address,
+                config_b.replication.self_address,
+            }
+            # `signer cluster status` reaches the running signer on its private socket
+            socket_path = config_a.replication.socket_path
+            assert socket_path.stat().st_mode & 0o777 == 0o600
+            status = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "signer", "cluster", "--config",
+                 str(tmp_path / "signer-a.yaml"), "--json", "status"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["result"]["quorum"] is True
+            # one signer gone: the other refuses to issue, fast and specifically
+            await clients[1].close()
+            clients.pop()
+            await b.stop()
+            servers.pop()
+            await wait_for(lambda: not a.cluster.view.has_quorum, 10, "quorum lost")
+            with pytest.raises(SignerError) as caught:
+                await clients[0].call("sign_x509", {**args, "csr": csr()}, request_id="x2")
+            assert caught.value.code is ErrorCode.NO_QUORUM
+            assert a.ca.repository.get_request("x2") is None
+            health = await clients[0].call("health")
+            assert health["status"] == "error"
+            assert any("no quorum" in text for text in health["warnings"])
+        finally:
+            for client in clients:
+                await client.close()
+            for server in servers:
+                await server.stop()

@@ -1,0 +1,629 @@
+"""The WebDB client end to end: WebDB rows (SQLite and a real MariaDB) → client → emulated line →
+signer (ceremony CA on SoftHSM2) → certificate files and columns, checked with openssl."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pgpy
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID
+
+from signer.ceremony import run_ceremony
+from signer.config import ConfigError, SignerConfig, load
+from signer.crl_refresh import CrlRefresher
+from signer.errors import ErrorCode, SignerError
+from signer.line_emulator import LineEmulator
+from signer.serial_link import LinkSettings
+from signer.server import SignerServer
+from signer.webdb_client import (
+    PAUSE_HOOK_ENV,
+    REVOCATION_SENTINEL,
+    X509_TABLES,
+    Database,
+    ValidityConfig,
+    WebdbClient,
+    WebdbClientConfig,
+    create_schema,
+    db_time,
+    demo_rows,
+    health_alerts,
+    insert_row,
+    make_csr,
+    openpgp_row,
+    plan_x509,
+    profile_for,
+    publish_crl,
+    request_revocation,
+    split_subject,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = 921600
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca(softhsm_token_factory, tmp_path_factory):
+    """The ceremony on a fresh SoftHSM2 token: RSA-2048 class 1 root, P-256 class 3."""
+    token = softhsm_token_factory()
+    base = tmp_path_factory.mktemp("ca")
+    ceremony = {
+        "hsm": {"module": token.store.module, "token_label": token.label,
+                "pin_file": str(token.pin_file)},
+        "output_dir": "ca",
+        "keys": [{"label": "root", "kind": "rsa-2048"}, {"label": "class3", "kind": "ec-p256"}],
+        "certificates": [
+            {"name": "class1", "key": "root", "issuer": "self", "validity_days": 7000,
+             "path_length": 1, "subject": [["O", "Test CA"], ["CN", "Test Class 1 Root"]],
+             "crl": {"next_update_days": 7}},
+            {"name": "class3", "key": "class3", "issuer": "class1", "validity_days": 3000,
+             "path_length": 0, "subject": [["O", "Test CA"], ["CN", "Test Class 3"]],
+             "crl": {"next_update_days": 7}},
+        ],
+        "openpgp": {"label": "openpgp", "kind": "ec-p256"},
+    }  # fmt: skip
+    (base / "ceremony.yaml").write_text(yaml.safe_dump(ceremony))
+    run_ceremony(base / "ceremony.yaml", progress=lambda *_: None)
+    return base, token
+
+
+def signer_config(ca, device: Path, directory: Path, baud: int) -> SignerConfig:
+    base, token = ca
+    text = {
+        "link": {"device": str(device), "baudrate": baud, "reopen_interval": 0.1},
+        "repository": {"path": str(directory / "repo")},
+        "hsm": {"module": token.store.module, "token_label": token.label,
+                "pin_file": str(token.pin_file)},
+        "profiles": str(ROOT / "config" / "profiles.yaml"),
+        "issuers": {
+            "class1": {"certificate": str(base / "ca" / "class1.crt"), "key": "root"},
+            "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
+        },
+        "openpgp": {"ca_file": str(base / "ca" / "openpgp-ca.yaml")},
+    }  # fmt: skip
+    path = directory / "signer.yaml"
+    path.write_text(yaml.safe_dump(text))
+    return load(path, SignerConfig)
+
+
+class Signer:
+    """An in-process signer with one or two lines, each an emulated cable."""
+
+    def __init__(self, ca, directory: Path, baud: int, lines: int = 1):
+        self.cables = [LineEmulator(directory / f"line{i}", baud=baud) for i in range(lines)]
+        for cable in self.cables:
+            cable.start()
+        self.server = SignerServer(signer_config(ca, self.cables[0].end_a, directory, baud))
+        for i, cable in enumerate(self.cables[1:], start=2):
+            settings = LinkSettings(device=str(cable.end_a), baudrate=baud, reopen_interval=0.1)
+            self.server.add_line(settings, f"signer-line{i}")
+        self.baud = baud
+
+    @property
+    def repository(self) -> Any:
+        return self.server.ca.repository
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [
+            {"device": str(c.end_b), "baudrate": self.baud, "reopen_interval": 0.1}
+            for c in self.cables
+        ]
+
+    async def __aenter__(self) -> Signer:
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop()
+        for cable in self.cables:
+            cable.close()
+
+
+def client_config(
+    tmp: Path, database: dict[str, Any], lines: list[dict[str, Any]], **extra: Any
+) -> WebdbClientConfig:
+    """Written as YAML and loaded like `signer webdb-client --config` does."""
+    text = {
+        "database": database,
+        "base_dir": "www",
+        "lines": lines,
+        "timeout": 20,
+        "crl": {"outputs": {"class1": "crl/revoke.crl", "class3": "crl/class3-revoke.crl"}},
+        **extra,
+    }
+    path = tmp / "webdb-client.yaml"
+    path.write_text(yaml.safe_dump(text))
+    (tmp / "www").mkdir(exist_ok=True)
+    return load(path, WebdbClientConfig)
+
+
+def sqlite_db(tmp: Path) -> dict[str, Any]:
+    return {"driver": "sqlite", "path": str(tmp / "webdb.sqlite")}
+
+
+async def row(db: Database, table: str, row_id: int) -> dict[str, Any]:
+    [found] = await db.query(f"SELECT * FROM {table} WHERE id = ?", (row_id,))
+    return found
+
+
+def openssl_verify(ca, pem: Path, class3: bool) -> subprocess.CompletedProcess[str]:
+    base, _ = ca
+    chain = ["-untrusted", str(base / "ca" / "class3.crt")] if class3 else []
+    return subprocess.run(
+        ["openssl", "verify", "-CAfile", str(base / "ca" / "class1.crt"), *chain, str(pem)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def even_hex(number: int) -> str:
+    digits = f"{number:X}"
+    return digits if len(digits) % 2 == 0 else "0" + digits
+
+
+def openpgp_key(email: str) -> bytes:
+    key = pgpy.PGPKey.new(pgpy.constants.PubKeyAlgorithm.RSAEncryptOrSign, 2048)
+    uid = pgpy.PGPUID.new("Alice Example", email=email)
+    key.add_uid(
+        uid,
+        usage={pgpy.constants.KeyFlags.Sign},
+        hashes=[pgpy.constants.HashAlgorithm.SHA256],
+    )
+    return bytes(key.pubkey)
+
+
+# --- the pure parts --------------------------------------------------------------------------
+
+
+def test_subject_split_and_profile_mapping():
+    subject, sans = split_subject(
+        "/CN=jabber.example.org/OU=http://www.CAcert.org/O=A\\/B"
+        "/subjectAltName=DNS:jabber.example.org"
+        "/subjectAltName=otherName:1.3.6.1.5.5.7.8.5;UTF8:jabber.example.org"
+    )
+    assert subject == [["CN", "jabber.example.org"], ["OU", "http://www.CAcert.org"], ["O", "A/B"]]
+    assert sans == [["dns", "jabber.example.org"], ["xmpp", "jabber.example.org"]]
+    assert split_subject("/CN=a.org/subjectAltName=DNS:a.org, DNS:b.org")[1] == [
+        ["dns", "a.org"],
+        ["dns", "b.org"],
+    ]
+    for bad in (
+        "CN=x",
+        "/CN",
+        "/CN=x/subjectAltName=X400:y",
+        "/subjectAltName=otherName:1.2;UTF8:x",
+    ):
+        with pytest.raises(SignerError) as caught:
+            split_subject(bad)
+        assert caught.value.code is ErrorCode.BAD_ROW
+
+    t = X509_TABLES
+    cases = [
+        (t["emailcerts"], {"rootcert": 2, "codesign": 0}, [], "client"),
+        (t["emailcerts"], {"rootcert": 1, "codesign": 1}, [], "client-codesign-class1"),
+        (t["domaincerts"], {"rootcert": 2}, [["dns", "a.org"]], "server"),
+        (t["domaincerts"], {"rootcert": 1}, [["xmpp", "a.org"]], "server-jabber-class1"),
+        (t["orgdomaincerts"], {"rootcert": 2, "type": 8}, [], "ocsp"),
+        (t["orgdomaincerts"], {"rootcert": 2}, [["dns", "a.org"]], "server-org"),
+        (t["orgemailcerts"], {"rootcert": 1}, [], "client-org-class1"),
+    ]
+    for table, fields, sans, profile in cases:
+        assert profile_for(table, fields, sans) == profile
+    with pytest.raises(SignerError):
+        profile_for(t["emailcerts"], {"rootcert": 3}, [])
+
+    rules = ValidityConfig()
+    personal = {"subject": "/CN=Bob/emailAddress=bob@example.org", "rootcert": 1, "md": "SHA512"}
+    plan = plan_x509(t["emailcerts"], personal, 10, rules)
+    assert plan.validity_days == 180 and plan.digest == "sha512"
+    assert plan.subject == [["emailAddress", "bob@example.org"]]  # a name CN is dropped
+    assert plan.sans == [["email", "bob@example.org"]]
+    assert plan_x509(t["emailcerts"], personal, 50, rules).validity_days == 730
+    assert plan_x509(t["emailcerts"], {**personal, "rootcert": 2}, None, rules).validity_days == 730
+    org = {"subject": "/CN=a.org/O=A/C=DE/subjectAltName=DNS:a.org", "rootcert": 2}
+    assert plan_x509(t["orgdomaincerts"], org, None, rules).validity_days == 730
+    assert plan_x509(t["orgemailcerts"], org, None, rules).validity_days == 365
+
+
+def test_health_alerts():
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    healthy = {"status": "ok", "time": now, "warnings": [], "sections": {}}
+    assert health_alerts("A", healthy, now, 60) == []
+    sick = {
+        "status": "error",
+        "time": now + timedelta(seconds=300),
+        "warnings": ["hsm: token not present", "cas: class3: CA certificate expires in 20 days"],
+        "sections": {"cluster": {"quorum": False}, "cas": {"class1": {"days_left": -1}}},
+    }
+    texts = [a.text for a in health_alerts("A", sick, now, 60)]
+    assert any("token not present" in t for t in texts)
+    assert any("expires in 20 days" in t for t in texts)
+    assert any("+300 s" in t for t in texts)
+    assert any("lost its quorum" in t for t in texts)
+    assert any("class1 has expired" in t for t in texts)
+
+
+def test_configuration_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"webdb-client.yaml: colour: unknown key"):
+        client_config(tmp_path, sqlite_db(tmp_path), [{"device": "/dev/null"}], colour="blue")
+    with pytest.raises(ConfigError, match=r"database: .*needs `database`"):
+        client_config(tmp_path, {"driver": "mysql", "host": "127.0.0.1"}, [{"device": "x"}])
+    with pytest.raises(ConfigError, match=r"lines: "):
+        client_config(tmp_path, sqlite_db(tmp_path), [{"device": "x"}] * 3)
+    shipped = load(ROOT / "config" / "webdb-client.yaml", WebdbClientConfig)
+    assert shipped.database.driver == "mysql" and len(shipped.lines) == 2
+    config = client_config(tmp_path, sqlite_db(tmp_path), [{"device": "x"}])
+    assert config.base_dir == tmp_path / "www" and config.crl.outputs["class1"].is_absolute()
+    bad = subprocess.run(
+        [sys.executable, "-m", "signer", "webdb-client", "--config", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def database(request, tmp_path) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return sqlite_db(tmp_path)
+    server = request.getfixturevalue("mariadb")
+    name = f"webdb_{os.getpid()}_{abs(hash(str(tmp_path))) % 10**8}"
+    server.create_database(name)
+    return {"driver": "mysql", "socket": str(server.socket), "user": "root", "database": name}
+
+
+async def test_rows_to_certificates_revocations_and_crls(ca, tmp_path, database):
+    async with Signer(ca, tmp_path, FAST) as signer:
+        config = client_config(tmp_path, database, signer.lines())
+        async with WebdbClient(config) as client:
+            db = client.db
+            assert db is not None
+            ids = await demo_rows(db, config.base_dir)
+            gpg_id = await openpgp_row(db, config.base_dir, openpgp_key("alice@example.org"),
+                                       "alice@example.org")  # fmt: skip
+            passed = await client.process_pending()
+            assert not passed.deferred
+            await check_issued(ca, db, config, ids, signer)
+            await check_openpgp(db, config, gpg_id, signer, passed)
+
+            for label in ("server", "client"):
+                table = "domaincerts" if label == "server" else "emailcerts"
+                await request_revocation(db, table, ids[label])
+            revoked = await client.process_pending()
+            assert sorted(revoked.done) == sorted(
+                [f"domaincerts:{ids['server']}:revoke", f"emailcerts:{ids['client']}:revoke"]
+            )
+            for label, table in (("server", "domaincerts"), ("client", "emailcerts")):
+                fields = await row(db, table, ids[label])
+                assert str(fields["revoked"]) not in (REVOCATION_SENTINEL, "0000-00-00 00:00:00")
+                serial = int(fields["serial"], 16)
+                issuer = signer.server.ca.issuers["class3"].key_id
+                assert signer.repository.get_certificate(issuer, serial)["revocation"] is not None
+            assert not (await client.process_pending()).done  # nothing is pending any more
+            await check_crls(ca, client, config, ids, signer)
+            everything = await client.run_once()  # requests, CRLs, health: the demo's pass
+            assert everything["requests"].done == [] and everything["alerts"] == []
+            assert everything["crls"] == {"class1": "unchanged", "class3": "unchanged"}
+
+
+async def check_crls(ca, client: WebdbClient, config, ids: dict[str, int], signer) -> None:
+    """The signer's own CRLs (signer/crl.py), fetched whole, then as a delta; verified and
+    published where the web server serves them."""
+    first = await client.refresh_crls()
+    assert all(text.startswith("published") for text in first.values()), first
+    newer = await signer.server.crl.publish("class3")  # as its scheduler does after revocations
+    assert (await client.refresh_crls())["class3"] == f"published {newer.number} (delta)"
+    base, _ = ca
+    path = config.crl.outputs["class3"]
+    check = subprocess.run(
+        ["openssl", "crl", "-inform", "DER", "-in", str(path), "-noout", "-text",
+         "-CAfile", str(base / "ca" / "class3.crt")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert "verify OK" in check.stdout + check.stderr, check.stderr
+    for label, table in (("server", "domaincerts"), ("client", "emailcerts")):
+        serial = (await row(client.db, table, ids[label]))["serial"]
+        assert f"Serial Number: {serial}" in check.stdout
+    assert (await client.refresh_crls()) == {"class1": "unchanged", "class3": "unchanged"}
+
+
+async def check_issued(ca, db: Database, config, ids: dict[str, int], signer: Signer) -> None:
+    expect = {  # label: (table, class3, validity days, SAN types)
+        "client": ("emailcerts", True, 730, {"email"}),
+        "client-class1-spkac": ("emailcerts", False, 180, {"email"}),
+        "codesign": ("emailcerts", True, 730, {"email"}),
+        "server": ("domaincerts", True, 199, {"dns"}),
+        "jabber": ("domaincerts", True, 730, {"dns", "xmpp"}),
+        "org-client": ("orgemailcerts", True, 365, {"email"}),
+        "org-server": ("orgdomaincerts", True, 199, {"dns"}),
+    }
+    assert signer.repository.counts()["certificates"] == len(expect)
+    for label, (table, class3, days, san_types) in expect.items():
+        fields = await row(db, table, ids[label])
+        prefix = X509_TABLES[table].prefix
+        assert fields["crt_name"] == f"../crt/{prefix}/0/{prefix}-{ids[label]}.crt"
+        assert fields["warning"] == 0
+        path = config.base_dir / fields["crt_name"]
+        check = openssl_verify(ca, path, class3)
+        assert check.returncode == 0, f"{label}: {check.stdout}{check.stderr}"
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        assert fields["serial"] == even_hex(cert.serial_number)
+        assert str(fields["expire"]) == db_time(cert.not_valid_after_utc)
+        assert str(fields["modified"]) != "0000-00-00 00:00:00"
+        length = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert abs(length - timedelta(days=days)) <= timedelta(days=1), label
+        sans = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        kinds = {
+            {"DNSName": "dns", "RFC822Name": "email", "OtherName": "xmpp"}[type(n).__name__]
+            for n in sans
+        }
+        assert kinds == san_types, label
+
+
+async def check_openpgp(db: Database, config, gpg_id: int, signer: Signer, passed) -> None:
+    fields = await row(db, "gpg", gpg_id)
+    assert f"gpg:{gpg_id}:sign" in passed.done, passed
+    assert fields["crt"] == f"../crt/gpg/0/gpg-{gpg_id}.crt" and fields["warning"] == 0
+    service = signer.server.openpgp
+    ca_key = await service.hsm.run(service.certifier.export_ca_public_key)
+    home = config.base_dir.parent / "gnupg"
+    home.mkdir(mode=0o700)
+    (home / "ca.gpg").write_bytes(ca_key)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    for key in (home / "ca.gpg", config.base_dir / fields["crt"]):
+        subprocess.run(["gpg", "--batch", "--import", str(key)], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+    sigs = subprocess.run(["gpg", "--batch", "--with-colons", "--check-sigs", "alice@example.org"],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    ca_id = service.certifier.ca_fingerprint().hex().upper()[-16:]
+    good = [line for line in sigs.stdout.splitlines() if line.startswith("sig:!:")]
+    assert any(line.split(":")[4] == ca_id for line in good), sigs.stdout + sigs.stderr
+    assert str(fields["expire"]) > str(fields["issued"]) > "0000-00-00 00:00:00"
+
+
+# --- CRLs ------------------------------------------------------------------------------------
+
+
+def serve_crls(signer: Signer, wrong_key_for: set[str]) -> list[tuple[str, int]]:
+    """`fetch_crl` as docs/protocol.md specifies it (full answers in chunks, `unchanged`), from
+    the repository and the HSM keys; `wrong_key_for` issuers sign with the other issuer's key, a
+    CRL the client must refuse. 60 made-up entries make it span several 1 KiB chunks.
+    Returns the (issuer, offset) of every answer."""
+    ca = signer.server.ca
+    served: list[tuple[str, int]] = []
+    made: dict[tuple[str, int], bytes] = {}  # one CRL per number, like the signer records it
+
+    def build(name: str, number: int) -> bytes:
+        issuer = ca.issuers[name]
+        label = ca.issuers["class1" if name == "class3" else "class3"].key_label
+        key = ca.hsm.key(label if name in wrong_key_for else issuer.key_label)
+        now = datetime.now(UTC).replace(microsecond=0)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer.certificate.subject)
+            .last_update(now)
+            .next_update(now + timedelta(days=7))
+            .add_extension(x509.CRLNumber(number), critical=False)
+        )
+        for entry in ca.repository.iter_revoked(issuer.key_id):
+            revoked = x509.RevokedCertificateBuilder().serial_number(entry.serial)
+            revoked = revoked.revocation_date(datetime.fromtimestamp(entry.revoked_at, UTC))
+            builder = builder.add_revoked_certificate(revoked.build())
+        for serial in range(1, 61):
+            revoked = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+            builder = builder.add_revoked_certificate(revoked.build())
+        return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+    async def fetch_crl(args, _ctx):
+        number = ca.repository.revocation_seq(ca.issuers[args.issuer].key_id) + 1
+        served.append((args.issuer, args.offset))
+        if args.have_number == number and args.want == "auto":
+            now = datetime.now(UTC)
+            return {"kind": "unchanged", "crl_number": number, "this_update": now,
+                    "next_update": now}  # fmt: skip
+        if (args.issuer, number) not in made:
+            made[args.issuer, number] = await ca.hsm.run(build, args.issuer, number)
+        der = made[args.issuer, number]
+        crl = x509.load_der_x509_crl(der)
+        return {
+            "kind": "full",
+            "crl_number": number,
+            "this_update": crl.last_update_utc,
+            "next_update": crl.next_update_utc,
+            "total_size": len(der),
+            "offset": args.offset,
+            "chunk": der[args.offset : args.offset + args.max_bytes],
+            "sha256": hashlib.sha256(der).digest(),
+        }
+
+    signer.server.handlers["fetch_crl"] = fetch_crl  # also over signer/crl.py's: a bad CRL
+    return served
+
+
+async def test_crls_are_verified_then_published_atomically(ca, tmp_path):
+    async with Signer(ca, tmp_path, FAST) as signer:
+        served = serve_crls(signer, wrong_key_for={"class1"})
+        config = client_config(tmp_path, sqlite_db(tmp_path), signer.lines())
+        config = config.model_copy(
+            update={"crl": config.crl.model_copy(update={"chunk_bytes": 1024})}
+        )
+        async with WebdbClient(config) as client:
+            ids = await demo_rows(client.db, config.base_dir)
+            await client.process_pending()
+            await request_revocation(client.db, "domaincerts", ids["server"])
+            assert (await client.process_pending()).done
+            old = config.crl.outputs["class1"]
+            old.parent.mkdir(parents=True, exist_ok=True)
+            old.write_bytes(b"the CRL published before")
+            outcome = await client.refresh_crls()
+            assert outcome["class1"].startswith("failed: bad_crl")  # signed with the wrong key
+            assert old.read_bytes() == b"the CRL published before"  # not replaced
+            assert outcome["class3"] == "published 2 (full)"
+            published = config.crl.outputs["class3"]
+            offsets = [offset for issuer, offset in served if issuer == "class3"]
+            assert offsets == list(range(0, published.stat().st_size, 1024))  # chunk by chunk
+            base, _ = ca
+            check = subprocess.run(
+                ["openssl", "crl", "-inform", "DER", "-in", str(published), "-noout", "-text",
+                 "-CAfile", str(base / "ca" / "class3.crt")],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            assert "verify OK" in check.stderr + check.stdout, check.stderr
+            serial = (await row(client.db, "domaincerts", ids["server"]))["serial"]
+            assert f"Serial Number: {serial}" in check.stdout
+            assert [p.name for p in published.parent.iterdir() if p.name.endswith(".tmp")] == []
+            again = await client.refresh_crls()
+            assert again["class3"] == "unchanged"
+            class1 = x509.load_pem_x509_certificate((base / "ca" / "class1.crt").read_bytes())
+            with pytest.raises(SignerError) as caught:  # class 3's CRL is not class 1's
+                await publish_crl(CrlRefresher(client.lines.call, "class3", class1), tmp_path / "x")
+            assert caught.value.code is ErrorCode.BAD_CRL
+            assert not (tmp_path / "x").exists()
+
+
+# --- failures --------------------------------------------------------------------------------
+
+
+async def test_poisonous_rows_get_warnings_and_the_rest_is_served(ca, tmp_path):
+    async with Signer(ca, tmp_path, FAST) as signer:
+        config = client_config(tmp_path, sqlite_db(tmp_path), signer.lines())
+        async with WebdbClient(config) as client:
+            db = client.db
+            await create_schema(db)
+            csr = config.base_dir / "req.csr"
+            csr.write_bytes(make_csr(ec.generate_private_key(ec.SECP256R1())))
+            garbage = config.base_dir / "garbage.csr"
+            garbage.write_bytes(b"-----BEGIN CERTIFICATE REQUEST-----\nnope\n")
+            server = "/CN=a.example.org/subjectAltName=DNS:a.example.org"
+            bad = {
+                "missing-csr": {"subject": server, "csr_name": "../csr/none.csr"},
+                "garbage-csr": {"subject": server, "csr_name": str(garbage)},
+                "refused-by-profile": {"subject": server + "/O=Not Allowed", "csr_name": "req.csr"},
+                "bad-rootcert": {"subject": server, "csr_name": "req.csr", "rootcert": 7},
+                "md5": {"subject": server, "csr_name": "req.csr", "md": "md5"},
+            }
+            bad_ids = {}
+            for label, values in bad.items():
+                bad_ids[label] = await insert_row(db, "domaincerts", {"rootcert": 2, **values})
+            good = [
+                await insert_row(db, "domaincerts",
+                                 {"subject": server, "csr_name": "req.csr", "rootcert": 2})
+                for _ in range(2)
+            ]  # fmt: skip
+            first = await client.process_pending()
+            assert sorted(first.done) == sorted(f"domaincerts:{i}:sign" for i in good)
+            codes = {label: first.failed[f"domaincerts:{i}:sign"] for label, i in bad_ids.items()}
+            assert codes == {
+                "missing-csr": "bad_row",
+                "garbage-csr": "bad_csr",
+                "refused-by-profile": "forbidden_subject_attribute",
+                "bad-rootcert": "bad_row",
+                "md5": "bad_digest",
+            }
+            for i in bad_ids.values():
+                assert (await row(db, "domaincerts", i))["warning"] == 1
+            for _ in range(3):
+                await client.process_pending()
+            for i in bad_ids.values():
+                assert (await row(db, "domaincerts", i))["warning"] == 3  # then no longer picked
+            assert await client.source.pending() == []
+            assert signer.repository.counts()["certificates"] == 2
+
+
+async def test_killed_between_answer_and_write_back_issues_once(ca, tmp_path):
+    async with Signer(ca, tmp_path, FAST) as signer:
+        config = client_config(tmp_path, sqlite_db(tmp_path), signer.lines())
+        db = Database(config.database)
+        try:
+            await create_schema(db)
+            (config.base_dir / "req.csr").write_bytes(
+                make_csr(ec.generate_private_key(ec.SECP256R1()))
+            )
+            row_id = await insert_row(db, "domaincerts", {
+                "subject": "/CN=a.example.org/subjectAltName=DNS:a.example.org",
+                "csr_name": "req.csr", "rootcert": 2})  # fmt: skip
+        finally:
+            await db.close()
+        marker = tmp_path / "answered"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "signer", "webdb-client", "--once",
+             "--config", str(tmp_path / "webdb-client.yaml")],
+            env={**os.environ, PAUSE_HOOK_ENV: str(marker)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(60):
+                while not marker.exists():
+                    assert process.poll() is None, process.stderr.read().decode()
+                    await asyncio.sleep(0.05)
+        finally:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        assert marker.read_text() == f"domaincerts:{row_id}:sign"
+        assert signer.repository.counts()["certificates"] == 1  # the signer issued it ...
+        async with WebdbClient(config) as client:
+            assert (await row(client.db, "domaincerts", row_id))["crt_name"] == ""  # ... unwritten
+            requests = signer.server.protocol.stats.requests
+            report = await client.process_pending()
+            assert report.recovered == [f"domaincerts:{row_id}:sign"]
+            assert report.done == [f"domaincerts:{row_id}:sign"]
+            fields = await row(client.db, "domaincerts", row_id)
+        assert signer.repository.counts()["certificates"] == 1  # and only once
+        cert = x509.load_pem_x509_certificate((config.base_dir / fields["crt_name"]).read_bytes())
+        recorded = signer.repository.get_request(f"domaincerts:{row_id}:sign")["result"]
+        assert cert.serial_number == recorded["serial"] == int(fields["serial"], 16)
+        # list_profiles and request_status only: the CSR did not travel again
+        assert signer.server.protocol.stats.requests - requests == 2
+
+
+async def test_failover_to_the_other_line_while_requests_are_in_flight(ca, tmp_path):
+    async with Signer(ca, tmp_path, 115200, lines=2) as signer:
+        config = client_config(tmp_path, sqlite_db(tmp_path), signer.lines(), timeout=3, attempts=1)
+        async with WebdbClient(config) as client:
+            db = client.db
+            await create_schema(db)
+            (config.base_dir / "req.csr").write_bytes(
+                make_csr(ec.generate_private_key(ec.SECP256R1()))
+            )
+            ids = [
+                await insert_row(db, "domaincerts", {
+                    "subject": f"/CN=h{i}.example.org/subjectAltName=DNS:h{i}.example.org",
+                    "csr_name": "req.csr", "rootcert": 2})
+                for i in range(8)
+            ]  # fmt: skip
+            first_line = signer.server.protocol.stats
+            running = asyncio.create_task(client.process_pending())
+            async with asyncio.timeout(30):
+                while first_line.requests < 3:  # list_profiles and sign requests arrived
+                    await asyncio.sleep(0.01)
+            signer.cables[0].stall(120)  # line 1 stops answering with requests in flight
+            report = await asyncio.wait_for(running, 60)
+            assert sorted(report.done) == sorted(f"domaincerts:{i}:sign" for i in ids)
+            assert client.lines.failovers >= 1
+            assert signer.server.lines[0][1].stats.requests >= 1  # line 2 carried the rest
+            assert signer.repository.counts()["certificates"] == len(ids)
+            for i in ids:
+                assert (await row(db, "domaincerts", i))["crt_name"]
+            alerts = await client.check_health()
+            assert [a.level for a in alerts] == ["error"]
+            assert (
+                "not answering" in alerts[0].text and str(signer.cables[0].end_b) in alerts[0].text
+            )
