@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+# The project root first: bench/replication.py must not shadow the replication package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from replication.log import LocalLog
 from signer.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings

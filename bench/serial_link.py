@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# The project root first: bench/replication.py must not shadow the replication package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from signer.client import SignerClient
 from signer.config import LinkConfig, SignerConfig

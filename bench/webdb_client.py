@@ -29,6 +29,9 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+# The project root first: bench/replication.py must not shadow the replication package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from signer.ceremony import run_ceremony
 from signer.config import validate
 from signer.errors import SignerError
