@@ -2,16 +2,18 @@
 
 A SoftHSM2 token stands in for the HSM, the key ceremony runs on it with the shipped
 `config/ceremony.yaml`, a line emulator stands in for the serial cable (two ptys paced at the
-real baud rate), and a signer process serves one end while the client drives it from the other,
-exactly as the WebDB side would: health, issuing certificates under the shipped profiles,
-revoking one, and asking for the outcome of an earlier request. Everything lives in one working
-directory, kept afterwards for a look.
+real baud rate), and a signer process serves one end. On the other end, first the client library
+talks to it directly (health, issuing under the shipped profiles, revoking, asking for the
+outcome of an earlier request), then the WebDB client does the whole job from a WebDB on SQLite:
+rows of every kind to certificates, an OpenPGP certification, a revocation, CRLs published.
+Everything lives in one working directory, kept afterwards for a look.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -30,10 +32,18 @@ from cryptography.x509.oid import NameOID
 
 from signer.ceremony import run_ceremony
 from signer.client import SignerClient
+from signer.config import validate
 from signer.errors import ErrorCode, SignerError
 from signer.line_emulator import LineEmulator
 from signer.serial_link import LinkSettings
 from signer.softhsm import create_token_store, init_token
+from signer.webdb_client import (
+    WebdbClient,
+    WebdbClientConfig,
+    demo_rows,
+    openpgp_row,
+    request_revocation,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 TOKEN_LABEL = "cacert-signer"
@@ -72,7 +82,9 @@ def run(workdir: Path, baud: int, say: Say = print) -> dict[str, Any]:
         signer = start_signer(config, workdir / "signer.log")
         say(f"demo: signer started (pid {signer.pid}), log in {workdir / 'signer.log'}")
         try:
-            return asyncio.run(drive(workdir, line.end_b, baud, ca_dir, say))
+            report = asyncio.run(drive(workdir, line.end_b, baud, ca_dir, say))
+            report["webdb"] = asyncio.run(webdb_chain(workdir, line.end_b, baud, say))
+            return report
         finally:
             signer.terminate()
             signer.wait(timeout=10)
@@ -120,6 +132,9 @@ def write_signer_config(
             "class1": {"certificate": str(ca_dir / "root.crt"), "key": "cacert-root"},
             "class3": {"certificate": str(ca_dir / "class3.crt"), "key": "cacert-class3"},
         },
+        "openpgp": {"ca_file": str(ca_dir / "openpgp-ca.yaml")},
+        # A new CRL soon after each revocation, so that the demo shows it at once.
+        "crl": {"min_interval_seconds": 0, "poll_seconds": 0.2},
     }
     path = workdir / "signer.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -256,3 +271,104 @@ async def wait_ready(client: SignerClient, say: Say, limit: float = 60.0) -> Non
             if exc.code is not ErrorCode.TIMEOUT or time.monotonic() > deadline:
                 raise
             say("demo: waiting for the signer to answer ...")
+
+
+async def webdb_chain(workdir: Path, device: Path, baud: int, say: Say) -> dict[str, Any]:
+    """The WebDB side's daemon, one pass at a time, on a WebDB in SQLite."""
+    www = workdir / "www"
+    config = validate(
+        {
+            "database": {"driver": "sqlite", "path": str(workdir / "webdb.sqlite")},
+            "base_dir": str(www),
+            "lines": [{"device": str(device), "baudrate": baud}],
+            "timeout": 60.0,
+            "crl": {
+                "outputs": {
+                    "class1": str(www / "revoke.crl"),
+                    "class3": str(www / "class3-revoke.crl"),
+                }
+            },
+        },
+        WebdbClientConfig,
+        workdir / "webdb-client.yaml",
+    )
+    async with WebdbClient(config) as client:
+        assert client.db is not None
+        ids = await demo_rows(client.db, www)
+        await openpgp_row(client.db, www, user_openpgp_key(), "alice@example.org")
+        say(f"demo: WebDB (SQLite) with {len(ids) + 1} pending rows: " + ", ".join(ids))
+        first = await client.run_once()
+        say(f"demo: webdb-client pass 1: {summary(first)}")
+        await request_revocation(client.db, "domaincerts", ids["server"])
+        second = await client.run_once()
+        say(
+            f"demo: webdb-client pass 2 (revocation of domaincerts {ids['server']}): "
+            f"{summary(second)}"
+        )
+        await asyncio.sleep(1.0)  # the signer's CRL scheduler issues the CRL with the revocation
+        crls = await client.refresh_crls()
+        say("demo: webdb-client CRL refresh: " + ", ".join(f"{k} {v}" for k, v in crls.items()))
+        rows = await written_rows(client.db)
+    for row in rows:
+        say(f"demo:   {row}")
+    for name in ("revoke.crl", "class3-revoke.crl"):
+        path = www / name
+        if path.exists():
+            crl = x509.load_der_x509_crl(path.read_bytes())
+            say(
+                f"demo:   CRL {path}: {len(list(crl))} entries, next update "
+                f"{crl.next_update_utc:%Y-%m-%d %H:%M}"
+            )
+    return {"pass1": _plain(first), "pass2": _plain(second), "rows": rows}
+
+
+def _plain(report: dict[str, Any]) -> dict[str, Any]:
+    """A pass report as plain data for --json."""
+    return {
+        "requests": dataclasses.asdict(report["requests"]),
+        "crls": report["crls"],
+        "alerts": [str(alert) for alert in report["alerts"]],
+    }
+
+
+def summary(report: dict[str, Any]) -> str:
+    requests = report["requests"]
+    text = f"{len(requests.done)} done"
+    if requests.recovered:
+        text += f", {len(requests.recovered)} recovered"
+    if requests.failed:
+        text += f", refused: {requests.failed}"
+    if requests.deferred:
+        text += f", deferred: {requests.deferred}"
+    crls = ", ".join(f"{name} {outcome}" for name, outcome in report["crls"].items())
+    return f"{text}; CRLs: {crls or 'none'}; operator alerts: {len(report['alerts'])}"
+
+
+async def written_rows(db: Any) -> list[str]:
+    lines = []
+    for table in ("emailcerts", "domaincerts", "orgemailcerts", "orgdomaincerts"):
+        sql = f"SELECT id, serial, crt_name, warning, revoked FROM {table} ORDER BY id"
+        for row in await db.query(sql):
+            revoked = str(row["revoked"] or "")
+            line = (
+                f"{table} {row['id']}: serial {row['serial'] or '-'}, "
+                f"{row['crt_name'] or '(no certificate)'}, warning {row['warning']}"
+            )
+            lines.append(line + (f", revoked {revoked}" if revoked[:4] not in ("", "0000") else ""))
+    for row in await db.query("SELECT id, email, crt, expire FROM gpg ORDER BY id"):
+        lines.append(
+            f"gpg {row['id']}: {row['email']} certified, file {row['crt'] or '-'}, "
+            f"expires {row['expire']}"
+        )
+    return lines
+
+
+def user_openpgp_key() -> bytes:
+    """A member's OpenPGP public key (made here with PGPy; members make theirs with gpg)."""
+    import pgpy
+    from pgpy.constants import HashAlgorithm, KeyFlags, PubKeyAlgorithm
+
+    key = pgpy.PGPKey.new(PubKeyAlgorithm.RSAEncryptOrSign, 2048)
+    uid = pgpy.PGPUID.new("Alice Example", email="alice@example.org")
+    key.add_uid(uid, usage={KeyFlags.Sign, KeyFlags.Certify}, hashes=[HashAlgorithm.SHA256])
+    return bytes(key.pubkey)

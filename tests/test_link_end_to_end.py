@@ -182,4 +182,28 @@ def test_demo_runs(tmp_path):
     assert {c["openssl_verify"] for c in report["certificates"].values()} == {"OK"}
     assert report["revoked"]["status"] == "revoked"
     assert report["health"]["sections"]["repository"]["counts"]["revoked"] == 1
+    webdb = report["webdb"]
+    assert len(webdb["pass1"]["requests"]["done"]) == 8  # seven X.509 rows and one OpenPGP row
+    assert not webdb["pass1"]["requests"]["failed"]
+    assert all("(no certificate)" not in row and "warning 0" in row for row in webdb["rows"][:7])
+    assert sum("revoked 2" in row for row in webdb["rows"]) == 1
+    crl = tmp_path / "demo" / "www" / "class3-revoke.crl"
+    check = subprocess.run(
+        [
+            "openssl",
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            str(crl),
+            "-noout",
+            "-text",
+            "-CAfile",
+            str(tmp_path / "demo" / "ca" / "class3.crt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert "verify OK" in check.stderr + check.stdout
+    assert check.stdout.count("Serial Number:") == 2  # the two revocations of the demo
     assert Path(tmp_path / "demo" / "signer.log").exists()
