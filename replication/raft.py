@@ -202,6 +202,7 @@ class RaftLog:
         self._reconcile_snapshot()
         self._journal = DurableJournal(self.journal_path)
         self._check_journal()
+        self._commit_up_to_snapshot()
         self._start_loop()
         return self
 
@@ -284,6 +285,16 @@ class RaftLog:
         )
         self.last_snapshot = snapshot.build(self.machine, self._build_dir, self.snapshot_path, meta)
         return int(command["generation"])
+
+    def _commit_up_to_snapshot(self) -> None:
+        """What a snapshot holds is committed: say so in the journal. pysyncobj would otherwise
+        start from a commit index below its journal (after a bootstrap snapshot, say) and its
+        leader would walk every index up to it one by one: seconds at a million entries."""
+        assert self._journal is not None
+        snapshot_end = self.last_snapshot.last[1] if self.last_snapshot else 0
+        if self._journal.getRaftCommitIndex() < snapshot_end:
+            self._journal.setRaftCommitIndex(snapshot_end)
+            self._journal.onOneSecondTimer()  # stores it
 
     def _check_journal(self) -> None:
         assert self._journal is not None
@@ -1018,6 +1029,7 @@ class RaftLog:
         journal.deleteEntriesTo(applied - 1 - first)
         journal._destroy()
         self._journal = DurableJournal(self.journal_path)
+        self._commit_up_to_snapshot()
         self._peers = []
         self._start_loop()
 
