@@ -575,6 +575,14 @@ class _IssuerCrls:
         self.current = crl
 
 
+class _Superseded(Exception):
+    """Another signer of the pair committed this CRL number first (both schedulers ran)."""
+
+    def __init__(self, ours: int, theirs: int):
+        super().__init__(f"CRL number {ours} was taken (latest is {theirs})")
+        self.ours, self.theirs = ours, theirs
+
+
 class CrlService:
     """Issues each issuer's CRL when due (a periodic task) and answers `fetch_crl`.
 
@@ -654,6 +662,10 @@ class CrlService:
                     crl = await self._publish(state)
                 outcome[name] = f"published {crl.number} ({reason})"
                 log.info("CRL %s of %s published (%s)", crl.number, name, reason)
+            except _Superseded as race:
+                state.last_error = None  # the other signer of the pair was first: nothing lost
+                outcome[name] = f"published {race.theirs} by the other signer"
+                log.info("CRL of %s: number %s was taken by the other signer", name, race.ours)
             except SignerError as exc:
                 state.last_error = f"{exc.code.value}: {exc.message}"
                 outcome[name] = f"failed: {state.last_error}"
@@ -683,6 +695,9 @@ class CrlService:
         signed = time.perf_counter()
         result = await self.log.commit(_command(draft, signature, sha256, der))
         if result.get("status") != "recorded":
+            last = self.repository.last_crl_history(state.key_id)
+            if last is not None and int(last["crl_number"]) >= number:
+                raise _Superseded(number, int(last["crl_number"]))
             raise SignerError(result.get("code", ErrorCode.REPOSITORY_ERROR), result["message"])
         record = self.repository.crl_history(state.key_id, number)
         if record is None:

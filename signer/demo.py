@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +49,7 @@ from signer.webdb_client import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+SIGNERS = ("a", "b")
 TOKEN_LABEL = "cacert-signer"
 Say = Any
 
@@ -73,22 +77,85 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(workdir: Path, baud: int, say: Say = print) -> dict[str, Any]:
+    """Two replicating signers, each with its own HSM (holding the same keys) and serial line."""
     say(f"demo: working in {workdir}")
     hsm = make_token(workdir, say)
     ca_dir = make_ca(workdir, hsm, say)
-    with LineEmulator(workdir / "line", baud=baud) as line:
-        say(f"demo: emulated serial line at {baud} baud: {line.end_a} <-> {line.end_b}")
-        config = write_signer_config(workdir, line.end_a, baud, hsm, ca_dir)
-        signer = start_signer(config, workdir / "signer.log")
-        say(f"demo: signer started (pid {signer.pid}), log in {workdir / 'signer.log'}")
+    hsms = {"a": hsm, "b": copy_token(workdir, hsm, say)}
+    replication = replication_settings(workdir)
+    with contextlib.ExitStack() as stack:
+        lines = {
+            name: stack.enter_context(LineEmulator(workdir / f"line-{name}", baud=baud))
+            for name in SIGNERS
+        }
+        signers = []
         try:
-            report = asyncio.run(drive(workdir, line.end_b, baud, ca_dir, say))
-            report["webdb"] = asyncio.run(webdb_chain(workdir, line.end_b, baud, say))
+            for name in SIGNERS:
+                line = lines[name]
+                say(
+                    f"demo: serial line of signer {name} at {baud} baud: "
+                    f"{line.end_a} <-> {line.end_b}"
+                )
+                config = write_signer_config(
+                    workdir, name, line.end_a, baud, hsms[name], ca_dir, replication[name]
+                )
+                signers.append(start_signer(config, workdir / f"signer-{name}.log"))
+                say(
+                    f"demo: signer {name} started (pid {signers[-1].pid}), "
+                    f"log in {workdir / f'signer-{name}.log'}"
+                )
+            ends = [lines[name].end_b for name in SIGNERS]
+            report = asyncio.run(drive(workdir, ends[0], baud, ca_dir, say))
+            report["webdb"] = asyncio.run(webdb_chain(workdir, ends, baud, say))
+            report["replicas"] = asyncio.run(compare_replicas(ends, baud, say))
             return report
         finally:
-            signer.terminate()
-            signer.wait(timeout=10)
-            say("demo: signer stopped")
+            for signer in signers:
+                signer.terminate()
+            for signer in signers:
+                signer.wait(timeout=15)
+            say("demo: signers stopped")
+
+
+def copy_token(workdir: Path, hsm: dict[str, Any], say: Say) -> dict[str, Any]:
+    """Signer b's HSM: a copy of the token, as a key backup restored into the second HSM."""
+    store = workdir / "softhsm-b"
+    if not store.exists():
+        shutil.copytree(workdir / "softhsm", store)
+        conf = store / "softhsm2.conf"
+        conf.write_text(conf.read_text().replace(str(workdir / "softhsm"), str(store)))
+        say(f"demo: the second signer's HSM holds a copy of the token: {store}")
+    return {**hsm, "softhsm_conf": str(store / "softhsm2.conf")}
+
+
+def replication_settings(workdir: Path) -> dict[str, dict[str, Any]]:
+    """The pair on 127.0.0.1 (a crossover cable in production), with a shared 0600 secret."""
+    secret = workdir / "replication.secret"
+    if not secret.exists():
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+    ports = dict(zip(SIGNERS, free_ports(len(SIGNERS)), strict=True))
+    return {
+        name: {
+            "self_address": f"127.0.0.1:{ports[name]}",
+            "peers": [f"127.0.0.1:{ports[other]}" for other in SIGNERS if other != name],
+            "secret_file": str(secret),
+            "journal_dir": str(workdir / f"raft-{name}"),
+        }
+        for name in SIGNERS
+    }
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def make_token(workdir: Path, say: Say) -> dict[str, Any]:
@@ -120,12 +187,18 @@ def make_ca(workdir: Path, hsm: dict[str, Any], say: Say) -> Path:
 
 
 def write_signer_config(
-    workdir: Path, device: Path, baud: int, hsm: dict[str, Any], ca_dir: Path
+    workdir: Path,
+    name: str,
+    device: Path,
+    baud: int,
+    hsm: dict[str, Any],
+    ca_dir: Path,
+    replication: dict[str, Any],
 ) -> Path:
     config = {
         "link": {"device": str(device), "baudrate": baud},
         "log_level": "INFO",
-        "repository": {"path": str(workdir / "repository")},
+        "repository": {"path": str(workdir / f"repository-{name}")},
         "hsm": hsm,
         "profiles": str(CONFIG_DIR / "profiles.yaml"),
         "issuers": {
@@ -135,8 +208,9 @@ def write_signer_config(
         "openpgp": {"ca_file": str(ca_dir / "openpgp-ca.yaml")},
         # A new CRL soon after each revocation, so that the demo shows it at once.
         "crl": {"min_interval_seconds": 0, "poll_seconds": 0.2},
+        "replication": replication,
     }
-    path = workdir / "signer.yaml"
+    path = workdir / f"signer-{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -273,14 +347,14 @@ async def wait_ready(client: SignerClient, say: Say, limit: float = 60.0) -> Non
             say("demo: waiting for the signer to answer ...")
 
 
-async def webdb_chain(workdir: Path, device: Path, baud: int, say: Say) -> dict[str, Any]:
+async def webdb_chain(workdir: Path, devices: list[Path], baud: int, say: Say) -> dict[str, Any]:
     """The WebDB side's daemon, one pass at a time, on a WebDB in SQLite."""
     www = workdir / "www"
     config = validate(
         {
             "database": {"driver": "sqlite", "path": str(workdir / "webdb.sqlite")},
             "base_dir": str(www),
-            "lines": [{"device": str(device), "baudrate": baud}],
+            "lines": [{"device": str(device), "baudrate": baud} for device in devices],
             "timeout": 60.0,
             "crl": {
                 "outputs": {
@@ -372,3 +446,31 @@ def user_openpgp_key() -> bytes:
     uid = pgpy.PGPUID.new("Alice Example", email="alice@example.org")
     key.add_uid(uid, usage={KeyFlags.Sign, KeyFlags.Certify}, hashes=[HashAlgorithm.SHA256])
     return bytes(key.pubkey)
+
+
+async def compare_replicas(devices: list[Path], baud: int, say: Say) -> dict[str, Any]:
+    """Each signer's own view: the same repository on both, and the cluster's state."""
+    views = {}
+    for name, device in zip(SIGNERS, devices, strict=True):
+        settings = LinkSettings(device=str(device), baudrate=baud)
+        async with SignerClient(settings, timeout=60.0) as client:
+            health = await client.call("health")
+        sections = health["sections"]
+        cluster = sections.get("cluster", {})
+        counts = sections["repository"]["counts"]
+        views[name] = {
+            "status": health["status"],
+            "role": cluster.get("role"),
+            "certificates": counts["certificates"],
+            "revoked": counts["revoked"],
+            "applied": sections["repository"]["last_applied_index"],
+            "warnings": health["warnings"],
+        }
+        say(
+            f"demo: signer {name}: {health['status']}, {cluster.get('role')}, "
+            f"{counts['certificates']} certificates, {counts['revoked']} revoked, "
+            f"applied index {views[name]['applied']}"
+        )
+        for text in health["warnings"]:
+            say(f"demo:   warning: {text}")
+    return views

@@ -206,4 +206,12 @@ def test_demo_runs(tmp_path):
     )
     assert "verify OK" in check.stderr + check.stdout
     assert check.stdout.count("Serial Number:") == 2  # the two revocations of the demo
-    assert Path(tmp_path / "demo" / "signer.log").exists()
+    assert Path(tmp_path / "demo" / "signer-a.log").exists()
+    a, b = report["replicas"]["a"], report["replicas"]["b"]  # the pair replicated everything
+    assert {a["role"], b["role"]} == {"leader", "follower"}
+    assert (a["certificates"], a["revoked"], a["applied"]) == (
+        b["certificates"],
+        b["revoked"],
+        b["applied"],
+    )
+    assert a["certificates"] == 9 and a["status"] == b["status"] == "ok"
