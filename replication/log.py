@@ -23,6 +23,9 @@ class StateMachine(Protocol):
 class Log(Protocol):
     async def commit(self, command: dict[str, Any]) -> dict[str, Any]: ...
 
+    async def barrier(self) -> None:
+        """Return once everything committed before the call is applied here."""
+
     def close(self) -> None: ...
 
 
@@ -47,6 +50,9 @@ class LocalLog:
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._queue.put((command, loop, future))
         return await future
+
+    async def barrier(self) -> None:
+        """A single signer applies its own commits before answering: nothing to wait for."""
 
     def close(self) -> None:
         self._queue.put(None)

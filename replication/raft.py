@@ -334,6 +334,8 @@ class RaftLog:
         try:
             node = self._construct()
         except Exception as exc:  # bind failure, bad state: the starter reports it
+            if self._journal is not None:
+                self._journal._destroy()
             errors.append(ReplicationError(f"replication could not start: {exc}"))
             started.set()
             return

@@ -683,6 +683,9 @@ class CrlService:
             return await self._publish(state)
 
     async def _publish(self, state: _IssuerCrls) -> PublishedCrl:
+        # In a pair: apply what the other signer committed and check the clock against the
+        # cluster's, so CRL numbers and times never go backwards across a switch of signer.
+        await self.log.barrier()
         started = time.perf_counter()
         number = await asyncio.to_thread(self._next_number, state.key_id)
         draft, digest = await asyncio.to_thread(self._draft, state, number, self._now())

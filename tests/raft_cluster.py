@@ -174,7 +174,12 @@ class Cluster:
         def found() -> RaftLog | None:
             nodes = [self.logs[a] for a in (among or list(self.logs)) if a in self.logs]
             leaders = [n for n in nodes if n.view.role == "leader" and n.view.has_quorum]
-            if len(leaders) == 1 and all(n.view.leader == leaders[0].address for n in nodes):
+            if len(leaders) == 1 and all(
+                n.view.leader == leaders[0].address
+                and n.view.has_quorum
+                and n.view.leader_connected
+                for n in nodes
+            ):
                 return leaders[0]
             return None
 

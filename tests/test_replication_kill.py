@@ -22,7 +22,7 @@ from raft_cluster import FAST, ISSUER, free_ports, issue, revoke
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE = Path(os.environ.get("RAFT_NODE", ROOT / "tests" / "raft_node.py"))
+NODE = ROOT / "tests" / "raft_node.py"
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,10 +75,11 @@ class Node:
         except (BrokenPipeError, OSError):
             return False
 
-    def role(self, request_id: int) -> str:
-        self.process.stdin.write(json.dumps({"id": request_id, "status": 1}).encode() + b"\n")  # type: ignore[union-attr]
-        self.process.stdin.flush()  # type: ignore[union-attr]
-        return "asked"
+    def ask_role(self, request_id: int) -> None:
+        """The answer arrives on the queue like the others (see Stream.settle)."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"id": request_id, "status": 1}).encode() + b"\n")
+        self.process.stdin.flush()
 
     def kill(self) -> None:
         assert self.process is not None
@@ -179,7 +180,7 @@ class Stream:
             if node.alive:
                 self.next_id += 1
                 self.commands[self.next_id] = {}
-                node.role(self.next_id)
+                node.ask_role(self.next_id)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             self.drain(0.05)

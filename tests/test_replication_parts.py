@@ -293,3 +293,35 @@ def test_outbox_coalesces_appends_and_acks():
 def test_pysyncobj_is_the_tested_version():
     # The apply index (raftLastApplied + 1) and the serializer hooks are pysyncobj internals.
     assert PYSYNCOBJ_VERSION in TESTED_PYSYNCOBJ
+
+
+# --- the control socket --------------------------------------------------------------------
+
+
+async def test_control_socket_is_private_and_refuses_bad_requests(tmp_path):
+    import asyncio
+
+    from replication.control import ControlServer, call
+    from replication.raft import RaftLog
+
+    repository = Repository(tmp_path / "repo", 1 << 28)
+    raft = RaftLog(settings(tmp_path / "raft"), repository)  # not started: status says so
+    server = ControlServer(raft, tmp_path / "raft" / "control.sock")
+    await server.start()
+    try:
+        assert (tmp_path / "raft" / "control.sock").stat().st_mode & 0o777 == 0o600
+        answers = [
+            await server.handle(line)
+            for line in (b"not json", b"[1]", b'{"cmd": "nope"}', b'{"cmd": "force_standalone"}',
+                         b'{"cmd": "force_standalone", "fenced": "10.0.0.2:4321"}',
+                         b'{"cmd": "add", "address": "somewhere"}')
+        ]  # fmt: skip
+        codes = [answer["error"]["code"] for answer in answers]
+        assert codes == ["bad_arguments", "bad_arguments", "unknown_command", "bad_arguments",
+                         "bad_arguments", "bad_arguments"]  # fmt: skip
+        status = await asyncio.to_thread(call, server.path, {"cmd": "status"})
+        assert status["ok"] and status["result"]["role"] == "stopped"
+    finally:
+        await server.close()
+        repository.close()
+    assert not server.path.exists()
