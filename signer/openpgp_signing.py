@@ -42,6 +42,7 @@ from signer.config import OPENPGP_CURVES, ConfigError, OpenPgpConfig, SignerConf
 from signer.errors import ErrorCode, SignerError
 from signer.health import Section
 from signer.hsm import Hsm
+from signer.openpgp_armor import armor
 from signer.protocol import (
     MAX_OPENPGP_KEY,
     RequestStatusResult,
@@ -161,18 +162,6 @@ class Certifier(Protocol):
 
 
 # --- armor -----------------------------------------------------------------------------------
-
-
-def crc24(data: bytes) -> int:
-    """RFC 4880 §6.1."""
-    crc = 0xB704CE
-    for byte in data:
-        crc ^= byte << 16
-        for _ in range(8):
-            crc <<= 1
-            if crc & 0x1000000:
-                crc ^= 0x1864CFB
-    return crc & 0xFFFFFF
 
 
 def dearmor(blob: bytes) -> bytes:
@@ -988,12 +977,3 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.buffer.write(blob)
     print(f"OpenPGP CA fingerprint: {fingerprint.hex().upper()}", file=sys.stderr)
     return 0
-
-
-def armor(data: bytes) -> bytes:
-    """ASCII armor (RFC 4880 §6.2) of a public key block."""
-    text = base64.b64encode(data).decode()
-    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
-    checksum = base64.b64encode(crc24(data).to_bytes(3, "big")).decode()
-    block = ["-----BEGIN PGP PUBLIC KEY BLOCK-----", "", *lines, f"={checksum}"]
-    return ("\n".join([*block, "-----END PGP PUBLIC KEY BLOCK-----"]) + "\n").encode()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -46,6 +45,7 @@ from signer.client import SignerClient, new_request_id
 from signer.config import ConfigError, LinkConfig, Section, check_secret_file, load
 from signer.crl_refresh import CrlRefresher
 from signer.errors import ErrorCode, SignerError
+from signer.openpgp_armor import armor
 from signer.protocol import MAX_CSR, MAX_OPENPGP_KEY
 
 log = logging.getLogger(__name__)
@@ -434,22 +434,8 @@ def _int(value: Any) -> int:
 
 
 def armor_openpgp(data: bytes) -> bytes:
-    """ASCII armor (RFC 4880 §6) for the certified key the web application offers."""
-    if data.lstrip().startswith(b"-----BEGIN PGP"):
-        return data
-    crc = 0xB704CE
-    for byte in data:
-        crc ^= byte << 16
-        for _ in range(8):
-            crc <<= 1
-            if crc & 0x1000000:
-                crc ^= 0x1864CFB
-    body = base64.b64encode(data).decode()
-    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
-    checksum = base64.b64encode((crc & 0xFFFFFF).to_bytes(3, "big")).decode()
-    head, tail = "-----BEGIN PGP PUBLIC KEY BLOCK-----", "-----END PGP PUBLIC KEY BLOCK-----"
-    text = "\n".join([head, "", *lines, "=" + checksum, tail, ""])
-    return text.encode()
+    """ASCII armor for the certified key the web application offers (armored input stays)."""
+    return data if data.lstrip().startswith(b"-----BEGIN PGP") else armor(data)
 
 
 # --- request sources -------------------------------------------------------------------------
