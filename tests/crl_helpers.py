@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import ceremony_ca
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -16,7 +17,6 @@ from cryptography.x509.oid import NameOID
 
 from replication.log import LocalLog
 from signer.ca import Issuer
-from signer.ceremony import run_ceremony
 from signer.config import CrlConfig
 from signer.crl import CrlService
 from signer.framing import pack_message, unpack_message
@@ -201,34 +201,7 @@ def listed(der: bytes) -> set[int]:
 def make_ceremony_ca(token: Any, base: Path) -> tuple[Path, Any]:
     """The CA of tests/test_x509_issuance.py, by the ceremony: RSA-2048 class 1 root, P-256
     class 3 on a SoftHSM2 token; returns (directory, token)."""
-    certificates = [
-        {
-            "name": name,
-            "key": key,
-            "issuer": issuer,
-            "validity_days": days,
-            "path_length": path_length,
-            "subject": [["O", "Test CA"], ["CN", cn]],
-            "crl": {"next_update_days": 7},
-        }
-        for name, key, issuer, days, path_length, cn in (
-            ("class1", "root", "self", 7000, 1, "Test Class 1 Root"),
-            ("class3", "class3", "class1", 3000, 0, "Test Class 3"),
-        )
-    ]
-    ceremony = {
-        "hsm": {
-            "module": token.store.module,
-            "token_label": token.label,
-            "pin_file": str(token.pin_file),
-        },
-        "output_dir": "ca",
-        "keys": [{"label": "root", "kind": "rsa-2048"}, {"label": "class3", "kind": "ec-p256"}],
-        "certificates": certificates,
-    }
-    (base / "ceremony.yaml").write_text(yaml.safe_dump(ceremony))
-    run_ceremony(base / "ceremony.yaml", progress=lambda *_: None)
-    return base, token
+    return ceremony_ca.make_ceremony_ca(token, base), token
 
 
 def signer_config(ceremony_ca, device: Path, repository: Path, **crl) -> Path:

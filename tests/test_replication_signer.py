@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ceremony_ca import make_ceremony_ca
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,7 +21,6 @@ from cryptography.x509.oid import NameOID
 from raft_cluster import FAST, free_ports, wait_for
 
 from replication.settings import ReplicationSettings
-from signer.ceremony import run_ceremony
 from signer.client import SignerClient
 from signer.config import SignerConfig, load
 from signer.errors import ErrorCode, SignerError
@@ -38,22 +38,7 @@ pytestmark = pytest.mark.timeout(180)
 def ca(softhsm_token_factory, tmp_path_factory):
     token = softhsm_token_factory()
     base = tmp_path_factory.mktemp("ca")
-    ceremony = {
-        "hsm": {"module": token.store.module, "token_label": token.label,
-                "pin_file": str(token.pin_file)},
-        "output_dir": "ca",
-        "keys": [{"label": "root", "kind": "ec-p256"}, {"label": "class3", "kind": "ec-p256"}],
-        "certificates": [
-            {"name": "class1", "key": "root", "issuer": "self", "validity_days": 7000,
-             "path_length": 1, "subject": [["O", "Test CA"], ["CN", "Test Root"]],
-             "crl": {"next_update_days": 7}},
-            {"name": "class3", "key": "class3", "issuer": "class1", "validity_days": 3000,
-             "path_length": 0, "subject": [["O", "Test CA"], ["CN", "Test Class 3"]],
-             "crl": {"next_update_days": 7}},
-        ],
-    }  # fmt: skip
-    (base / "ceremony.yaml").write_text(yaml.safe_dump(ceremony))
-    run_ceremony(base / "ceremony.yaml", progress=lambda *_: None)
+    make_ceremony_ca(token, base, root_kind="ec-p256")
     return base, token
 
 

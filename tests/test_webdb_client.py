@@ -16,12 +16,12 @@ from typing import Any
 import pgpy
 import pytest
 import yaml
+from ceremony_ca import make_ceremony_ca
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
-from signer.ceremony import run_ceremony
 from signer.config import ConfigError, SignerConfig, load
 from signer.crl_refresh import CrlRefresher
 from signer.errors import ErrorCode, SignerError
@@ -62,23 +62,7 @@ def ca(softhsm_token_factory, tmp_path_factory):
     """The ceremony on a fresh SoftHSM2 token: RSA-2048 class 1 root, P-256 class 3."""
     token = softhsm_token_factory()
     base = tmp_path_factory.mktemp("ca")
-    ceremony = {
-        "hsm": {"module": token.store.module, "token_label": token.label,
-                "pin_file": str(token.pin_file)},
-        "output_dir": "ca",
-        "keys": [{"label": "root", "kind": "rsa-2048"}, {"label": "class3", "kind": "ec-p256"}],
-        "certificates": [
-            {"name": "class1", "key": "root", "issuer": "self", "validity_days": 7000,
-             "path_length": 1, "subject": [["O", "Test CA"], ["CN", "Test Class 1 Root"]],
-             "crl": {"next_update_days": 7}},
-            {"name": "class3", "key": "class3", "issuer": "class1", "validity_days": 3000,
-             "path_length": 0, "subject": [["O", "Test CA"], ["CN", "Test Class 3"]],
-             "crl": {"next_update_days": 7}},
-        ],
-        "openpgp": {"label": "openpgp", "kind": "ec-p256"},
-    }  # fmt: skip
-    (base / "ceremony.yaml").write_text(yaml.safe_dump(ceremony))
-    run_ceremony(base / "ceremony.yaml", progress=lambda *_: None)
+    make_ceremony_ca(token, base, openpgp_kind="ec-p256")
     return base, token
 
 
