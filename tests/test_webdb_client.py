@@ -377,6 +377,8 @@ async def check_openpgp(db: Database, config, gpg_id: int, signer: Signer, passe
                        capture_output=True)  # fmt: skip
     sigs = subprocess.run(["gpg", "--batch", "--with-colons", "--check-sigs", "alice@example.org"],
                           env=env, capture_output=True, text=True)  # fmt: skip
+    # gpg started an agent for this home: end it (only ours, by its home).
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
     ca_id = service.certifier.ca_fingerprint().hex().upper()[-16:]
     good = [line for line in sigs.stdout.splitlines() if line.startswith("sig:!:")]
     assert any(line.split(":")[4] == ca_id for line in good), sigs.stdout + sigs.stderr
