@@ -119,7 +119,7 @@ async def test_timed_out_commit_lands_later_and_a_retry_finds_it(pair):
     pair.partitions.heal()
     await pair.wait_leader()
     retry = {**command, "serial": 2**150 + 99}  # a retry decides a fresh serial
-    result = await follower.commit(retry)
+    result = await commit_retrying(follower, retry)
     await pair.converge()
     recorded = pair.repos[follower.address].get_request("issue-3")
     assert recorded["result"]["serial"] == result["serial"]
@@ -208,7 +208,7 @@ async def test_restart_replays_without_applying_twice(pair):
     await pair.converge()
     assert pair.repos[a].content_digest() == digest  # replayed entries changed nothing
     for n in range(15, 20):
-        result = await pair.logs[b].commit(issue(n))
+        result = await commit_retrying(pair.logs[b], issue(n))
         acknowledged[result["request_id"]] = result
     await pair.converge()
     check_invariants(list(pair.repos.values()), acknowledged)
@@ -254,7 +254,7 @@ async def test_wiped_signer_gets_a_snapshot_and_the_log(tmp_path):
         cluster.start(other)
         await cluster.wait_leader()
         for n in range(150, 160):
-            result = await leader.commit(issue(n))
+            result = await commit_retrying(leader, issue(n))
             acknowledged[result["request_id"]] = result
         await cluster.converge(timeout=30)
         check_invariants(list(cluster.repos.values()), acknowledged)
