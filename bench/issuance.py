@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
-import hashlib
 import logging
 import os
 import statistics
@@ -33,14 +32,15 @@ from pathlib import Path
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 # The project first: `python bench/x.py` puts bench/ first on the path, where bench/replication.py
 # would shadow the replication package.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from hsm_rate import hsm_raw_rate  # noqa: E402
 
 from replication.log import LocalLog  # noqa: E402
 from signer.ca import CertificateAuthority, Issuer  # noqa: E402
@@ -49,7 +49,7 @@ from signer.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings  # no
 from signer.profiles import load_profiles  # noqa: E402
 from signer.protocol import SignX509Args, request_digest  # noqa: E402
 from signer.protocol_handler import RequestContext  # noqa: E402
-from signer.softhsm import create_token_store, find_softhsm_module, init_token  # noqa: E402
+from signer.softhsm import find_softhsm_module, new_token  # noqa: E402
 from storage.repository import Repository  # noqa: E402
 
 PROFILE = "server"  # issued by "class3" in config/profiles.yaml; mapped to each bench CA below
@@ -82,13 +82,8 @@ def make_token(base: Path) -> HsmSettings:
     module = find_softhsm_module()
     if module is None:
         raise SystemExit("SoftHSM2 is not installed (apt install softhsm2)")
-    conf = create_token_store(base / "softhsm")
+    conf, pin_file = new_token(base / "softhsm", "bench")
     os.environ["SOFTHSM2_CONF"] = str(conf)
-    pin = os.urandom(8).hex()
-    init_token(conf, "bench", os.urandom(8).hex(), pin)
-    pin_file = base / "pin"
-    with os.fdopen(os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-        out.write(pin + "\n")
     return HsmSettings(module=module, token_label="bench", pin_file=pin_file)
 
 
@@ -132,25 +127,6 @@ def make_csrs(count: int) -> list[bytes]:
 
 
 # --------------------------------------------------------------------------- measurements
-
-
-def hsm_raw_rate(key: HsmRsaPrivateKey | HsmEcPrivateKey, seconds: float) -> tuple[int, float]:
-    """(signatures, seconds): one digest signed again and again through the key object, one
-    session, serialised like every PKCS#11 call of the process."""
-    digest = hashlib.sha384(b"bench").digest()
-
-    def sign_once() -> None:
-        if isinstance(key, HsmRsaPrivateKey):
-            key.sign(digest[:32], padding.PKCS1v15(), Prehashed(hashes.SHA256()))
-        else:
-            key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA384())))
-
-    sign_once()
-    count, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
-        sign_once()
-        count += 1
-    return count, elapsed
 
 
 class IssuanceRun:

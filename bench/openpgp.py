@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -32,19 +31,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 # The project root first: bench/replication.py must not shadow the replication package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hsm_rate import hsm_raw_rate
 
 from replication.log import LocalLog
 from signer.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings
 from signer.openpgp_signing import CertificationPolicy, OpenPgpService, PgpyCertifier
 from signer.protocol import SignOpenpgpArgs, request_digest
 from signer.protocol_handler import RequestContext
-from signer.softhsm import create_token_store, find_softhsm_module, init_token
+from signer.softhsm import find_softhsm_module, new_token
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,13 +77,8 @@ def make_token(base: Path) -> HsmSettings:
     module = find_softhsm_module()
     if module is None:
         raise SystemExit("SoftHSM2 is not installed (apt install softhsm2)")
-    conf = create_token_store(base / "softhsm")
+    conf, pin_file = new_token(base / "softhsm", "bench")
     os.environ["SOFTHSM2_CONF"] = str(conf)
-    pin = os.urandom(8).hex()
-    init_token(conf, "bench", os.urandom(8).hex(), pin)
-    pin_file = base / "pin"
-    pin_file.write_text(pin + "\n")
-    pin_file.chmod(0o600)
     return HsmSettings(module=module, token_label="bench", pin_file=pin_file)
 
 
@@ -120,24 +113,6 @@ def user_keys(gpg: Gpg, count: int) -> list[tuple[bytes, str, str]]:
         gpg("--quick-generate-key", uid, "ed25519", "sign,cert", "never")
         keys.append((gpg("--export", f"user{i}@"), gpg.fingerprint(f"user{i}@"), uid))
     return keys
-
-
-def hsm_raw_rate(key: HsmRsaPrivateKey | HsmEcPrivateKey, seconds: float) -> tuple[int, float]:
-    """Signatures per second on one digest through the key object (one session, serialised)."""
-    digest = hashlib.sha384(b"bench").digest()
-
-    def sign_once() -> None:
-        if isinstance(key, HsmRsaPrivateKey):
-            key.sign(digest[:32], padding.PKCS1v15(), Prehashed(hashes.SHA256()))
-        else:
-            key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA384())))
-
-    sign_once()
-    count, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
-        sign_once()
-        count += 1
-    return count, elapsed
 
 
 def certify_rate(certifier: PgpyCertifier, keys: Keys, seconds: float) -> tuple[int, float]:

@@ -55,7 +55,7 @@ from signer.hsm import Hsm, HsmSettings  # noqa: E402
 from signer.profiles import load_profiles  # noqa: E402
 from signer.protocol import SignX509Args, request_digest  # noqa: E402
 from signer.protocol_handler import RequestContext  # noqa: E402
-from signer.softhsm import create_token_store, find_softhsm_module, init_token  # noqa: E402
+from signer.softhsm import find_softhsm_module, new_token  # noqa: E402
 from storage.repository import Repository  # noqa: E402
 
 SECRET = b"test replication secret 0123456789"  # as tests/raft_node.py (the peer) uses
@@ -296,13 +296,8 @@ def make_ca(base: Path) -> tuple[HsmSettings, Path]:
     module = find_softhsm_module()
     if module is None:
         raise SystemExit("SoftHSM2 is not installed (apt install softhsm2)")
-    conf = create_token_store(base / "softhsm")
+    conf, pin_file = new_token(base / "softhsm", "bench")
     os.environ["SOFTHSM2_CONF"] = str(conf)
-    pin = os.urandom(8).hex()
-    init_token(conf, "bench", os.urandom(8).hex(), pin)
-    pin_file = base / "pin"
-    with os.fdopen(os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-        out.write(pin + "\n")
     settings = HsmSettings(module=module, token_label="bench", pin_file=pin_file)
     config = {
         "hsm": settings.model_dump(mode="json", exclude_none=True),

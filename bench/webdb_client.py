@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from signer.ceremony import run_ceremony
 from signer.config import validate
 from signer.errors import SignerError
 from signer.line_emulator import LineEmulator
-from signer.softhsm import create_token_store, init_token
+from signer.softhsm import new_token
 from signer.webdb_client import (
     WebdbClient,
     WebdbClientConfig,
@@ -51,12 +50,7 @@ LABEL = "bench"
 
 
 def make_ca(work: Path) -> dict[str, Any]:
-    conf = create_token_store(work / "softhsm")
-    pin = secrets.token_hex(8)
-    init_token(conf, LABEL, secrets.token_hex(8), pin)
-    pin_file = work / "hsm.pin"
-    pin_file.write_text(pin + "\n")
-    pin_file.chmod(0o600)
+    conf, pin_file = new_token(work / "softhsm", LABEL)
     hsm = {"token_label": LABEL, "pin_file": str(pin_file), "softhsm_conf": str(conf)}
     ceremony = {
         "hsm": hsm,

@@ -39,7 +39,7 @@ from signer.config import validate
 from signer.errors import ErrorCode, SignerError
 from signer.line_emulator import LineEmulator
 from signer.serial_link import LinkSettings
-from signer.softhsm import create_token_store, init_token
+from signer.softhsm import new_token
 from signer.webdb_client import (
     WebdbClient,
     WebdbClientConfig,
@@ -161,15 +161,9 @@ def free_ports(count: int) -> list[int]:
 def make_token(workdir: Path, say: Say) -> dict[str, Any]:
     """A private SoftHSM2 store with one token; the PIN goes to a mode-0600 file."""
     store = workdir / "softhsm"
-    conf = store / "softhsm2.conf"
-    pin_file = workdir / "hsm.pin"
+    conf, pin_file = store / "softhsm2.conf", store / "pin"
     if not pin_file.exists():
-        conf = create_token_store(store)
-        pin = secrets.token_hex(8)
-        init_token(conf, TOKEN_LABEL, secrets.token_hex(8), pin)
-        fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(pin + "\n")
+        conf, pin_file = new_token(store, TOKEN_LABEL)
         say(f"demo: SoftHSM2 token {TOKEN_LABEL!r} initialised in {store}")
     return {"token_label": TOKEN_LABEL, "pin_file": str(pin_file), "softhsm_conf": str(conf)}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -130,3 +131,17 @@ def init_token(conf_path: str | os.PathLike[str], label: str, so_pin: str, pin: 
     if len(created) != 1:
         raise SoftHsmError(f"cannot tell which directory holds token {label!r} in {tokendir}")
     return created[0]
+
+
+def new_token(directory: str | os.PathLike[str], label: str) -> tuple[Path, Path]:
+    """A private store in `directory` with one token whose random PIN is written to
+    `directory/pin` (mode 0600); returns (SOFTHSM2_CONF path, PIN file). For the demo and the
+    benchmarks: a throwaway token, nothing to type."""
+    conf = create_token_store(directory)
+    pin = secrets.token_hex(8)
+    init_token(conf, label, secrets.token_hex(8), pin)
+    pin_file = Path(directory) / "pin"
+    fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(pin + "\n")
+    return conf, pin_file
