@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from signer.hsm import HsmEcPrivateKey, HsmRsaPrivateKey
+from signer.server.hsm import HsmEcPrivateKey, HsmRsaPrivateKey
 
 
 def hsm_raw_rate(key: HsmRsaPrivateKey | HsmEcPrivateKey, seconds: float) -> tuple[int, float]:

@@ -6,7 +6,7 @@ committed through `LocalLog` into LMDB with sync on), with several requests in f
 protocol handler runs them; and `PgpyCertifier.certify` alone (no repository). Side by side, in
 the same run and for the same CA key type:
 
-- the HSM's raw rate: one digest signed again and again through `signer.hsm`'s key object (the
+- the HSM's raw rate: one digest signed again and again through `signer.server.hsm`'s key object (the
   physical bound: every certification is one HSM signature);
 - gpg with a software CA key, four processes per request (import, quick-sign-key, export,
   delete), as CAcert's old signer did.
@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hsm_rate import hsm_raw_rate
 
 from replication.log import LocalLog
-from signer.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings
-from signer.openpgp_signing import CertificationPolicy, OpenPgpService, PgpyCertifier
-from signer.protocol import SignOpenpgpArgs, request_digest
-from signer.protocol_handler import RequestContext
-from signer.softhsm import find_softhsm_module, new_token
+from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings
+from signer.server.openpgp import CertificationPolicy, OpenPgpService, PgpyCertifier
+from signer.wire.protocol import SignOpenpgpArgs, request_digest
+from signer.server.dispatch import RequestContext
+from signer.tools.softhsm import find_softhsm_module, new_token
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent

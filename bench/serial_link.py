@@ -20,13 +20,13 @@ from pathlib import Path
 # The project root first: bench/replication.py must not shadow the replication package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from signer.client import SignerClient
+from signer.client.library import SignerClient
 from signer.config import LinkConfig, SignerConfig
-from signer.framing import encode_frame
-from signer.line_emulator import LineEmulator
-from signer.protocol import Response, encode_request, encode_response
-from signer.serial_link import LinkSettings
-from signer.server import SignerServer
+from signer.wire.framing import encode_frame
+from signer.tools.line_emulator import LineEmulator
+from signer.wire.protocol import Response, encode_request, encode_response
+from signer.link.serial_link import LinkSettings
+from signer.server.process import SignerServer
 
 REQUEST_BYTES = 1536
 RESPONSE_BYTES = 2048

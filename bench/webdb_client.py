@@ -1,7 +1,7 @@
 """WebDB client throughput: database row to written result, per second, against the line's bound.
 
 The whole chain as in production, on one machine: WebDB rows in SQLite, the WebDB client
-(`signer.webdb_client`), an emulated serial cable paced at 8N1, and `signer serve` as a separate
+(`signer.client.webdb`), an emulated serial cable paced at 8N1, and `signer serve` as a separate
 process with its CA keys (RSA-2048, made by the ceremony) in SoftHSM2. Half the rows are
 personal client certificates (RSA-2048 PKCS#10 PEM), half TLS server certificates (P-256). Rows
 are inserted after the client started, as the web application inserts them, so no
@@ -31,12 +31,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 # The project root first: bench/replication.py must not shadow the replication package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from signer.ceremony import run_ceremony
+from signer.tools.ceremony import run_ceremony
 from signer.config import validate
 from signer.errors import SignerError
-from signer.line_emulator import LineEmulator
-from signer.softhsm import new_token
-from signer.webdb_client import (
+from signer.tools.line_emulator import LineEmulator
+from signer.tools.softhsm import new_token
+from signer.client.webdb import (
     WebdbClient,
     WebdbClientConfig,
     create_schema,

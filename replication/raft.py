@@ -46,7 +46,7 @@ from replication.settings import ReplicationSettings, parse_address
 from replication.transport import ReplicationTransport
 from signer.config import ConfigError
 from signer.errors import ErrorCode, SignerError
-from signer.health import Section
+from signer.server.health import Section
 
 log = logging.getLogger(__name__)
 

@@ -56,31 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _emulator(argv: list[str]) -> int:
-    from signer import line_emulator
+    from signer.tools import line_emulator
 
     return line_emulator.main(argv)
 
 
 def _ceremony(argv: list[str]) -> int:
-    from signer import ceremony
+    from signer.tools import ceremony
 
     return ceremony.main(argv)
 
 
 def _demo(argv: list[str]) -> int:
-    from signer import demo
+    from signer.tools import demo
 
     return demo.main(argv)
 
 
 def _webdb_client(argv: list[str]) -> int:
-    from signer import webdb_client
+    from signer.client import webdb as webdb_client
 
     return webdb_client.main(argv)
 
 
 def _openpgp_export(argv: list[str]) -> int:
-    from signer import openpgp_signing
+    from signer.server import openpgp as openpgp_signing
 
     return openpgp_signing.export_main(argv)
 
@@ -111,7 +111,7 @@ def _add_serve(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from signer.server import SignerServer
+    from signer.server.process import SignerServer
 
     config = load(args.config, SignerConfig)
     setup_logging(config.log_level)
@@ -181,7 +181,7 @@ def _client_config(args: argparse.Namespace) -> ClientConfig:
 async def _call(
     config: ClientConfig, command: str, payload: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    from signer.client import SignerClient
+    from signer.client.library import SignerClient
 
     client = SignerClient(
         config.link.settings(),
@@ -370,7 +370,7 @@ def _fetch_crl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _fetch_crl_session(client: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from signer.crl_refresh import refresh_file
+    from signer.client.crl_refresh import refresh_file
 
     return await refresh_file(client, args.issuer, args.out, args.ca_cert, args.max_bytes)
 

@@ -25,9 +25,9 @@ from pydantic import (
 )
 
 from replication.settings import ReplicationSettings
-from signer.framing import DEFAULT_MAX_FRAME
-from signer.hsm import HsmSettings
-from signer.serial_link import LinkSettings
+from signer.wire.framing import DEFAULT_MAX_FRAME
+from signer.server.hsm import HsmSettings
+from signer.link.serial_link import LinkSettings
 
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from signer.ceremony import run_ceremony
+from signer.tools.ceremony import run_ceremony
 
 
 def make_ceremony_ca(

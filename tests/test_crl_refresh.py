@@ -27,17 +27,17 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from signer.client import SignerClient
+from signer.client.library import SignerClient
 from signer.config import SignerConfig, load
-from signer.crl import rebuild_crl
-from signer.crl_refresh import CrlRefresher, refresh_file
+from signer.server.crl import rebuild_crl
+from signer.client.crl_refresh import CrlRefresher, refresh_file
 from signer.errors import ErrorCode, SignerError
-from signer.framing import pack_message
-from signer.hsm import Hsm
-from signer.line_emulator import LineEmulator
-from signer.revocation import crl_entry
-from signer.serial_link import LinkSettings
-from signer.server import SignerServer
+from signer.wire.framing import pack_message
+from signer.server.hsm import Hsm
+from signer.tools.line_emulator import LineEmulator
+from signer.pki.revocation import crl_entry
+from signer.link.serial_link import LinkSettings
+from signer.server.process import SignerServer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signer.errors import ErrorCode
-from signer.framing import Frame, FrameDecoder, FrameError, encode_frame, max_encoded_size
+from signer.wire.framing import Frame, FrameDecoder, FrameError, encode_frame, max_encoded_size
 
 messages = st.recursive(
     st.none()

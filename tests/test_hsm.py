@@ -1,4 +1,4 @@
-"""signer.hsm against a real SoftHSM2 token: signatures, builders + openssl, faults, recovery."""
+"""signer.server.hsm against a real SoftHSM2 token: signatures, builders + openssl, faults, recovery."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from signer.errors import ErrorCode, SignerError
-from signer.hsm import (
+from signer.server.hsm import (
     PKCS11_LOCK,
     Hsm,
     HsmEcPrivateKey,
@@ -341,7 +341,7 @@ def test_private_key_cannot_be_extracted(keyed: Hsm) -> None:
 def test_extractable_flag_read_directly_from_the_token(
     keyed: Hsm, keyed_token: SoftHsmToken
 ) -> None:
-    """Independent of signer.hsm: ask PKCS#11 itself for CKA_EXTRACTABLE and the secret."""
+    """Independent of signer.server.hsm: ask PKCS#11 itself for CKA_EXTRACTABLE and the secret."""
     keyed.key("rsa")  # the library has seen the token
     with PKCS11_LOCK:
         token = pkcs11.lib(keyed_token.store.module).get_token(token_label=keyed_token.label)
@@ -652,7 +652,7 @@ def test_pin_never_in_logs_reprs_or_errors(
         wrong.key("ca")
     texts += [str(refused.value), repr(wrong)]
     assert refused.value.code == ErrorCode.HSM_LOGIN_FAILED
-    assert caplog.records, "expected log lines from signer.hsm"
+    assert caplog.records, "expected log lines from signer.server.hsm"
     texts.append(caplog.text)
     for text in texts:
         assert pin not in text

@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from replication.log import LocalLog
-from signer.ca import CertificateAuthority, Issuer
-from signer.ceremony import run_ceremony
+from signer.server.ca import CertificateAuthority, Issuer
+from signer.tools.ceremony import run_ceremony
 from signer.errors import ErrorCode, SignerError
-from signer.hsm import Hsm
-from signer.profiles import load_profiles
-from signer.protocol import SignX509Args, request_digest
-from signer.protocol_handler import RequestContext
+from signer.server.hsm import Hsm
+from signer.pki.profiles import load_profiles
+from signer.wire.protocol import SignX509Args, request_digest
+from signer.server.dispatch import RequestContext
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from signer.line_emulator import BITS_PER_BYTE, LineEmulator, main
+from signer.tools.line_emulator import BITS_PER_BYTE, LineEmulator, main
 
 Factory = Callable[..., LineEmulator]
 
@@ -278,7 +278,7 @@ def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_standalone_process_relays_until_sigterm(tmp_path: Path, fds) -> None:
     directory = tmp_path / "line"
     process = subprocess.Popen(
-        [sys.executable, "-m", "signer.line_emulator", "--dir", str(directory), "--baud", "0"],
+        [sys.executable, "-m", "signer.tools.line_emulator", "--dir", str(directory), "--baud", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from signer.client import SignerClient
+from signer.client.library import SignerClient
 from signer.config import LinkConfig, SignerConfig
 from signer.errors import ErrorCode, SignerError
-from signer.line_emulator import LineEmulator
-from signer.serial_link import LinkSettings
-from signer.server import SignerServer
+from signer.tools.line_emulator import LineEmulator
+from signer.link.serial_link import LinkSettings
+from signer.server.process import SignerServer
 
 BAUD = 921600
 

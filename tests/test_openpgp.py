@@ -21,13 +21,13 @@ import pytest
 import yaml
 
 from replication.log import LocalLog
-from signer.ceremony import run_ceremony
-from signer.client import SignerClient
+from signer.tools.ceremony import run_ceremony
+from signer.client.library import SignerClient
 from signer.config import OpenPgpConfig, SignerConfig, load
 from signer.errors import ErrorCode, SignerError
-from signer.hsm import Hsm
-from signer.line_emulator import LineEmulator
-from signer.openpgp_signing import (
+from signer.server.hsm import Hsm
+from signer.tools.line_emulator import LineEmulator
+from signer.server.openpgp import (
     SIGNATURE,
     USER_ID,
     OpenPgpService,
@@ -35,10 +35,10 @@ from signer.openpgp_signing import (
     pgpy_certifier,
     scan_packets,
 )
-from signer.protocol import SignOpenpgpArgs, request_digest
-from signer.protocol_handler import RequestContext
-from signer.serial_link import LinkSettings
-from signer.server import SignerServer
+from signer.wire.protocol import SignOpenpgpArgs, request_digest
+from signer.server.dispatch import RequestContext
+from signer.link.serial_link import LinkSettings
+from signer.server.process import SignerServer
 from storage.repository import Repository
 
 BAUD = 921600

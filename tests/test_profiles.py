@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from signer.errors import ErrorCode, SignerError
-from signer.profiles import (
+from signer.pki.profiles import (
     DEFAULT_PROFILES_PATH,
     ProfileLoadError,
     load_profiles,

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signer.errors import ErrorCode, SignerError
-from signer.framing import Frame, FrameDecoder, encode_frame
-from signer.protocol import (
+from signer.wire.framing import Frame, FrameDecoder, encode_frame
+from signer.wire.protocol import (
     COMMANDS,
     ErrorResponse,
     Response,
@@ -21,7 +21,7 @@ from signer.protocol import (
     encode_response,
     request_digest,
 )
-from signer.protocol_handler import ProtocolHandler
+from signer.server.dispatch import ProtocolHandler
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 

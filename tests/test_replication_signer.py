@@ -21,12 +21,12 @@ from cryptography.x509.oid import NameOID
 from raft_cluster import FAST, free_ports, wait_for
 
 from replication.settings import ReplicationSettings
-from signer.client import SignerClient
+from signer.client.library import SignerClient
 from signer.config import SignerConfig, load
 from signer.errors import ErrorCode, SignerError
-from signer.line_emulator import LineEmulator
-from signer.serial_link import LinkSettings
-from signer.server import SignerServer
+from signer.tools.line_emulator import LineEmulator
+from signer.link.serial_link import LinkSettings
+from signer.server.process import SignerServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BAUD = 921600

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from signer.errors import ErrorCode, SignerError
-from signer.framing import Frame, FrameError, FrameEvent, encode_frame
-from signer.line_emulator import LineEmulator
-from signer.serial_link import LinkSettings, SerialLink
+from signer.wire.framing import Frame, FrameError, FrameEvent, encode_frame
+from signer.tools.line_emulator import LineEmulator
+from signer.link.serial_link import LinkSettings, SerialLink
 
 REOPEN = 0.1
-LOGGER = "signer.serial_link"
+LOGGER = "signer.link.serial_link"
 
 
 class Inbox:

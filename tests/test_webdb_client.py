@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
 from signer.config import ConfigError, SignerConfig, load
-from signer.crl_refresh import CrlRefresher
+from signer.client.crl_refresh import CrlRefresher
 from signer.errors import ErrorCode, SignerError
-from signer.line_emulator import LineEmulator
-from signer.serial_link import LinkSettings
-from signer.server import SignerServer
-from signer.webdb_client import (
+from signer.tools.line_emulator import LineEmulator
+from signer.link.serial_link import LinkSettings
+from signer.server.process import SignerServer
+from signer.client.webdb import (
     PAUSE_HOOK_ENV,
     REVOCATION_SENTINEL,
     X509_TABLES,

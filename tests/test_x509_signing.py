@@ -29,8 +29,8 @@ from x509_helpers import (
 )
 
 from signer.errors import ErrorCode, SignerError
-from signer.profiles import Profile, ProfileSet, load_profiles
-from signer.x509_signing import (
+from signer.pki.profiles import Profile, ProfileSet, load_profiles
+from signer.pki.x509_signing import (
     MAX_CSR_BYTES,
     CertificatePlan,
     IssuanceRequest,

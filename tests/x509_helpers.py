@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from signer.profiles import SUBJECT_ATTRIBUTES
+from signer.pki.profiles import SUBJECT_ATTRIBUTES
 
 
 @dataclass(frozen=True)

@@ -40,16 +40,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from replication.log import Log
 from signer.config import OPENPGP_CURVES, ConfigError, OpenPgpConfig, SignerConfig, load
 from signer.errors import ErrorCode, SignerError
-from signer.health import Section
-from signer.hsm import Hsm
-from signer.openpgp_armor import armor
-from signer.protocol import (
+from signer.server.health import Section
+from signer.server.hsm import Hsm
+from signer.pki.openpgp_armor import armor
+from signer.wire.protocol import (
     MAX_OPENPGP_KEY,
     RequestStatusResult,
     SignOpenpgpArgs,
     SignOpenpgpResult,
 )
-from signer.protocol_handler import Handler, RequestContext
+from signer.server.dispatch import Handler, RequestContext
 from storage.repository import Repository
 
 with warnings.catch_warnings():  # PGPy 0.6 imports the deprecated imghdr

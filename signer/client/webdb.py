@@ -41,12 +41,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from signer.client import SignerClient, new_request_id
+from signer.client.library import SignerClient, new_request_id
 from signer.config import ConfigError, LinkConfig, Section, check_secret_file, load
-from signer.crl_refresh import CrlRefresher
+from signer.client.crl_refresh import CrlRefresher
 from signer.errors import ErrorCode, SignerError
-from signer.openpgp_armor import armor
-from signer.protocol import MAX_CSR, MAX_OPENPGP_KEY
+from signer.pki.openpgp_armor import armor
+from signer.wire.protocol import MAX_CSR, MAX_OPENPGP_KEY
 
 log = logging.getLogger(__name__)
 

@@ -33,14 +33,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from signer.ceremony import run_ceremony
-from signer.client import SignerClient
+from signer.tools.ceremony import run_ceremony
+from signer.client.library import SignerClient
 from signer.config import validate
 from signer.errors import ErrorCode, SignerError
-from signer.line_emulator import LineEmulator
-from signer.serial_link import LinkSettings
-from signer.softhsm import new_token
-from signer.webdb_client import (
+from signer.tools.line_emulator import LineEmulator
+from signer.link.serial_link import LinkSettings
+from signer.tools.softhsm import new_token
+from signer.client.webdb import (
     WebdbClient,
     WebdbClientConfig,
     demo_rows,
@@ -48,7 +48,7 @@ from signer.webdb_client import (
     request_revocation,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 SIGNERS = ("a", "b")
 TOKEN_LABEL = "cacert-signer"
 Say = Any

@@ -49,7 +49,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from signer.errors import ErrorCode, SignerError
-from signer.softhsm import find_softhsm_module
+from signer.tools.softhsm import find_softhsm_module
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ physical line, and writes every millisecond or so of line time. Every change of
 state (faults, stall, unplug, replug) is executed by the relay thread itself, so the fds it
 selects on are never closed under it, and the emulator can be driven from sync or asyncio code.
 
-Run standalone with ``python -m signer.line_emulator --dir DIR --baud N``: it prints
+Run standalone with ``python -m signer.tools.line_emulator --dir DIR --baud N``: it prints
 ``{"a": path, "b": path}`` as one JSON line and relays until SIGTERM or SIGINT.
 """
 

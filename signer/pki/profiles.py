@@ -29,7 +29,7 @@ from pydantic import (
 
 from signer.errors import ErrorCode, SignerError
 
-DEFAULT_PROFILES_PATH = Path(__file__).resolve().parent.parent / "config" / "profiles.yaml"
+DEFAULT_PROFILES_PATH = Path(__file__).resolve().parents[2] / "config" / "profiles.yaml"
 
 # Subject attributes the signer knows, by the short name used in profiles and requests:
 # (dotted OID, default upper bound on the value length). The bounds are RFC 5280 Appendix A

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from signer.errors import ErrorCode, SignerError
-from signer.framing import pack_message
+from signer.wire.framing import pack_message
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)

@@ -33,16 +33,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from signer.errors import ErrorCode, SignerError
-from signer.health import Section
-from signer.protocol import FetchCrlArgs, FetchCrlResult
+from signer.server.health import Section
+from signer.wire.protocol import FetchCrlArgs, FetchCrlResult
 from storage.repository import RevokedEntry, crl_block_rows, serial_bytes
 
 if TYPE_CHECKING:
     from replication.log import Log
-    from signer.ca import Issuer
+    from signer.server.ca import Issuer
     from signer.config import CrlConfig
-    from signer.hsm import Hsm
-    from signer.protocol_handler import Handler, RequestContext
+    from signer.server.hsm import Hsm
+    from signer.server.dispatch import Handler, RequestContext
     from storage.repository import Repository
 
 log = logging.getLogger(__name__)

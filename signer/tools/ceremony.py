@@ -50,7 +50,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from signer.errors import SignerError
-from signer.hsm import Hsm, HsmPrivateKey, HsmSettings, KeyKind
+from signer.server.hsm import Hsm, HsmPrivateKey, HsmSettings, KeyKind
 
 Progress = Callable[[str], None]
 

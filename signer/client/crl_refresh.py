@@ -27,7 +27,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from signer.crl import (
+from signer.server.crl import (
     SIGNATURE_ALGORITHMS,
     CrlHeader,
     CrlIssuer,

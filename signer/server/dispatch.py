@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from signer.errors import ErrorCode, SignerError
-from signer.framing import Frame, FrameError, FrameEvent
-from signer.protocol import (
+from signer.wire.framing import Frame, FrameError, FrameEvent
+from signer.wire.protocol import (
     ErrorResponse,
     Request,
     Response,

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from signer.errors import ErrorCode, SignerError
-from signer.framing import Frame, FrameError, FrameEvent
-from signer.protocol import ErrorResponse, Response, decode_response, encode_request
-from signer.serial_link import LinkSettings, SerialLink
+from signer.wire.framing import Frame, FrameError, FrameEvent
+from signer.wire.protocol import ErrorResponse, Response, decode_response, encode_request
+from signer.link.serial_link import LinkSettings, SerialLink
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The serial link: keeps one port open across unplugs and turns its bytes into frame events.
 
-All the I/O of the line lives here; `signer.framing` stays a pure codec. A supervisor task opens
+All the I/O of the line lives here; `signer.wire.framing` stays a pure codec. A supervisor task opens
 the port, and re-opens it whenever it disappears and comes back (a USB adapter pulled and
 plugged in again, a device that is not there yet at start). Each opening gets a fresh decoder,
 so half a frame from before a drop is never glued to what comes after, and starts by sending
@@ -27,7 +27,7 @@ import serial
 import serial_asyncio
 
 from signer.errors import ErrorCode, SignerError
-from signer.framing import (
+from signer.wire.framing import (
     DEFAULT_MAX_FRAME,
     DELIMITER,
     FrameDecoder,

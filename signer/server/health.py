@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from signer import __version__
-from signer.protocol import HealthResult
+from signer.wire.protocol import HealthResult
 
 log = logging.getLogger(__name__)
 

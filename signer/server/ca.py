@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from replication.log import Log
 from signer.errors import ErrorCode, SignerError
-from signer.health import Section
-from signer.hsm import Hsm
-from signer.profiles import ProfileSet
-from signer.protocol import (
+from signer.server.health import Section
+from signer.server.hsm import Hsm
+from signer.pki.profiles import ProfileSet
+from signer.wire.protocol import (
     IssuerInfo,
     ListIssuersResult,
     ListProfilesResult,
@@ -35,9 +35,9 @@ from signer.protocol import (
     SignX509Args,
     SignX509Result,
 )
-from signer.protocol_handler import Handler, RequestContext
-from signer.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
-from signer.x509_signing import (
+from signer.server.dispatch import Handler, RequestContext
+from signer.pki.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
+from signer.pki.x509_signing import (
     CertificatePlan,
     IssuanceRequest,
     build_certificate,

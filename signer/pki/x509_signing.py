@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
 
 from signer.errors import ErrorCode, SignerError
-from signer.profiles import EKU_NAMES, SUBJECT_ATTRIBUTES, Profile
+from signer.pki.profiles import EKU_NAMES, SUBJECT_ATTRIBUTES, Profile
 
 # Bounds applied before any parsing, so hostile input costs nothing.
 MAX_CSR_BYTES = 64 * 1024
