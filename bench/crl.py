@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from replication.log import LocalLog  # noqa: E402
+from signer.pki.revocation import crl_entry  # noqa: E402
 from signer.server.ca import Issuer  # noqa: E402
-from signer.config import CrlConfig  # noqa: E402
+from signer.server.config import CrlConfig  # noqa: E402
 from signer.server.crl import CrlService, draft_crl, finish_crl  # noqa: E402
+from signer.server.dispatch import RequestContext  # noqa: E402
 from signer.wire.framing import encode_frame  # noqa: E402
 from signer.wire.protocol import FetchCrlArgs, Response, dump_result, encode_response  # noqa: E402
-from signer.server.dispatch import RequestContext  # noqa: E402
-from signer.pki.revocation import crl_entry  # noqa: E402
 from storage.repository import Repository, revseq_key  # noqa: E402
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.UTC)

@@ -5,7 +5,7 @@ signature by a SoftHSM2 key made by the ceremony, command committed through `Loc
 with sync on), driven with several requests in flight as the protocol handler runs them. Side by
 side, in the same run and for the same CA key type:
 
-- the HSM's raw rate: one digest signed again and again through `signer.server.hsm`'s key object (the
+- the HSM's raw rate: one digest signed again and again through the HSM key object (the
   physical limit of this token here: nothing can issue faster than it signs);
 - `openssl ca` with a file key, one process per CSR, index.txt and serial file (what CAcert's
   signer runs per request).
@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT))
 from hsm_rate import hsm_raw_rate  # noqa: E402
 
 from replication.log import LocalLog  # noqa: E402
-from signer.server.ca import CertificateAuthority, Issuer  # noqa: E402
-from signer.tools.ceremony import run_ceremony  # noqa: E402
-from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings  # noqa: E402
 from signer.pki.profiles import load_profiles  # noqa: E402
-from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
+from signer.server.ca import CertificateAuthority, Issuer  # noqa: E402
 from signer.server.dispatch import RequestContext  # noqa: E402
+from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings  # noqa: E402
+from signer.tools.ceremony import run_ceremony  # noqa: E402
 from signer.tools.softhsm import find_softhsm_module, new_token  # noqa: E402
+from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
 from storage.repository import Repository  # noqa: E402
 
 PROFILE = "server"  # issued by "class3" in config/profiles.yaml; mapped to each bench CA below
@@ -415,7 +415,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, help="requests in flight (default 32)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
-    logging.getLogger("signer.server.ca").setLevel(logging.ERROR)  # "issuer class1 is not configured"
+    # "issuer class1 is not configured"
+    logging.getLogger("signer.server.ca").setLevel(logging.ERROR)
     if args.window:
         sizes = dataclasses.replace(sizes, window=args.window)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])

@@ -6,7 +6,7 @@ committed through `LocalLog` into LMDB with sync on), with several requests in f
 protocol handler runs them; and `PgpyCertifier.certify` alone (no repository). Side by side, in
 the same run and for the same CA key type:
 
-- the HSM's raw rate: one digest signed again and again through `signer.server.hsm`'s key object (the
+- the HSM's raw rate: one digest signed again and again through the HSM key object (the
   physical bound: every certification is one HSM signature);
 - gpg with a software CA key, four processes per request (import, quick-sign-key, export,
   delete), as CAcert's old signer did.
@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hsm_rate import hsm_raw_rate
 
 from replication.log import LocalLog
-from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings
-from signer.server.openpgp import CertificationPolicy, OpenPgpService, PgpyCertifier
-from signer.wire.protocol import SignOpenpgpArgs, request_digest
+from signer.pki.openpgp import CertificationPolicy
 from signer.server.dispatch import RequestContext
+from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings
+from signer.server.openpgp import OpenPgpService, PgpyCertifier
 from signer.tools.softhsm import find_softhsm_module, new_token
+from signer.wire.protocol import SignOpenpgpArgs, request_digest
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent

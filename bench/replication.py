@@ -48,14 +48,14 @@ from replication.journal import DurableJournal  # noqa: E402
 from replication.log import LocalLog  # noqa: E402
 from replication.raft import RaftLog  # noqa: E402
 from replication.settings import ReplicationSettings  # noqa: E402
-from signer.server.ca import CertificateAuthority, Issuer  # noqa: E402
-from signer.tools.ceremony import run_ceremony  # noqa: E402
 from signer.errors import SignerError  # noqa: E402
-from signer.server.hsm import Hsm, HsmSettings  # noqa: E402
 from signer.pki.profiles import load_profiles  # noqa: E402
-from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
+from signer.server.ca import CertificateAuthority, Issuer  # noqa: E402
 from signer.server.dispatch import RequestContext  # noqa: E402
+from signer.server.hsm import Hsm, HsmSettings  # noqa: E402
+from signer.tools.ceremony import run_ceremony  # noqa: E402
 from signer.tools.softhsm import find_softhsm_module, new_token  # noqa: E402
+from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
 from storage.repository import Repository  # noqa: E402
 
 SECRET = b"test replication secret 0123456789"  # as tests/raft_node.py (the peer) uses

@@ -21,12 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from signer.client.library import SignerClient
-from signer.config import LinkConfig, SignerConfig
-from signer.wire.framing import encode_frame
-from signer.tools.line_emulator import LineEmulator
-from signer.wire.protocol import Response, encode_request, encode_response
+from signer.config import LinkConfig
 from signer.link.serial_link import LinkSettings
+from signer.server.config import SignerConfig
 from signer.server.process import SignerServer
+from signer.tools.line_emulator import LineEmulator
+from signer.wire.framing import encode_frame
+from signer.wire.protocol import Response, encode_request, encode_response
 
 REQUEST_BYTES = 1536
 RESPONSE_BYTES = 2048

@@ -31,11 +31,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 # The project root first: bench/replication.py must not shadow the replication package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from signer.tools.ceremony import run_ceremony
-from signer.config import validate
-from signer.errors import SignerError
-from signer.tools.line_emulator import LineEmulator
-from signer.tools.softhsm import new_token
 from signer.client.webdb import (
     WebdbClient,
     WebdbClientConfig,
@@ -44,6 +39,11 @@ from signer.client.webdb import (
     make_csr,
     write_atomically,
 )
+from signer.config import validate
+from signer.errors import SignerError
+from signer.tools.ceremony import run_ceremony
+from signer.tools.line_emulator import LineEmulator
+from signer.tools.softhsm import find_softhsm_module, new_token
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "bench"
@@ -51,7 +51,12 @@ LABEL = "bench"
 
 def make_ca(work: Path) -> dict[str, Any]:
     conf, pin_file = new_token(work / "softhsm", LABEL)
-    hsm = {"token_label": LABEL, "pin_file": str(pin_file), "softhsm_conf": str(conf)}
+    hsm = {
+        "module": find_softhsm_module(),
+        "token_label": LABEL,
+        "pin_file": str(pin_file),
+        "softhsm_conf": str(conf),
+    }
     ceremony = {
         "hsm": hsm,
         "output_dir": str(work / "ca"),

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from signer import __version__
-from signer.config import ClientConfig, ConfigError, LinkConfig, SignerConfig, load
+from signer.client.config import ClientConfig
+from signer.config import ConfigError, LinkConfig, load
+from signer.server.config import SignerConfig
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -86,7 +88,7 @@ def _openpgp_export(argv: list[str]) -> int:
 
 
 def _cluster(argv: list[str]) -> int:
-    from replication import control
+    from signer import cli_cluster as control
 
     return control.main(argv)
 
@@ -148,17 +150,19 @@ def _add_client(sub: Any) -> None:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from signer.errors import ErrorCode, SignerError
+    from signer.errors import ClientFailure, SignerError, Unreachable
 
     setup_logging("INFO" if args.verbose else "ERROR")
     config = _client_config(args)
     try:
         command, payload = args.build(args)
         result = asyncio.run(_call(config, command, payload, args))
-    except SignerError as exc:
-        unreachable = exc.code in (ErrorCode.TIMEOUT, ErrorCode.LINK_DOWN)
-        _print_error(exc, args.json)
-        return EXIT_UNREACHABLE if unreachable else EXIT_REFUSED
+    except Unreachable as exc:
+        _print_error(exc.to_json(), args.json)
+        return EXIT_UNREACHABLE
+    except (SignerError, ClientFailure) as exc:
+        _print_error(exc.to_wire() if isinstance(exc, SignerError) else exc.to_json(), args.json)
+        return EXIT_REFUSED
     if args.json:
         print(json.dumps(result, default=_json_default, indent=2, sort_keys=True))
     else:
@@ -195,11 +199,11 @@ async def _call(
         return await client.call(command, payload, request_id=args.request_id)
 
 
-def _print_error(exc: Any, as_json: bool) -> None:
+def _print_error(error: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"error": exc.to_wire()}, default=_json_default, indent=2))
+        print(json.dumps({"error": error}, default=_json_default, indent=2))
     else:
-        print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
+        print(f"error: {error['code']}: {error['message']}", file=sys.stderr)
 
 
 def _json_default(value: Any) -> Any:

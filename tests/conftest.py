@@ -3,7 +3,7 @@
 SoftHSM2: python-pkcs11 loads the PKCS#11 library once per process and SoftHSM reads
 SOFTHSM2_CONF when the library is initialised, so the whole pytest process uses ONE private token
 store (a session tmp dir) and SOFTHSM2_CONF points at it before any test loads the library. Each
-test that needs a token gets a fresh token label in that store (`softhsm_token`); `signer.server.hsm.Hsm`
+test that needs a token gets a fresh token label in that store (`softhsm_token`); `Hsm`
 re-initialises the library by itself when it does not see a newly created token yet.
 Never set SOFTHSM2_CONF in a test or point an Hsm at another store: use these fixtures.
 """

@@ -16,14 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from replication.log import LocalLog
-from signer.server.ca import Issuer
-from signer.config import CrlConfig
-from signer.server.crl import CrlService
-from signer.wire.framing import pack_message, unpack_message
-from signer.server.hsm import Hsm
-from signer.wire.protocol import FetchCrlArgs, dump_result
-from signer.server.dispatch import RequestContext
 from signer.pki.revocation import crl_entry
+from signer.server.ca import Issuer
+from signer.server.config import CrlConfig
+from signer.server.crl import CrlService
+from signer.server.dispatch import RequestContext
+from signer.server.hsm import Hsm
+from signer.wire.framing import pack_message, unpack_message
+from signer.wire.protocol import FetchCrlArgs, dump_result
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 
-from signer.tools.ceremony import CeremonyError, load_config, main, run_ceremony
 from signer.errors import ErrorCode, SignerError
 from signer.server.hsm import Hsm
+from signer.tools.ceremony import CeremonyError, load_config, main, run_ceremony
 
 if TYPE_CHECKING:
     from conftest import SoftHsmToken

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from signer.config import ClientConfig, ConfigError, SignerConfig, check_secret_file, load
+from signer.client.config import ClientConfig
+from signer.config import ConfigError, check_secret_file, load
+from signer.server.config import SignerConfig
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
 

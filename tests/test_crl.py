@@ -29,15 +29,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import CRLEntryExtensionOID, SignatureAlgorithmOID
 
-from signer.client.library import SignerClient
-from signer.config import SignerConfig, load
-from signer.server.crl import der_integer, der_length, der_time, parse_crl
 from signer.client.crl_refresh import CrlRefresher
+from signer.client.library import SignerClient
+from signer.config import load
 from signer.errors import ErrorCode, SignerError
-from signer.server.hsm import Hsm
-from signer.tools.line_emulator import LineEmulator
 from signer.link.serial_link import LinkSettings
+from signer.pki.crl import parse_crl
+from signer.pki.der import der_integer, der_length, der_time
+from signer.server.config import SignerConfig
+from signer.server.hsm import Hsm
 from signer.server.process import SignerServer
+from signer.tools.line_emulator import LineEmulator
 
 EXPIRED_CERTS_ON_CRL = x509.ObjectIdentifier("2.5.29.60")
 
@@ -185,8 +187,8 @@ async def test_numbers_increase_and_survive_a_restart(make_harness) -> None:
 
 
 def _fetch_args(issuer: str, **args):
-    from signer.wire.protocol import FetchCrlArgs
     from signer.server.dispatch import RequestContext
+    from signer.wire.protocol import FetchCrlArgs
 
     return FetchCrlArgs(issuer=issuer, **args), RequestContext("t", "fetch_crl", b"")
 

@@ -1,4 +1,5 @@
-"""signer.server.hsm against a real SoftHSM2 token: signatures, builders + openssl, faults, recovery."""
+"""The HSM module against a real SoftHSM2 token: signatures, builders + openssl, faults,
+recovery."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import copy
 import datetime as dt
 import logging
-import os
 import shutil
 import subprocess
 import threading
@@ -684,16 +684,20 @@ def test_pin_env_missing_is_login_failed(
 
 
 def test_settings_validation(tmp_path: Path) -> None:
+    so = "/usr/lib/softhsm/libsofthsm2.so"
     with pytest.raises(ValidationError, match="exactly one"):
-        HsmSettings(token_label="t", pin_env="A", pin_file=tmp_path / "p")
+        HsmSettings(module=so, token_label="t", pin_env="A", pin_file=tmp_path / "p")
     with pytest.raises(ValidationError, match="exactly one"):
-        HsmSettings(token_label="t")
+        HsmSettings(module=so, token_label="t")
     with pytest.raises(ValidationError, match="Extra inputs"):
-        HsmSettings(token_label="t", pin_env="A", pin="1234")  # type: ignore[call-arg]
-    settings = HsmSettings(token_label="t", pin_env="A")
-    assert settings.module.endswith("libsofthsm2.so") and os.path.exists(settings.module)
+        HsmSettings(module=so, token_label="t", pin_env="A", pin="1234")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="module"):  # no silent default PKCS#11 module
+        HsmSettings(token_label="t", pin_env="A")  # type: ignore[call-arg]
+    settings = HsmSettings(module=so, token_label="t", pin_env="A")
+    assert settings.module == so
     assert settings.retry_reinit is True
     resolved = HsmSettings(
-        token_label="t", pin_file=Path("pin"), softhsm_conf=Path("s.conf")
+        module="lib/p11.so", token_label="t", pin_file=Path("pin"), softhsm_conf=Path("s.conf")
     ).resolved(tmp_path)
+    assert resolved.module == str(tmp_path / "lib/p11.so")
     assert resolved.pin_file == tmp_path / "pin" and resolved.softhsm_conf == tmp_path / "s.conf"

@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from replication.log import LocalLog
-from signer.server.ca import CertificateAuthority, Issuer
-from signer.tools.ceremony import run_ceremony
 from signer.errors import ErrorCode, SignerError
-from signer.server.hsm import Hsm
 from signer.pki.profiles import load_profiles
-from signer.wire.protocol import SignX509Args, request_digest
+from signer.server.ca import CertificateAuthority, Issuer
 from signer.server.dispatch import RequestContext
+from signer.server.hsm import Hsm
+from signer.tools.ceremony import run_ceremony
+from signer.wire.protocol import SignX509Args, request_digest
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent

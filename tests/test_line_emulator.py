@@ -278,7 +278,15 @@ def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_standalone_process_relays_until_sigterm(tmp_path: Path, fds) -> None:
     directory = tmp_path / "line"
     process = subprocess.Popen(
-        [sys.executable, "-m", "signer.tools.line_emulator", "--dir", str(directory), "--baud", "0"],
+        [
+            sys.executable,
+            "-m",
+            "signer.tools.line_emulator",
+            "--dir",
+            str(directory),
+            "--baud",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

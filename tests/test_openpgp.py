@@ -21,24 +21,20 @@ import pytest
 import yaml
 
 from replication.log import LocalLog
-from signer.tools.ceremony import run_ceremony
 from signer.client.library import SignerClient
-from signer.config import OpenPgpConfig, SignerConfig, load
+from signer.config import load
 from signer.errors import ErrorCode, SignerError
-from signer.server.hsm import Hsm
-from signer.tools.line_emulator import LineEmulator
-from signer.server.openpgp import (
-    SIGNATURE,
-    USER_ID,
-    OpenPgpService,
-    armor,
-    pgpy_certifier,
-    scan_packets,
-)
-from signer.wire.protocol import SignOpenpgpArgs, request_digest
-from signer.server.dispatch import RequestContext
 from signer.link.serial_link import LinkSettings
+from signer.pki.openpgp import SIGNATURE, USER_ID, scan_packets
+from signer.pki.openpgp_armor import armor
+from signer.server.config import OpenPgpConfig, SignerConfig
+from signer.server.dispatch import RequestContext
+from signer.server.hsm import Hsm
+from signer.server.openpgp import OpenPgpService, pgpy_certifier
 from signer.server.process import SignerServer
+from signer.tools.ceremony import run_ceremony
+from signer.tools.line_emulator import LineEmulator
+from signer.wire.protocol import SignOpenpgpArgs, request_digest
 from storage.repository import Repository
 
 BAUD = 921600

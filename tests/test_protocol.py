@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signer.errors import ErrorCode, SignerError
+from signer.server.dispatch import ProtocolHandler
 from signer.wire.framing import Frame, FrameDecoder, encode_frame
 from signer.wire.protocol import (
     COMMANDS,
@@ -21,7 +22,6 @@ from signer.wire.protocol import (
     encode_response,
     request_digest,
 )
-from signer.server.dispatch import ProtocolHandler
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 

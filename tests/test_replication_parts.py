@@ -15,7 +15,8 @@ from replication.journal import NO_OP, DurableJournal, read_entries
 from replication.raft import TESTED_PYSYNCOBJ
 from replication.settings import ReplicationSettings
 from replication.transport import _coalesce
-from signer.config import ConfigError, SignerConfig, load
+from signer.config import ConfigError, load
+from signer.server.config import SignerConfig
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,8 +302,8 @@ def test_pysyncobj_is_the_tested_version():
 async def test_control_socket_is_private_and_refuses_bad_requests(tmp_path):
     import asyncio
 
-    from replication.control import ControlServer, call
     from replication.raft import RaftLog
+    from signer.server.control import ControlServer, call
 
     repository = Repository(tmp_path / "repo", 1 << 28)
     raft = RaftLog(settings(tmp_path / "raft"), repository)  # not started: status says so

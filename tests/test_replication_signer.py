@@ -22,11 +22,12 @@ from raft_cluster import FAST, free_ports, wait_for
 
 from replication.settings import ReplicationSettings
 from signer.client.library import SignerClient
-from signer.config import SignerConfig, load
+from signer.config import load
 from signer.errors import ErrorCode, SignerError
-from signer.tools.line_emulator import LineEmulator
 from signer.link.serial_link import LinkSettings
+from signer.server.config import SignerConfig
 from signer.server.process import SignerServer
+from signer.tools.line_emulator import LineEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 BAUD = 921600

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from signer.errors import ErrorCode, SignerError
-from signer.wire.framing import Frame, FrameError, FrameEvent, encode_frame
-from signer.tools.line_emulator import LineEmulator
+from signer.errors import ErrorCode, LinkDown
 from signer.link.serial_link import LinkSettings, SerialLink
+from signer.tools.line_emulator import LineEmulator
+from signer.wire.framing import Frame, FrameError, FrameEvent, encode_frame
 
 REOPEN = 0.1
 LOGGER = "signer.link.serial_link"
@@ -219,9 +219,8 @@ async def test_device_absent_at_start_then_appears(
     await asyncio.sleep(5 * REOPEN)
     assert not a.connected and a.stats.state == "down"
     assert not await a.wait_connected(0.05)
-    with pytest.raises(SignerError) as down:
+    with pytest.raises(LinkDown):
         await a.send("too early")
-    assert down.value.code == ErrorCode.LINK_DOWN
     waiting = [r for r in caplog.records if "waiting for device" in r.getMessage()]
     retries = [r for r in caplog.records if "still no device" in r.getMessage()]
     assert len(waiting) == 1 and len(retries) >= 2  # one warning, however many attempts
@@ -246,9 +245,8 @@ async def test_unplug_then_replug(pair, emulator: LineEmulator, caplog) -> None:
     emulator.unplug("b")
     await eventually(lambda: not b.connected)
     assert b.stats.state == "down"
-    with pytest.raises(SignerError) as down:
+    with pytest.raises(LinkDown):
         await b.send("while unplugged")
-    assert down.value.code == ErrorCode.LINK_DOWN
     assert a.connected  # the other end of a cable does not notice an unplug
 
     def logged(text: str) -> int:
@@ -283,9 +281,7 @@ async def test_a_send_waiting_when_the_port_is_lost_fails_quietly(
     emulator.unplug("b")
     results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 3.0)
     failures = [r for r in results if isinstance(r, BaseException)]
-    assert failures and all(
-        isinstance(r, SignerError) and r.code == ErrorCode.LINK_DOWN for r in failures
-    )
+    assert failures and all(isinstance(r, LinkDown) for r in failures)
     assert not b.connected
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len([r for r in caplog.records if "lost" in r.getMessage()]) == 1
@@ -352,5 +348,5 @@ async def test_close_never_hangs_on_a_stalled_line(pair, emulator: LineEmulator)
     results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 2.0)
     failures = [r for r in results if isinstance(r, BaseException)]
     assert failures, "sends into a stalled, closed line cannot all have succeeded"
-    assert all(isinstance(r, SignerError) and r.code == ErrorCode.LINK_DOWN for r in failures)
+    assert all(isinstance(r, LinkDown) for r in failures)
     await a.close()  # closing twice is harmless

@@ -18,12 +18,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from signer.client.library import SignerClient
-from signer.config import SignerConfig, load
+from signer.config import load
 from signer.errors import ErrorCode, SignerError
+from signer.link.serial_link import LinkSettings
+from signer.server.config import SignerConfig
+from signer.server.process import SignerServer
 from signer.tools.line_emulator import LineEmulator
 from signer.wire.protocol import encode_request
-from signer.link.serial_link import LinkSettings
-from signer.server.process import SignerServer
 from storage.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,16 +27,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from signer.server.crl import (
+from signer.errors import ClientFailure, ErrorCode, SignerError
+from signer.pki.crl import (
     SIGNATURE_ALGORITHMS,
     CrlHeader,
     CrlIssuer,
     crl_der,
-    der_header,
     parse_crl,
     tbs_der,
 )
-from signer.errors import ErrorCode, SignerError
+from signer.pki.der import der_header
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,14 @@ class Refreshed:
     calls: int
 
 
-def _bad(message: str) -> SignerError:
-    return SignerError(ErrorCode.BAD_CRL, message)
+class BadCrl(ClientFailure):
+    """A CRL that failed verification on the client's side (never a wire code)."""
+
+    kind = "bad_crl"
+
+
+def _bad(message: str) -> BadCrl:
+    return BadCrl(message)
 
 
 def crl_number_of(der: bytes | None) -> int | None:
@@ -336,7 +342,7 @@ async def refresh_file(
     if have is not None:
         try:
             verify_crl(have, certificate)
-        except SignerError as exc:
+        except BadCrl as exc:
             log.warning("%s is not a valid CRL of %s (%s): fetching it whole", out, issuer, exc)
             have = None
     refresher = CrlRefresher(

@@ -16,10 +16,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from signer.errors import ErrorCode, SignerError
+from signer.errors import ErrorCode, LinkDown, RequestTimeout, SignerError
+from signer.link.serial_link import LinkSettings, SerialLink
 from signer.wire.framing import Frame, FrameError, FrameEvent
 from signer.wire.protocol import ErrorResponse, Response, decode_response, encode_request
-from signer.link.serial_link import LinkSettings, SerialLink
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class SignerClient:
                 if await self._wait(pending, slice_end, deadline):
                     return pending.future.result()
             self.stats.timeouts += 1
-            raise SignerError(ErrorCode.TIMEOUT, f"no answer to {request_id!r} in {total:.1f} s")
+            raise RequestTimeout(f"no answer to {request_id!r} in {total:.1f} s")
         finally:
             self._pending.pop(request_id, None)
 
@@ -156,7 +156,7 @@ class SignerClient:
     async def _send(self, message: dict[str, Any], deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if not self._link.connected and not await self._link.wait_connected(max(0.0, remaining)):
-            raise SignerError(ErrorCode.LINK_DOWN, "the serial line to the signer is down")
+            raise LinkDown("the serial line to the signer is down")
         self.stats.sends += 1
         await self._link.send(message)
 

@@ -41,10 +41,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from signer.client.crl_refresh import BadCrl, CrlRefresher
 from signer.client.library import SignerClient, new_request_id
 from signer.config import ConfigError, LinkConfig, Section, check_secret_file, load
-from signer.client.crl_refresh import CrlRefresher
-from signer.errors import ErrorCode, SignerError
+from signer.errors import ClientFailure, ErrorCode, SignerError, Unreachable
 from signer.pki.openpgp_armor import armor
 from signer.wire.protocol import MAX_CSR, MAX_OPENPGP_KEY
 
@@ -56,15 +56,12 @@ XMPP_OID = "1.3.6.1.5.5.7.8.5"
 PAUSE_HOOK_ENV = "SIGNER_WEBDB_PAUSE_AFTER_ANSWER"  # tests: a file to create, then hang
 # Not the row's fault: the row is tried again later at no cost to its warning count.
 TRANSIENT = {
-    ErrorCode.TIMEOUT,
-    ErrorCode.LINK_DOWN,
     ErrorCode.BUSY,
     ErrorCode.NO_QUORUM,
     ErrorCode.NOT_COMMITTED,
     ErrorCode.HSM_UNAVAILABLE,
     ErrorCode.HSM_LOGIN_FAILED,
 }
-FAILOVER = {ErrorCode.TIMEOUT, ErrorCode.LINK_DOWN}
 PROFILE_CACHE_S = 3600.0
 
 
@@ -312,11 +309,24 @@ def crt_name(prefix: str, row_id: int) -> str:
     return f"../crt/{prefix}/{row_id // 1000}/{prefix}-{row_id}.crt"
 
 
-class RowError(SignerError):
-    """A row that cannot become a request (unreadable CSR, unknown rootcert, bad subject)."""
+class RowError(ClientFailure):
+    """A row that cannot become a request (unreadable CSR, unknown rootcert, bad subject); never
+    a wire code: the row's warning count goes up as for a refusal."""
 
-    def __init__(self, message: str):
-        super().__init__(ErrorCode.BAD_ROW, message)
+    kind = "bad_row"
+
+
+Failure = SignerError | ClientFailure
+
+
+def failure_name(exc: Failure) -> str:
+    """The name a failure is reported under: its wire code, or what the client saw."""
+    return exc.code.value if isinstance(exc, SignerError) else exc.kind
+
+
+def is_transient(exc: Failure) -> bool:
+    """Not the row's fault: tried again later at no cost to its warning count."""
+    return isinstance(exc, Unreachable) or (isinstance(exc, SignerError) and exc.code in TRANSIENT)
 
 
 _DN_SPLIT = re.compile(r"(?<!\\)/(?=[A-Za-z][A-Za-z0-9.]*=)")
@@ -688,8 +698,8 @@ class SignerLines:
                 result = await self.clients[index].call(
                     command, args, request_id=request_id, timeout=timeout
                 )
-            except SignerError as exc:
-                if exc.code not in FAILOVER or len(self.clients) == 1:
+            except Unreachable as exc:
+                if len(self.clients) == 1:
                     raise
                 error = exc
                 self._switch_from(index, exc)
@@ -748,8 +758,8 @@ def health_alerts(
 # --- CRLs ------------------------------------------------------------------------------------
 
 
-def _crl_error(message: str) -> SignerError:
-    return SignerError(ErrorCode.BAD_CRL, message)
+def _crl_error(message: str) -> BadCrl:
+    return BadCrl(message)
 
 
 def verify_crl(
@@ -813,7 +823,7 @@ def _published(path: Path, issuer: x509.Certificate) -> bytes | None:
         der = path.read_bytes()
         verify_crl(der, issuer)
         return der
-    except (OSError, SignerError):
+    except (OSError, BadCrl):
         return None
 
 
@@ -888,11 +898,11 @@ class WebdbClient:
             return report
         try:
             await self._refresh_profiles()
-        except SignerError as exc:
-            if exc.code not in TRANSIENT:
+        except (SignerError, Unreachable) as exc:
+            if not is_transient(exc):
                 raise
             log.warning("signer not reachable (%s): %d requests wait", exc, len(jobs))
-            report.deferred = {job.request_id: exc.code.value for job in jobs}
+            report.deferred = {job.request_id: failure_name(exc) for job in jobs}
             return report
         slots = asyncio.Semaphore(self.config.max_in_flight * len(self.lines.clients))
 
@@ -924,7 +934,7 @@ class WebdbClient:
                 self._uncertain.add(job.request_id)
                 result = await self.lines.call(job.command, args, request_id=job.request_id)
                 await _pause_hook(job)
-        except SignerError as exc:
+        except (SignerError, ClientFailure) as exc:
             await self._refused(job, exc, report)
             return
         try:
@@ -948,15 +958,15 @@ class WebdbClient:
             )
         return status["result"]
 
-    async def _refused(self, job: Job, exc: SignerError, report: PassReport) -> None:
-        if exc.code in TRANSIENT:
+    async def _refused(self, job: Job, exc: Failure, report: PassReport) -> None:
+        if is_transient(exc):
             log.warning("%s: waits for the signer: %s", job.label, exc)
-            report.deferred[job.request_id] = exc.code.value
+            report.deferred[job.request_id] = failure_name(exc)
             return
         self._uncertain.discard(job.request_id)  # refusals are not recorded by the signer
-        if exc.code is ErrorCode.VALIDITY_TOO_LONG:
+        if isinstance(exc, SignerError) and exc.code is ErrorCode.VALIDITY_TOO_LONG:
             self._profiles_at = 0.0  # the profile's maximum changed: read it again
-        report.failed[job.request_id] = exc.code.value
+        report.failed[job.request_id] = failure_name(exc)
         log.warning("%s: refused: %s", job.label, exc)
         try:
             await self.source.fail(job, exc)
@@ -975,7 +985,7 @@ class WebdbClient:
                     size = self.config.crl.chunk_bytes
                     self._refreshers[name] = CrlRefresher(self.lines.call, name, issuer, size)
                 outcome[name] = await publish_crl(self._refreshers[name], path)
-            except SignerError as exc:
+            except (SignerError, ClientFailure) as exc:
                 outcome[name] = f"failed: {exc}"
                 log.error("operator: the CRL of %s was not published: %s", name, exc)
         return outcome
@@ -997,7 +1007,7 @@ class WebdbClient:
         for client, name in zip(self.lines.clients, self.lines.names, strict=True):
             try:
                 report = await client.call("health", timeout=min(self.config.timeout, 30.0))
-            except SignerError as exc:
+            except (SignerError, Unreachable) as exc:
                 alerts.append(Alert("error", f"signer on line {name} is not answering: {exc}"))
                 continue
             alerts += health_alerts(name, report, datetime.now(UTC), self.config.max_clock_skew_s)

@@ -1,6 +1,6 @@
 """The serial link: keeps one port open across unplugs and turns its bytes into frame events.
 
-All the I/O of the line lives here; `signer.wire.framing` stays a pure codec. A supervisor task opens
+All the I/O of the line lives here; signer/wire/framing.py stays a pure codec. A supervisor opens
 the port, and re-opens it whenever it disappears and comes back (a USB adapter pulled and
 plugged in again, a device that is not there yet at start). Each opening gets a fresh decoder,
 so half a frame from before a drop is never glued to what comes after, and starts by sending
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import serial
 import serial_asyncio
 
-from signer.errors import ErrorCode, SignerError
+from signer.errors import LinkDown
 from signer.wire.framing import (
     DEFAULT_MAX_FRAME,
     DELIMITER,
@@ -209,22 +209,20 @@ class SerialLink:
     async def send(self, message: Any) -> None:
         """Write one frame and wait while the transport's buffer is over its high-water mark.
 
-        Raises `SignerError(LINK_DOWN)` when the port is not open, or is lost while waiting.
+        Raises `LinkDown` when the port is not open, or is lost while waiting.
         One frame at a time: concurrent senders never interleave, and memory stays bounded.
         """
         frame = encode_frame(message)
         async with self._send_lock:
             conn = self._conn
             if conn is None or not conn.alive or conn.transport is None:
-                raise SignerError(ErrorCode.LINK_DOWN, f"serial line {self.name} is down")
+                raise LinkDown(f"serial line {self.name} is down")
             conn.transport.write(frame)
             self._counters.frames_out += 1
             self._counters.bytes_out += len(frame)
             await conn.writable.wait()
             if conn.lost.done():
-                raise SignerError(
-                    ErrorCode.LINK_DOWN, f"serial line {self.name} lost while sending"
-                )
+                raise LinkDown(f"serial line {self.name} lost while sending")
 
     @property
     def stats(self) -> LinkStats:

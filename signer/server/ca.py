@@ -21,9 +21,18 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from replication.log import Log
 from signer.errors import ErrorCode, SignerError
+from signer.pki.profiles import ProfileSet
+from signer.pki.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
+from signer.pki.x509_signing import (
+    CertificatePlan,
+    IssuanceRequest,
+    build_certificate,
+    new_serial,
+    plan_certificate,
+)
+from signer.server.dispatch import Handler, RequestContext
 from signer.server.health import Section
 from signer.server.hsm import Hsm
-from signer.pki.profiles import ProfileSet
 from signer.wire.protocol import (
     IssuerInfo,
     ListIssuersResult,
@@ -34,15 +43,6 @@ from signer.wire.protocol import (
     RevokeX509Result,
     SignX509Args,
     SignX509Result,
-)
-from signer.server.dispatch import Handler, RequestContext
-from signer.pki.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
-from signer.pki.x509_signing import (
-    CertificatePlan,
-    IssuanceRequest,
-    build_certificate,
-    new_serial,
-    plan_certificate,
 )
 from storage.repository import Repository
 

@@ -48,8 +48,7 @@ from pkcs11.mechanisms import MGF
 from pkcs11.util.ec import encode_named_curve_parameters
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from signer.errors import ErrorCode, SignerError
-from signer.tools.softhsm import find_softhsm_module
+from signer.errors import ErrorCode, HsmError, SignerError
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +125,8 @@ class HsmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     module: str = Field(
-        default_factory=lambda: find_softhsm_module() or "",
-        description="path of the PKCS#11 module (.so); default: SoftHSM2 found on this machine",
+        min_length=1,
+        description="path of the PKCS#11 module (.so): OpenSC, the HSM vendor's, or SoftHSM2",
     )
     token_label: str = Field(min_length=1, max_length=32)
     pin_file: Path | None = None
@@ -143,8 +142,6 @@ class HsmSettings(BaseModel):
             raise ValueError("set exactly one of pin_file and pin_env")
         if self.pin_env is not None and not self.pin_env:
             raise ValueError("pin_env must name an environment variable")
-        if not self.module:
-            raise ValueError("module is required: no SoftHSM2 module found on this machine")
         return self
 
     def resolved(self, base_dir: str | os.PathLike[str]) -> HsmSettings:
@@ -161,7 +158,7 @@ class HsmSettings(BaseModel):
         return self.model_copy(update=update)
 
 
-class KeyNotExtractableError(SignerError):
+class KeyNotExtractableError(HsmError):
     """Raised by the private-key methods an HSM key cannot support (export, decrypt, ECDH)."""
 
     def __init__(self, label: str, operation: str) -> None:
@@ -380,7 +377,7 @@ class HsmEcPrivateKey(HsmPrivateKey, ec.EllipticCurvePrivateKey):
         raw = self._sign_raw(Mechanism.ECDSA, None, digest)
         half = len(raw) // 2
         if len(raw) % 2 or half == 0:
-            raise SignerError(ErrorCode.HSM_ERROR, "the HSM returned a malformed ECDSA signature")
+            raise HsmError(ErrorCode.HSM_ERROR, "the HSM returned a malformed ECDSA signature")
         r = int.from_bytes(raw[:half], "big")
         s = int.from_bytes(raw[half:], "big")
         return encode_dss_signature(r, s)
@@ -399,7 +396,7 @@ def _public_rsa(priv: Any, pub: Any | None) -> rsa.RSAPublicKey:
             return rsa.RSAPublicNumbers(
                 int.from_bytes(exponent, "big"), int.from_bytes(modulus, "big")
             ).public_key()
-    raise SignerError(ErrorCode.HSM_ERROR, "the token does not show the RSA key's public values")
+    raise HsmError(ErrorCode.HSM_ERROR, "the token does not show the RSA key's public values")
 
 
 def _public_ec(priv: Any, pub: Any | None) -> ec.EllipticCurvePublicKey:
@@ -407,15 +404,15 @@ def _public_ec(priv: Any, pub: Any | None) -> ec.EllipticCurvePublicKey:
         _get_attr(pub, Attribute.EC_PARAMS) if pub is not None else None
     )
     if not params:
-        raise SignerError(ErrorCode.HSM_ERROR, "the token does not show the EC key's curve")
+        raise HsmError(ErrorCode.HSM_ERROR, "the token does not show the EC key's curve")
     domain = ECDomainParameters.load(params)
     curve_name = domain.chosen.native if domain.name == "named" else None
     curve = _CURVES.get(curve_name or "")
     if curve is None:
-        raise SignerError(ErrorCode.HSM_ERROR, f"unsupported EC curve {curve_name or 'explicit'}")
+        raise HsmError(ErrorCode.HSM_ERROR, f"unsupported EC curve {curve_name or 'explicit'}")
     point = _get_attr(pub, Attribute.EC_POINT) if pub is not None else None
     if not point:
-        raise SignerError(
+        raise HsmError(
             ErrorCode.HSM_ERROR,
             "no public key object next to the EC private key: cannot read the public point",
         )
@@ -458,7 +455,7 @@ class Hsm:
     def key(self, label: str) -> HsmPrivateKey:
         """The private key with this label, as a `cryptography` private key object.
 
-        Raises SignerError(HSM_KEY_NOT_FOUND) when the token has no private key with the label.
+        Raises HsmError(HSM_KEY_NOT_FOUND) when the token has no private key with the label.
         """
         cached = self._keys.get(label)  # no lock: a known key never waits for a signature
         if cached is not None:
@@ -476,7 +473,7 @@ class Hsm:
                     return HsmRsaPrivateKey(self, label, _public_rsa(priv, pub))
                 if key_type == KeyType.EC:
                     return HsmEcPrivateKey(self, label, _public_ec(priv, pub))
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_ERROR, f"key {label!r} has unsupported key type {key_type!r}"
                 )
 
@@ -530,13 +527,13 @@ class Hsm:
         if not label or len(label) > 64:
             raise SignerError(ErrorCode.BAD_ARGUMENTS, "key label must be 1-64 characters")
         if not self._read_write:
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_ERROR, "this Hsm was opened read-only: cannot generate keys"
             )
 
         def op(session: Any) -> None:
             if _find(session, {Attribute.LABEL: label}):
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_ERROR,
                     f"a key labelled {label!r} already exists in token "
                     f"{self._settings.token_label!r}: refusing to overwrite it",
@@ -580,7 +577,7 @@ class Hsm:
             if _get_attr(priv, Attribute.EXTRACTABLE) or not _get_attr(priv, Attribute.SENSITIVE):
                 priv.destroy()
                 pub.destroy()
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_ERROR,
                     f"the token made key {label!r} extractable or not sensitive; destroyed it",
                 )
@@ -655,7 +652,7 @@ class Hsm:
         # loop must not wait for it.
         with self._executor_lock:
             if self._closed:
-                raise SignerError(ErrorCode.HSM_UNAVAILABLE, "the HSM connection is closed")
+                raise HsmError(ErrorCode.HSM_UNAVAILABLE, "the HSM connection is closed")
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsm")
             executor = self._executor
@@ -752,29 +749,29 @@ class Hsm:
         token = self._settings.token_label
         detail = _p11_name(exc)
         if isinstance(exc, _GONE_ERRORS):
-            return SignerError(
+            return HsmError(
                 ErrorCode.HSM_UNAVAILABLE,
                 f"token {token!r} is not present (removed?) while {what} ({detail})",
             )
         if isinstance(exc, (p11e.DeviceError, p11e.DeviceMemory, p11e.GeneralError)):
-            return SignerError(
+            return HsmError(
                 ErrorCode.HSM_ERROR, f"HSM device error while {what} ({detail}); will re-initialise"
             )
         if self._is_stale(exc):
-            return SignerError(
+            return HsmError(
                 ErrorCode.HSM_ERROR,
                 f"HSM session lost while {what} ({detail}); will re-initialise",
             )
         if isinstance(exc, p11e.NoSuchKey):
-            return SignerError(ErrorCode.HSM_KEY_NOT_FOUND, f"no key for {what} in token {token!r}")
+            return HsmError(ErrorCode.HSM_KEY_NOT_FOUND, f"no key for {what} in token {token!r}")
         if isinstance(exc, tuple(_PIN_ERRORS)):
-            return SignerError(ErrorCode.HSM_LOGIN_FAILED, _PIN_ERRORS[type(exc)])
-        return SignerError(ErrorCode.HSM_ERROR, f"the HSM refused {what} ({detail})")
+            return HsmError(ErrorCode.HSM_LOGIN_FAILED, _PIN_ERRORS[type(exc)])
+        return HsmError(ErrorCode.HSM_ERROR, f"the HSM refused {what} ({detail})")
 
     def _ensure_session(self) -> Any:
         """The live session; (re)open it when missing, broken or from an older generation."""
         if self._closed:
-            raise SignerError(ErrorCode.HSM_UNAVAILABLE, "the HSM connection is closed")
+            raise HsmError(ErrorCode.HSM_UNAVAILABLE, "the HSM connection is closed")
         module = self._module
         if (
             self._session is not None
@@ -797,13 +794,13 @@ class Hsm:
         if module is not None:
             return module
         if "/" in path and not os.path.exists(path):
-            raise SignerError(ErrorCode.HSM_UNAVAILABLE, f"PKCS#11 module {path} does not exist")
+            raise HsmError(ErrorCode.HSM_UNAVAILABLE, f"PKCS#11 module {path} does not exist")
         self._apply_softhsm_conf()
         try:
             lib = pkcs11.lib(path)
         except p11e.PKCS11Error as exc:
             hint = " (check SOFTHSM2_CONF)" if "softhsm" in path.lower() else ""
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_UNAVAILABLE,
                 f"cannot load or initialise PKCS#11 module {path}{hint}: {_p11_name(exc)}",
             ) from exc
@@ -828,7 +825,7 @@ class Hsm:
         try:
             module.lib.initialize()
         except p11e.PKCS11Error as exc:
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_UNAVAILABLE,
                 f"cannot re-initialise PKCS#11 module {module.path}: {_p11_name(exc)}",
             ) from exc
@@ -856,12 +853,12 @@ class Hsm:
                     self._reinitialize(module)
                     reinitialised = True
                     continue
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_UNAVAILABLE,
                     f"no token labelled {label!r} in {module.path} (not connected or removed?)",
                 ) from exc
             except p11e.MultipleTokensReturned as exc:
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_ERROR, f"several tokens are labelled {label!r}"
                 ) from exc
             except p11e.PKCS11Error as exc:
@@ -869,7 +866,7 @@ class Hsm:
                     self._reinitialize(module)
                     reinitialised = True
                     continue
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_UNAVAILABLE,
                     f"cannot list the tokens of {module.path}: {_p11_name(exc)}",
                 ) from exc
@@ -878,7 +875,7 @@ class Hsm:
         try:
             session = token.open(rw=self._read_write)
         except p11e.PKCS11Error as exc:
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_UNAVAILABLE,
                 f"cannot open a session on token {label!r}: {_p11_name(exc)}",
             ) from exc
@@ -897,14 +894,14 @@ class Hsm:
         login = module.logins.get(label)
         if login is not None:
             if check != login.pin_check:
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_LOGIN_FAILED,
                     f"the PIN for token {label!r} differs from the one this process logged in "
                     "with: refusing it",
                 )
             return login
         if module.refused_pins.get(label) == check:
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_LOGIN_FAILED,
                 f"token {label!r} refused this PIN before; not trying it again so that the HSM "
                 "does not lock the PIN: correct the PIN source",
@@ -918,12 +915,12 @@ class Hsm:
         except tuple(_PIN_ERRORS) as exc:
             if isinstance(exc, (p11e.PinIncorrect, p11e.PinLocked)):
                 module.refused_pins[label] = check
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_LOGIN_FAILED,
                 f"login to token {label!r} failed: {_PIN_ERRORS[type(exc)]}",
             ) from None
         except p11e.PKCS11Error as exc:
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_UNAVAILABLE,
                 f"cannot log in to token {label!r}: {_p11_name(exc)}",
             ) from exc
@@ -953,7 +950,7 @@ class Hsm:
         if settings.pin_env is not None:
             value = os.environ.get(settings.pin_env)
             if not value:
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_LOGIN_FAILED,
                     f"environment variable {settings.pin_env} (the HSM PIN) is not set or empty",
                 )
@@ -963,15 +960,15 @@ class Hsm:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError as exc:
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_LOGIN_FAILED, f"cannot open PIN file {path}: {exc.strerror}"
             ) from None
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
-                raise SignerError(ErrorCode.HSM_LOGIN_FAILED, f"PIN file {path} is not a file")
+                raise HsmError(ErrorCode.HSM_LOGIN_FAILED, f"PIN file {path} is not a file")
             if mode & 0o077:
-                raise SignerError(
+                raise HsmError(
                     ErrorCode.HSM_LOGIN_FAILED,
                     f"PIN file {path} is accessible by group or others (mode "
                     f"{stat.S_IMODE(mode):04o}): refusing to use it; run chmod 600 on it",
@@ -982,7 +979,7 @@ class Hsm:
             os.close(fd)
         value = raw.decode("utf-8", errors="strict").rstrip("\r\n")
         if not value:
-            raise SignerError(ErrorCode.HSM_LOGIN_FAILED, f"PIN file {path} is empty")
+            raise HsmError(ErrorCode.HSM_LOGIN_FAILED, f"PIN file {path} is empty")
         return value
 
     # -- object lookup ------------------------------------------------------------------------
@@ -990,12 +987,12 @@ class Hsm:
     def _private_object(self, session: Any, label: str) -> Any:
         found = _find(session, {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})
         if not found:
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_KEY_NOT_FOUND,
                 f"no private key labelled {label!r} in token {self._settings.token_label!r}",
             )
         if len(found) > 1:
-            raise SignerError(
+            raise HsmError(
                 ErrorCode.HSM_ERROR,
                 f"{len(found)} private keys are labelled {label!r}: labels must be unique",
             )

@@ -13,20 +13,20 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from replication.control import ControlServer
 from replication.log import LocalLog, Log
 from replication.raft import RaftLog
-from signer.server.ca import CertificateAuthority, Issuer, KeyMismatchError
-from signer.config import SignerConfig
-from signer.server.crl import CrlService
 from signer.errors import SignerError
+from signer.link.serial_link import LinkSettings, SerialLink
+from signer.pki.profiles import load_profiles
+from signer.server.ca import CertificateAuthority, Issuer, KeyMismatchError
+from signer.server.config import SignerConfig
+from signer.server.control import ControlServer
+from signer.server.crl import CrlService
+from signer.server.dispatch import Handler, ProtocolHandler, RequestContext
 from signer.server.health import Health, Section
 from signer.server.hsm import Hsm
 from signer.server.openpgp import OpenPgpService
-from signer.pki.profiles import load_profiles
 from signer.wire.protocol import COMMANDS, HealthArgs, RequestStatusArgs, RequestStatusResult
-from signer.server.dispatch import Handler, ProtocolHandler, RequestContext
-from signer.link.serial_link import LinkSettings, SerialLink
 from storage.repository import Repository
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ private keys are generated in the token as non-extractable, sign-only objects.
 
 YAML (relative paths resolve against the YAML file's directory):
 
-    hsm: {module?, token_label, pin_env | pin_file, softhsm_conf?, retry_reinit?}
+    hsm: {module, token_label, pin_env | pin_file, softhsm_conf?, retry_reinit?}
     output_dir: ca
     keys: [{label, kind: rsa-2048|rsa-3072|rsa-4096|ec-p256|ec-p384}]
     certificates:

@@ -33,13 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from signer.tools.ceremony import run_ceremony
 from signer.client.library import SignerClient
-from signer.config import validate
-from signer.errors import ErrorCode, SignerError
-from signer.tools.line_emulator import LineEmulator
-from signer.link.serial_link import LinkSettings
-from signer.tools.softhsm import new_token
 from signer.client.webdb import (
     WebdbClient,
     WebdbClientConfig,
@@ -47,6 +41,12 @@ from signer.client.webdb import (
     openpgp_row,
     request_revocation,
 )
+from signer.config import validate
+from signer.errors import RequestTimeout, SignerError, Unreachable
+from signer.link.serial_link import LinkSettings
+from signer.tools.ceremony import run_ceremony
+from signer.tools.line_emulator import LineEmulator
+from signer.tools.softhsm import SoftHsmError, find_softhsm_module, new_token
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 SIGNERS = ("a", "b")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     say: Say = (lambda _t: None) if args.json else print
     try:
         report = run(workdir, args.baud, say)
-    except SignerError as exc:
+    except (SignerError, Unreachable) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -165,7 +165,15 @@ def make_token(workdir: Path, say: Say) -> dict[str, Any]:
     if not pin_file.exists():
         conf, pin_file = new_token(store, TOKEN_LABEL)
         say(f"demo: SoftHSM2 token {TOKEN_LABEL!r} initialised in {store}")
-    return {"token_label": TOKEN_LABEL, "pin_file": str(pin_file), "softhsm_conf": str(conf)}
+    module = find_softhsm_module()
+    if module is None:
+        raise SoftHsmError("SoftHSM2 is not installed (Debian: apt install softhsm2)")
+    return {
+        "module": module,
+        "token_label": TOKEN_LABEL,
+        "pin_file": str(pin_file),
+        "softhsm_conf": str(conf),
+    }
 
 
 def make_ca(workdir: Path, hsm: dict[str, Any], say: Say) -> Path:
@@ -335,8 +343,8 @@ async def wait_ready(client: SignerClient, say: Say, limit: float = 60.0) -> Non
         try:
             await client.call("health", timeout=1.0, attempts=1)
             return
-        except SignerError as exc:
-            if exc.code is not ErrorCode.TIMEOUT or time.monotonic() > deadline:
+        except RequestTimeout:
+            if time.monotonic() > deadline:
                 raise
             say("demo: waiting for the signer to answer ...")
 

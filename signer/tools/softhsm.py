@@ -5,7 +5,7 @@ production without a hardware HSM. These helpers create a private token store (n
 system-wide one) and initialise tokens without prompts.
 
 Note: SoftHSM reads SOFTHSM2_CONF when the library is initialised (C_Initialize), and it only
-notices tokens created by another process after a re-initialisation. `signer.server.hsm.Hsm` does that
+notices tokens created by another process after a re-initialisation. `Hsm` does that
 by itself when a token label is not found.
 """
 

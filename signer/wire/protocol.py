@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from signer.errors import ErrorCode, SignerError
+from signer.errors import ErrorCode, ProtocolError, SignerError
 from signer.wire.framing import pack_message
 
 PROTOCOL_VERSION = 1
@@ -253,7 +253,7 @@ def decode_request(message: Any) -> Request:
     The error's details hold the request id when it could be read, so the answer can carry it.
     """
     if not isinstance(message, dict):
-        raise SignerError(ErrorCode.BAD_ENVELOPE, "a request must be a msgpack map")
+        raise ProtocolError(ErrorCode.BAD_ENVELOPE, "a request must be a msgpack map")
     request_id = _request_id(message)
     known = {"v", "id", "cmd", "args"}
     if unknown := sorted(str(k) for k in message if k not in known):
@@ -267,7 +267,7 @@ def decode_request(message: Any) -> Request:
             supported=list(SUPPORTED_VERSIONS),
         )
     if request_id is None:
-        raise SignerError(
+        raise ProtocolError(
             ErrorCode.BAD_ENVELOPE, f"id must be a string of 1 to {MAX_REQUEST_ID} characters"
         )
     name = message.get("cmd")
@@ -306,7 +306,7 @@ def _request_id(message: dict[Any, Any]) -> str | None:
 def _with_id(code: ErrorCode, text: str, request_id: str | None, **details: Any) -> SignerError:
     if request_id is not None:
         details["id"] = request_id
-    return SignerError(code, text, details)
+    return ProtocolError(code, text, details)
 
 
 def _validate_args(command: Command, raw: dict[str, Any], request_id: str) -> Args:
@@ -359,16 +359,16 @@ def encode_request(request_id: str, command: str, args: dict[str, Any]) -> dict[
 def decode_response(message: Any) -> Response | ErrorResponse:
     """Check one decoded frame as a response; a malformed one raises BAD_ENVELOPE."""
     if not isinstance(message, dict) or message.get("v") != PROTOCOL_VERSION:
-        raise SignerError(ErrorCode.BAD_ENVELOPE, "not a version 1 response")
+        raise ProtocolError(ErrorCode.BAD_ENVELOPE, "not a version 1 response")
     request_id = message.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise SignerError(ErrorCode.BAD_ENVELOPE, "response id must be a string or nil")
+        raise ProtocolError(ErrorCode.BAD_ENVELOPE, "response id must be a string or nil")
     if message.get("ok") is True and isinstance(message.get("result"), dict):
         return Response(request_id, message["result"])
     error = message.get("error")
     if message.get("ok") is False and isinstance(error, dict):
         return ErrorResponse(request_id, _wire_error(error))
-    raise SignerError(ErrorCode.BAD_ENVELOPE, "response has neither a result nor an error")
+    raise ProtocolError(ErrorCode.BAD_ENVELOPE, "response has neither a result nor an error")
 
 
 def _wire_error(error: dict[str, Any]) -> SignerError:
@@ -377,4 +377,4 @@ def _wire_error(error: dict[str, Any]) -> SignerError:
     try:
         return SignerError(ErrorCode(code), str(text), details)
     except ValueError:
-        return SignerError(ErrorCode.INTERNAL_ERROR, f"unknown error code {code!r}: {text}")
+        return ProtocolError(ErrorCode.INTERNAL_ERROR, f"unknown error code {code!r}: {text}")
