@@ -76,15 +76,15 @@ def _demo(argv: list[str]) -> int:
 
 
 def _webdb_client(argv: list[str]) -> int:
-    from signer.client import webdb as webdb_client
+    from signer import cli_webdb
 
-    return webdb_client.main(argv)
+    return cli_webdb.main(argv)
 
 
 def _openpgp_export(argv: list[str]) -> int:
-    from signer.server import openpgp as openpgp_signing
+    from signer import cli_openpgp
 
-    return openpgp_signing.export_main(argv)
+    return cli_openpgp.main(argv)
 
 
 def _cluster(argv: list[str]) -> int:

@@ -15,16 +15,13 @@ Why it is built this way (docs/webdb-client.md has the whole story):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import re
-import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -43,7 +40,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from signer.client.crl_refresh import BadCrl, CrlRefresher
 from signer.client.library import SignerClient, new_request_id
-from signer.config import ConfigError, LinkConfig, Section, check_secret_file, load
+from signer.config import LinkConfig, Section, check_secret_file
 from signer.errors import ClientFailure, ErrorCode, SignerError, Unreachable
 from signer.pki.openpgp_armor import armor
 from signer.wire.protocol import MAX_CSR, MAX_OPENPGP_KEY
@@ -1210,52 +1207,6 @@ def make_spkac(key: Any) -> bytes:
     return out.stdout
 
 
-# --- command line ----------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="signer webdb-client",
-        description="poll the WebDB database, drive the signer, write the results back",
-    )
-    parser.add_argument("--config", type=Path, required=True, help="webdb-client YAML file")
-    parser.add_argument(
-        "--once", action="store_true", help="one pass (requests, CRLs, health), then exit"
-    )
-    args = parser.parse_args(argv)
-    try:
-        config = load(args.config, WebdbClientConfig)
-        if config.database.password_file:
-            check_secret_file(config.database.password_file)
-    except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        return asyncio.run(_run(config, args.once))
-    except KeyboardInterrupt:
-        return 130
-
-
-async def _run(config: WebdbClientConfig, once: bool) -> int:
-    async with WebdbClient(config) as client:
-        if once:
-            outcome = await client.run_once()
-            unreachable = any("not answering" in a.text for a in outcome["alerts"])
-            return 3 if unreachable else 0
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        log.info("webdb client polling every %.0f s", config.poll_interval)
-        await client.run_forever(stop)
-    return 0
-
-
 __all__ = [
     "Database",
     "DatabaseConfig",
@@ -1268,7 +1219,6 @@ __all__ = [
     "create_schema",
     "demo_rows",
     "health_alerts",
-    "main",
     "openpgp_row",
     "publish_crl",
     "request_revocation",

@@ -11,10 +11,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from signer import __version__
+from signer.clock import utcnow
 from signer.wire.protocol import HealthResult
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ class Section:
 
 
 Provider = Callable[[], Awaitable[Section]]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Health:

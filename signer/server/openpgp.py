@@ -20,14 +20,11 @@ nothing is certified.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -35,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from replication.log import Log
-from signer.config import ConfigError, load
+from signer.config import ConfigError
 from signer.errors import ErrorCode, SignerError
 from signer.pki.openpgp import (
     DIGEST_ORDER,
@@ -59,8 +56,7 @@ from signer.pki.openpgp import (
     signature_issuer,
     splice,
 )
-from signer.pki.openpgp_armor import armor
-from signer.server.config import OpenPgpConfig, SignerConfig
+from signer.server.config import OpenPgpConfig
 from signer.server.dispatch import Handler, RequestContext
 from signer.server.health import Section
 from signer.server.hsm import Hsm
@@ -569,38 +565,3 @@ class OpenPgpService:
 
 
 # --- `signer openpgp-export` -----------------------------------------------------------------
-
-
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """`signer openpgp-export --config signer.yaml [--out FILE] [--armor]`: the CA's public key."""
-    parser = argparse.ArgumentParser(
-        prog="signer openpgp-export",
-        description="Write the OpenPGP CA's public key, self-signed by the HSM, for publication. "
-        "Its fingerprint never changes (the creation time comes from openpgp-ca.yaml).",
-    )
-    parser.add_argument("--config", required=True, type=Path, help="signer YAML file")
-    parser.add_argument("--out", type=Path, help="output file (default: standard output)")
-    parser.add_argument("--armor", action="store_true", help="ASCII armor")
-    args = parser.parse_args(argv)
-    try:
-        config = load(args.config, SignerConfig)
-        if config.openpgp is None or config.hsm is None:
-            raise ConfigError(f"{args.config}: needs the hsm and openpgp sections")
-        with Hsm(config.hsm) as hsm:
-            certifier = pgpy_certifier(hsm, config.openpgp)
-            blob = certifier.export_ca_public_key()
-            fingerprint = certifier.ca_fingerprint()
-    except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
-        return 2
-    except SignerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.armor:
-        blob = armor(blob)
-    if args.out:
-        args.out.write_bytes(blob)
-    else:
-        sys.stdout.buffer.write(blob)
-    print(f"OpenPGP CA fingerprint: {fingerprint.hex().upper()}", file=sys.stderr)
-    return 0

@@ -15,13 +15,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("signer", "storage", "replication")
 
-CORE = ("signer.errors", "signer.wire", "signer.pki", "signer.__init__")
+CORE = ("signer.errors", "signer.clock", "signer.wire", "signer.pki", "signer.__init__")
 LINK = (*CORE, "signer.link")
 SHARED = (*LINK, "signer.config")
 # layer (module prefix) -> what it may import from this project (prefixes)
 ALLOWED: dict[str, tuple[str, ...]] = {
     "signer.__init__": CORE,
     "signer.errors": CORE,
+    "signer.clock": CORE,
     "signer.wire": CORE,
     "signer.pki": CORE,
     "signer.link": LINK,
