@@ -60,8 +60,10 @@ class SignatureAlgorithm:
         """Sign a digest computed here: an HSM key gets 32 to 64 bytes, not the CRL."""
         prehashed = Prehashed(self.hash)
         if self.family == "rsa":
-            return key.sign(digest, padding.PKCS1v15(), prehashed)
-        return key.sign(digest, ec.ECDSA(prehashed))
+            signature: bytes = key.sign(digest, padding.PKCS1v15(), prehashed)
+        else:
+            signature = key.sign(digest, ec.ECDSA(prehashed))
+        return signature
 
     def verify(self, public_key: Any, signature: bytes, digest: bytes) -> bool:
         prehashed = Prehashed(self.hash)
@@ -120,9 +122,7 @@ class CrlIssuer:
             ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
             key_id = ski.value.digest
         except x509.ExtensionNotFound:
-            key_id = x509.SubjectKeyIdentifier.from_public_key(
-                certificate.public_key()  # type: ignore[arg-type]
-            ).digest
+            key_id = x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest
         name = _subject_der(certificate.tbs_certificate_bytes)
         return cls(name, key_id, certificate.public_key())
 

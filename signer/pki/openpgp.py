@@ -118,7 +118,8 @@ def dearmor(blob: bytes) -> bytes:
         text = blob.decode("ascii")
     except UnicodeDecodeError:
         raise refuse(ErrorCode.PGP_MALFORMED, "armored data is not ASCII") from None
-    out, block, body, kind = bytearray(), None, [], ""
+    out, block, kind = bytearray(), None, ""
+    body: list[str] = []
     for raw in text.splitlines():
         line = raw.strip()
         if line.startswith("-----BEGIN PGP ") and block is None:

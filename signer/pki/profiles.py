@@ -69,7 +69,8 @@ KeyUsageName = Literal[
     "encipherOnly",
     "decipherOnly",
 ]
-ALLOWED_DIGESTS = ("sha256", "sha384", "sha512")
+Digest = Literal["sha256", "sha384", "sha512"]
+ALLOWED_DIGESTS: tuple[Digest, ...] = ("sha256", "sha384", "sha512")
 FORBIDDEN_DIGESTS = frozenset({"md2", "md4", "md5", "sha1", "sha-1", "sha"})
 EKU_NAMES: dict[str, str] = {
     "serverAuth": "1.3.6.1.5.5.7.3.1",
@@ -338,9 +339,7 @@ class Profile(_Model):
     sans: SanRules = SanRules()
     keys: KeyRules = KeyRules()
     validity: ValidityRules
-    digests: list[Literal["sha256", "sha384", "sha512"]] = Field(
-        default_factory=lambda: list(ALLOWED_DIGESTS), min_length=1
-    )
+    digests: list[Digest] = Field(default_factory=lambda: list(ALLOWED_DIGESTS), min_length=1)
     key_usage: KeyUsageRules
     extended_key_usage: ExtKeyUsageRules | None = None
     basic_constraints: BasicConstraintsRules = BasicConstraintsRules()
@@ -492,10 +491,12 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    lambda loader, node: _construct_mapping(loader, node, deep=True),
-)
+def _strict_mapping(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    assert isinstance(loader, _StrictLoader) and isinstance(node, yaml.MappingNode)
+    return _construct_mapping(loader, node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -553,7 +554,7 @@ def _describe(error: Any) -> str:
             ]
             return "unknown key; expected one of: " + ", ".join(keys)
         return "unknown key"
-    message = error["msg"]
+    message = str(error["msg"])
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     if kind not in ("value_error", "assertion_error") and "input" in error:

@@ -84,7 +84,8 @@ def crl_entry(
     }
     if extensions:
         entry["crl_entry_extensions"] = extensions
-    return asn1_crl.RevokedCertificate(entry).dump()
+    der: bytes = asn1_crl.RevokedCertificate(entry).dump()
+    return der
 
 
 def _time(moment: datetime) -> dict[str, datetime]:

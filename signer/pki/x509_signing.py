@@ -22,6 +22,7 @@ import math
 import re
 import secrets
 import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
 
 from signer.errors import ErrorCode, SignerError
+from signer.pki.der import der_header
 from signer.pki.profiles import EKU_NAMES, SUBJECT_ATTRIBUTES, Profile
 
 # Bounds applied before any parsing, so hostile input costs nothing.
@@ -167,35 +169,16 @@ class _ParsedRequest:
     fmt: str
 
 
-def _der_header(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, start of content, content length) of the DER element at pos; ValueError if bad."""
-    if pos + 2 > len(data):
-        raise ValueError("truncated DER")
-    tag, first = data[pos], data[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or pos + count > len(data):
-            raise ValueError("bad DER length")
-        length = int.from_bytes(data[pos : pos + count], "big")
-        pos += count
-    if pos + length > len(data):
-        raise ValueError("truncated DER")
-    return tag, pos, length
-
-
 def _looks_like_spkac_der(der: bytes) -> bool:
     """SignedPublicKeyAndChallenge starts SEQ{SEQ{SEQ(spki)...}}; PKCS#10 SEQ{SEQ{INTEGER...}}."""
     try:
-        tag, pos, _ = _der_header(der, 0)
+        tag, pos, _ = der_header(der, 0)
         if tag != 0x30:
             return False
-        tag, pos, _ = _der_header(der, pos)
+        tag, pos, _ = der_header(der, pos)
         if tag != 0x30:
             return False
-        tag, _, _ = _der_header(der, pos)
+        tag, _, _ = der_header(der, pos)
         return tag == 0x30
     except ValueError:
         return False
@@ -210,10 +193,10 @@ def _parse_spkac(
     """Parse SignedPublicKeyAndChallenge; the signature is checked later (after key rules)."""
     from asn1crypto import algos, core, keys
 
-    class PublicKeyAndChallenge(core.Sequence):
+    class PublicKeyAndChallenge(core.Sequence):  # type: ignore[misc]  # untyped asn1crypto
         _fields = [("spki", keys.PublicKeyInfo), ("challenge", core.IA5String)]
 
-    class SignedPublicKeyAndChallenge(core.Sequence):
+    class SignedPublicKeyAndChallenge(core.Sequence):  # type: ignore[misc]
         _fields = [
             ("public_key_and_challenge", PublicKeyAndChallenge),
             ("signature_algorithm", algos.SignedDigestAlgorithm),
@@ -323,7 +306,7 @@ def _spkac_text(data: bytes) -> tuple[bytes, list[tuple[str, str]]]:
 def _load_pkcs10(der: bytes) -> _ParsedRequest:
     try:
         csr = x509.load_der_x509_csr(der)
-        spki_oid = csr.public_key_algorithm_oid.dotted_string
+        spki_oid = csr.public_key_algorithm_oid.dotted_string  # type: ignore[attr-defined]
         name = csr.subject
     except Exception as exc:  # untrusted bytes: ValueError, InvalidVersion, ... all mean BAD_CSR
         raise _err(ErrorCode.BAD_CSR, f"malformed PKCS#10 request: {_short(str(exc))}") from None
@@ -728,7 +711,7 @@ def _resolve_sans(raw: object, profile: Profile) -> list[tuple[str, str]]:
                 ErrorCode.BAD_SAN,
                 f"unknown SAN type {_short(kind)}; expected one of {', '.join(SAN_TYPES)}",
             )
-        rule = rules.allowed.get(kind)  # type: ignore[call-overload]
+        rule = rules.allowed.get(kind)
         if rule is None:
             raise _err(
                 ErrorCode.FORBIDDEN_SAN_TYPE,
@@ -763,10 +746,10 @@ def _resolve_sans(raw: object, profile: Profile) -> list[tuple[str, str]]:
 
 
 def _decode_utf8string(der: bytes) -> str:
-    tag, pos, length = _der_header(der, 0)
-    if tag != 0x0C or pos + length != len(der):
+    tag, pos, end = der_header(der, 0)
+    if tag != 0x0C or end != len(der):
         raise ValueError("not a UTF8String")
-    return der[pos : pos + length].decode("utf-8")
+    return der[pos:end].decode("utf-8")
 
 
 def _sans_from_csr(csr: x509.CertificateSigningRequest | None) -> list[tuple[str, str]]:
@@ -883,10 +866,10 @@ class _CompiledProfile:
     """The parts of a profile's extensions that do not depend on the request."""
 
     fixed: tuple[x509.Extension[x509.ExtensionType], ...]
-    key_usage: dict[str, x509.Extension[x509.ExtensionType]]
+    key_usage: Mapping[str, x509.Extension[x509.KeyUsage]]
 
 
-def _key_usage(bits: list[str]) -> x509.KeyUsage:
+def _key_usage(bits: Sequence[str]) -> x509.KeyUsage:
     flags = set(bits)
     return x509.KeyUsage(
         digital_signature="digitalSignature" in flags,
@@ -987,18 +970,17 @@ def _compile(profile: Profile) -> _CompiledProfile:
     return _CompiledProfile(fixed=tuple(fixed), key_usage=key_usage)
 
 
-_COMPILED: dict[int, tuple[Profile, _CompiledProfile]] = {}
+_COMPILED: dict[str, tuple[Profile, _CompiledProfile]] = {}
 
 
 def _compiled(profile: Profile) -> _CompiledProfile:
-    """Per-profile constant extensions, built once (profiles are immutable)."""
-    hit = _COMPILED.get(id(profile))
-    if hit is not None and hit[0] is profile:
+    """Per-profile constant extensions, built once per profile name (profiles are immutable; a
+    reloaded profile set with a changed profile of the same name is compiled again)."""
+    hit = _COMPILED.get(profile.name)
+    if hit is not None and (hit[0] is profile or hit[0] == profile):
         return hit[1]
     compiled = _compile(profile)
-    if len(_COMPILED) > 256:
-        _COMPILED.clear()
-    _COMPILED[id(profile)] = (profile, compiled)
+    _COMPILED[profile.name] = (profile, compiled)
     return compiled
 
 

@@ -224,7 +224,7 @@ def _hash_name(algorithm: hashes.HashAlgorithm) -> str:
     return algorithm.name.replace("-", "").lower()
 
 
-def _digest(data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> tuple[bytes, str]:
+def _digest(data: bytes | bytearray | memoryview, algorithm: Any) -> tuple[bytes, str]:
     """(digest, hash name): hash locally, or take `data` as the digest for Prehashed."""
     if isinstance(algorithm, Prehashed):
         hash_alg = algorithm._algorithm
@@ -313,7 +313,7 @@ class HsmRsaPrivateKey(HsmPrivateKey, rsa.RSAPrivateKey):
         self,
         data: bytes,
         padding: asym_padding.AsymmetricPadding,
-        algorithm: hashes.HashAlgorithm | Prehashed,
+        algorithm: Any,  # hashes.HashAlgorithm | Prehashed; anything else is refused
     ) -> bytes:
         digest, name = _digest(data, algorithm)
         if isinstance(padding, asym_padding.PKCS1v15):
@@ -368,7 +368,11 @@ class HsmEcPrivateKey(HsmPrivateKey, ec.EllipticCurvePrivateKey):
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(
+        self,
+        data: bytes | bytearray | memoryview,
+        signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
+    ) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise UnsupportedAlgorithm("only ECDSA is supported for HSM EC keys")
         if getattr(signature_algorithm, "deterministic_signing", False):

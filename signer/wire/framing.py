@@ -53,7 +53,8 @@ def max_encoded_size(max_payload: int) -> int:
 
 def pack_message(message: Any) -> bytes:
     """msgpack with the wire conventions: bin for bytes, str for text, Timestamp for datetimes."""
-    return msgpack.packb(message, use_bin_type=True, datetime=True)
+    packed: bytes = msgpack.packb(message, use_bin_type=True, datetime=True)
+    return packed
 
 
 def unpack_message(payload: bytes) -> Any:
@@ -65,7 +66,8 @@ def encode_frame(message: Any) -> bytes:
     """The bytes to write for one message, delimiter included."""
     payload = pack_message(message)
     crc = zlib.crc32(payload).to_bytes(CRC_SIZE, "big")
-    return cobs.encode(payload + crc) + DELIMITER
+    encoded: bytes = cobs.encode(payload + crc)
+    return encoded + DELIMITER
 
 
 class FrameDecoder:

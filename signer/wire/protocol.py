@@ -375,6 +375,6 @@ def _wire_error(error: dict[str, Any]) -> SignerError:
     code, text = error.get("code"), error.get("message")
     details = error.get("details") if isinstance(error.get("details"), dict) else None
     try:
-        return SignerError(ErrorCode(code), str(text), details)
+        return SignerError(ErrorCode(str(code)), str(text), details)
     except ValueError:
         return ProtocolError(ErrorCode.INTERNAL_ERROR, f"unknown error code {code!r}: {text}")
