@@ -15,7 +15,7 @@ class Alert:
 
     level: Level
     text: str
-    line: str = ""
+    line: str
     unanswered: bool = False  # the signer gave no health report at all
 
 
