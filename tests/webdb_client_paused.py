@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, when run as a script
+
 from signer.client.webdb import Job, WebdbClient, WebdbClientConfig
 from signer.config import load
 
