@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,19 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 # The project root first: bench/replication.py must not shadow the replication package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from signer.client.webdb import (
-    WebdbClient,
-    WebdbClientConfig,
-    create_schema,
-    insert_row,
-    make_csr,
-    write_atomically,
-)
+from signer.client.webdb import WebdbClient, WebdbClientConfig, write_atomically
 from signer.config import validate
 from signer.errors import SignerError
 from signer.tools.ceremony import run_ceremony
 from signer.tools.line_emulator import LineEmulator
 from signer.tools.softhsm import find_softhsm_module, new_token
+from signer.tools.webdb_fixture import create_schema, insert_row, make_csr
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "bench"
@@ -170,7 +163,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-webdb-") as tmp:
         work = Path(tmp)
         hsm = make_ca(work)
-        os.environ.pop("SIGNER_WEBDB_PAUSE_AFTER_ANSWER", None)
         with LineEmulator(work / "line", baud=args.baud) as line:
             signer = start_signer(work, line.end_a, args.baud, hsm)
             try:

@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from signer.client.crl_refresh import BadCrl, CrlRefresher, refresh_file
+from signer.client.crl_refresh import (
+    BadCrl,
+    CrlRefresher,
+    crl_number_of,
+    held_crl,
+    refresh_file,
+    verify_crl,
+)
 from signer.client.library import SignerClient
 from signer.config import load
 from signer.errors import LinkDown, Unreachable
@@ -155,6 +162,34 @@ async def _scenario(
         assert harness.repository.check_consistency().ok
     finally:
         harness.close()
+
+
+# --------------------------------------------------------------------------- verification
+
+
+async def test_a_crl_is_the_issuers_signed_and_never_older_than_the_one_held(
+    harness, tmp_path: Path
+) -> None:
+    first = await harness.service.publish("test")
+    await harness.revoke()
+    second = await harness.service.publish("test")
+    assert crl_number_of(second.der) == second.number == first.number + 1
+    assert crl_number_of(None) is None and crl_number_of(b"not a CRL") is None
+    assert verify_crl(second.der, harness.certificate, not_older_than=first.number) == second.number
+    with pytest.raises(BadCrl, match="older than"):
+        verify_crl(first.der, harness.certificate, not_older_than=second.number)
+    with pytest.raises(BadCrl, match="not a DER CRL"):
+        verify_crl(b"\x30\x03\x02\x01\x01", harness.certificate)
+    flipped = second.der[:-1] + bytes([second.der[-1] ^ 1])
+    with pytest.raises(BadCrl):
+        verify_crl(flipped, harness.certificate)
+
+    held = tmp_path / "held.crl"
+    assert held_crl(held, harness.certificate) is None  # none yet
+    held.write_bytes(flipped)
+    assert held_crl(held, harness.certificate) is None  # not one to build on: fetch it whole
+    held.write_bytes(second.der)
+    assert held_crl(held, harness.certificate) == second.der
 
 
 # --------------------------------------------------------------------------- fallbacks

@@ -24,7 +24,6 @@ from cryptography.x509.oid import ExtensionOID
 
 from signer.client.crl_refresh import BadCrl, CrlRefresher
 from signer.client.webdb import (
-    PAUSE_HOOK_ENV,
     REVOCATION_SENTINEL,
     X509_TABLES,
     Database,
@@ -32,17 +31,11 @@ from signer.client.webdb import (
     ValidityConfig,
     WebdbClient,
     WebdbClientConfig,
-    create_schema,
     db_time,
-    demo_rows,
     health_alerts,
-    insert_row,
-    make_csr,
-    openpgp_row,
     plan_x509,
     profile_for,
     publish_crl,
-    request_revocation,
     split_subject,
 )
 from signer.config import ConfigError, load
@@ -50,6 +43,14 @@ from signer.link.serial_link import LinkSettings
 from signer.server.config import SignerConfig
 from signer.server.process import SignerServer
 from signer.tools.line_emulator import LineEmulator
+from signer.tools.webdb_fixture import (
+    create_schema,
+    demo_rows,
+    insert_row,
+    make_csr,
+    openpgp_row,
+    request_revocation,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = 921600
@@ -240,6 +241,23 @@ def test_health_alerts():
     assert any("+300 s" in t for t in texts)
     assert any("lost its quorum" in t for t in texts)
     assert any("class1 has expired" in t for t in texts)
+    assert {(a.line, a.unanswered) for a in health_alerts("A", sick, now, 60)} == {("A", False)}
+    said = {  # what the signer's own lines (each starts with its section) say is not repeated
+        **sick,
+        "time": now,
+        "warnings": ["cluster: no quorum: nothing can be issued or revoked",
+                     "cas: class1: CA certificate expired on 2025-12-31"],
+    }  # fmt: skip
+    assert [a.text for a in health_alerts("A", said, now, 60)] == [
+        "signer on line A: cluster: no quorum: nothing can be issued or revoked",
+        "signer on line A: cas: class1: CA certificate expired on 2025-12-31",
+    ]
+    other = {**said, "warnings": ["hsm: token not present", "cas: class10: expires in 9 days"]}
+    texts = [a.text for a in health_alerts("A", other, now, 60)]
+    assert texts[2:] == [
+        "signer on line A: the cluster has lost its quorum",
+        "signer on line A: CA class1 has expired",
+    ]
 
 
 def test_configuration_errors(tmp_path):
@@ -259,6 +277,22 @@ def test_configuration_errors(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+async def test_a_pass_without_a_signer_names_the_lines_that_did_not_answer(tmp_path):
+    """What `webdb-client --once` exits 3 on: a typed field, not the alerts' wording."""
+    device = tmp_path / "no-such-line"
+    lines = [{"device": str(device), "reopen_interval": 0.1}]
+    config = client_config(tmp_path, sqlite_db(tmp_path), lines, timeout=0.5, attempts=1)
+    async with WebdbClient(config) as client:
+        await create_schema(client.db)
+        await insert_row(client.db, "domaincerts", {"subject": "/CN=a.org", "csr_name": "a.csr"})
+        report = await client.run_once()
+        assert (await row(client.db, "domaincerts", 1))["warning"] == 0  # not the row's fault
+    assert report.unanswered_lines == [str(device)]
+    assert report.requests.deferred == {"domaincerts:1:sign": "link_down"}
+    assert [a.level for a in report.alerts] == ["error"]
+    assert all(text.startswith("failed: link_down") for text in report.crls.values())
 
 
 # --- end to end ------------------------------------------------------------------------------
@@ -304,8 +338,9 @@ async def test_rows_to_certificates_revocations_and_crls(ca, tmp_path, database)
             assert not (await client.process_pending()).done  # nothing is pending any more
             await check_crls(ca, client, config, ids, signer)
             everything = await client.run_once()  # requests, CRLs, health: the demo's pass
-            assert everything["requests"].done == [] and everything["alerts"] == []
-            assert everything["crls"] == {"class1": "unchanged", "class3": "unchanged"}
+            assert everything.requests.done == [] and everything.alerts == []
+            assert everything.crls == {"class1": "unchanged", "class3": "unchanged"}
+            assert everything.unanswered_lines == []
 
 
 async def check_crls(ca, client: WebdbClient, config, ids: dict[str, int], signer) -> None:
@@ -548,10 +583,9 @@ async def test_killed_between_answer_and_write_back_issues_once(ca, tmp_path):
         finally:
             await db.close()
         marker = tmp_path / "answered"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "signer", "webdb-client", "--once",
-             "--config", str(tmp_path / "webdb-client.yaml")],
-            env={**os.environ, PAUSE_HOOK_ENV: str(marker)},
+        process = subprocess.Popen(  # the client's pass, hanging between answer and write-back
+            [sys.executable, str(ROOT / "tests" / "webdb_client_paused.py"),
+             "--config", str(tmp_path / "webdb-client.yaml"), "--marker", str(marker)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         try:
@@ -612,3 +646,4 @@ async def test_failover_to_the_other_line_while_requests_are_in_flight(ca, tmp_p
             assert (
                 "not answering" in alerts[0].text and str(signer.cables[0].end_b) in alerts[0].text
             )
+            assert alerts[0].unanswered and alerts[0].line == str(signer.cables[0].end_b)

@@ -3,12 +3,13 @@
 The client says which CRL number it holds. The signer answers `unchanged`, a `delta` (the entries
 added and the serials removed since, plus the new CRL's header fields and signature), or the
 whole CRL in chunks. A delta is applied here to the CRL held, the exact signed CRL is rebuilt
-with the signer's own assembly functions (signer/crl.py) and its signature is checked against
+with the signer's own assembly functions (signer/pki/crl.py) and its signature is checked against
 the issuer certificate before it is used; on any mismatch the client asks for the full CRL.
 
 A chunked transfer is pinned to one CRL number and resumable: `CrlRefresher.transfer` keeps what
-arrived, so after a broken line the next `refresh` continues at the offset it reached. Nothing
-here touches files; `signer client fetch-crl` (signer/cli.py) persists the copy and the transfer.
+arrived, so after a broken line the next `refresh` continues at the offset it reached. The
+refresher touches no files: `refresh_file` (`signer client fetch-crl`) keeps the copy and an
+interrupted transfer on disk, the WebDB client publishes with `webdb.crl_publication`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +27,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from signer.client.files import write_atomically
 from signer.errors import ClientFailure, ErrorCode, SignerError
 from signer.pki.crl import (
     SIGNATURE_ALGORITHMS,
@@ -100,7 +101,7 @@ def _bad(message: str) -> BadCrl:
 
 
 def crl_number_of(der: bytes | None) -> int | None:
-    """The CRL number of a DER CRL held locally (None if absent or unreadable)."""
+    """The CRL number of a DER CRL (None if absent, unreadable or without one)."""
     if not der:
         return None
     try:
@@ -109,18 +110,40 @@ def crl_number_of(der: bytes | None) -> int | None:
         return None
 
 
-def verify_crl(der: bytes, issuer: x509.Certificate) -> int:
-    """Check that `der` is a CRL of `issuer` with a valid signature; return its CRL number."""
+def verify_crl(der: bytes, issuer: x509.Certificate, not_older_than: int | None = None) -> int:
+    """Check that `der` is a CRL of `issuer` with a valid signature and a CRL number (not below
+    `not_older_than`: a published CRL never goes back in time); return that number."""
     try:
         crl = x509.load_der_x509_crl(der)
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except (ValueError, x509.ExtensionNotFound) as exc:
-        raise _bad(f"not a DER CRL with a CRL number: {exc}") from None
+    except ValueError as exc:
+        raise _bad(f"not a DER CRL: {exc}") from None
     if crl.issuer != issuer.subject:
         raise _bad(f"issued by {crl.issuer.rfc4514_string()}, not by the issuer")
     if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
         raise _bad("its signature does not verify with the issuer's key")
+    number = crl_number_of(der)
+    if number is None:
+        raise _bad("it has no CRL number")
+    if not_older_than is not None and number < not_older_than:
+        raise _bad(f"CRL number {number} is older than the published {not_older_than}")
     return number
+
+
+def held_crl(path: Path, issuer: x509.Certificate) -> bytes | None:
+    """The CRL kept at `path` if it is a valid CRL of `issuer`; else None (fetch it whole)."""
+    try:
+        der = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read %s (%s): fetching the CRL whole", path, exc.strerror)
+        return None
+    try:
+        verify_crl(der, issuer)
+    except BadCrl as exc:
+        log.warning("%s is not a valid CRL of its issuer (%s): fetching it whole", path, exc)
+        return None
+    return der
 
 
 def apply_delta(have: bytes, issuer: CrlIssuer, answer: dict[str, Any]) -> bytes:
@@ -249,16 +272,6 @@ class CrlRefresher:
 # --------------------------------------------------------------------------- a local copy on disk
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _load_certificate(data: bytes) -> x509.Certificate:
     if data.lstrip().startswith(b"-----BEGIN"):
         return x509.load_pem_x509_certificate(data)
@@ -338,13 +351,7 @@ async def refresh_file(
         certificate = x509.load_der_x509_certificate(base64.b64decode(state["certificate"]))
     else:
         certificate = await _issuer_certificate(client, issuer)
-    have = out.read_bytes() if out.exists() else None
-    if have is not None:
-        try:
-            verify_crl(have, certificate)
-        except BadCrl as exc:
-            log.warning("%s is not a valid CRL of %s (%s): fetching it whole", out, issuer, exc)
-            have = None
+    have = held_crl(out, certificate)
     refresher = CrlRefresher(
         client.call, issuer, certificate, max_bytes, _load_transfer(state, part_path)
     )

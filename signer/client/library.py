@@ -140,10 +140,11 @@ class SignerClient:
             if remaining <= 0:
                 return False
             pending.resend.clear()
-            resend = asyncio.ensure_future(pending.resend.wait())
+            resend: asyncio.Future[Any] = asyncio.ensure_future(pending.resend.wait())
+            waiting: set[asyncio.Future[Any]] = {pending.future, resend}
             try:
                 done, _ = await asyncio.wait(
-                    {pending.future, resend}, timeout=remaining, return_when="FIRST_COMPLETED"
+                    waiting, timeout=remaining, return_when="FIRST_COMPLETED"
                 )
             finally:
                 resend.cancel()

@@ -34,19 +34,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from signer.client.library import SignerClient
-from signer.client.webdb import (
-    WebdbClient,
-    WebdbClientConfig,
-    demo_rows,
-    openpgp_row,
-    request_revocation,
-)
+from signer.client.webdb import RunReport, WebdbClient, WebdbClientConfig
 from signer.config import validate
 from signer.errors import RequestTimeout, SignerError, Unreachable
 from signer.link.serial_link import LinkSettings
 from signer.tools.ceremony import run_ceremony
 from signer.tools.line_emulator import LineEmulator
 from signer.tools.softhsm import SoftHsmError, find_softhsm_module, new_token
+from signer.tools.webdb_fixture import demo_rows, openpgp_row, request_revocation
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 SIGNERS = ("a", "b")
@@ -398,17 +393,17 @@ async def webdb_chain(workdir: Path, devices: list[Path], baud: int, say: Say) -
     return {"pass1": _plain(first), "pass2": _plain(second), "rows": rows}
 
 
-def _plain(report: dict[str, Any]) -> dict[str, Any]:
+def _plain(report: RunReport) -> dict[str, Any]:
     """A pass report as plain data for --json."""
     return {
-        "requests": dataclasses.asdict(report["requests"]),
-        "crls": report["crls"],
-        "alerts": [str(alert) for alert in report["alerts"]],
+        "requests": dataclasses.asdict(report.requests),
+        "crls": report.crls,
+        "alerts": [str(alert) for alert in report.alerts],
     }
 
 
-def summary(report: dict[str, Any]) -> str:
-    requests = report["requests"]
+def summary(report: RunReport) -> str:
+    requests = report.requests
     text = f"{len(requests.done)} done"
     if requests.recovered:
         text += f", {len(requests.recovered)} recovered"
@@ -416,8 +411,8 @@ def summary(report: dict[str, Any]) -> str:
         text += f", refused: {requests.failed}"
     if requests.deferred:
         text += f", deferred: {requests.deferred}"
-    crls = ", ".join(f"{name} {outcome}" for name, outcome in report["crls"].items())
-    return f"{text}; CRLs: {crls or 'none'}; operator alerts: {len(report['alerts'])}"
+    crls = ", ".join(f"{name} {outcome}" for name, outcome in report.crls.items())
+    return f"{text}; CRLs: {crls or 'none'}; operator alerts: {len(report.alerts)}"
 
 
 async def written_rows(db: Any) -> list[str]:

@@ -1,0 +1,219 @@
+"""Where requests come from and where their outcomes go: `RequestSource`, and `WebdbSource`, which
+polls the WebDB tables, reads the CSR files and writes certificate files and columns back.
+
+The client's loop knows only `Job`s and this protocol, so an event broker can replace polling
+(docs/webdb-client.md, "The request source").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from signer.client.files import write_atomically
+from signer.client.webdb.config import WebdbClientConfig
+from signer.client.webdb.database import Database, db_time
+from signer.client.webdb.rows import (
+    GPG_PREFIX,
+    REVOCATION_SENTINEL,
+    X509_TABLES,
+    RowError,
+    Table,
+    armor_openpgp,
+    crt_name,
+    is_class3,
+    openpgp_uids,
+    plan_x509,
+    revoke_arguments,
+)
+from signer.clock import utcnow
+from signer.errors import ClientFailure, SignerError
+from signer.wire.protocol import MAX_CSR, MAX_OPENPGP_KEY
+
+log = logging.getLogger(__name__)
+
+Failure = SignerError | ClientFailure  # a refusal by the signer, or what the client saw itself
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request to make: its id (idempotent), command, and the source's own data."""
+
+    request_id: str
+    command: str
+    label: str
+    maybe_sent: bool  # an earlier process may have sent it: ask request_status first
+    data: dict[str, Any] = field(compare=False, repr=False)
+
+
+class RequestSource(Protocol):
+    """Where requests come from and where outcomes go: the WebDB today, a broker later."""
+
+    async def pending(self) -> list[Job]: ...
+
+    async def arguments(self, job: Job) -> dict[str, Any]:
+        """The command's arguments; a `Failure` refuses the job without contacting the signer."""
+        ...
+
+    async def complete(self, job: Job, result: dict[str, Any]) -> None: ...
+
+    async def fail(self, job: Job, error: Failure) -> None: ...
+
+
+class WebdbSource:
+    """Polls the WebDB tables; reads CSR files, writes certificate files and the columns."""
+
+    def __init__(self, db: Database, config: WebdbClientConfig):
+        self.db = db
+        self.config = config
+        self.zone = config.zone()
+        self.max_days: dict[str, int] = {}  # profile → maximum validity, from list_profiles
+        self._watermark: dict[str, int] | None = None
+        self._points_failed = False
+
+    async def start(self) -> None:
+        """Rows up to today's highest id may have been sent by an earlier process."""
+        marks = {}
+        for table in [*X509_TABLES, "gpg"]:
+            rows = await self.db.query(f"SELECT MAX(id) AS m FROM {table}")
+            marks[table] = int(rows[0]["m"] or 0) if rows else 0
+        self._watermark = marks
+
+    async def pending(self) -> list[Job]:
+        if self._watermark is None:
+            await self.start()
+        limit, warn = self.config.batch, self.config.max_warnings
+        jobs: list[Job] = []
+        for table in X509_TABLES.values():
+            rows = await self.db.query(
+                f"SELECT {table.columns} FROM {table.name} WHERE crt_name = '' AND "
+                f"csr_name != '' AND warning < ? ORDER BY id LIMIT {limit}",
+                (warn,),
+            )
+            jobs += [self._job(table.name, "sign_x509", "sign", row) for row in rows]
+            rows = await self.db.query(
+                f"SELECT id, serial, rootcert, warning FROM {table.name} WHERE revoked = ? "
+                f"AND warning < ? ORDER BY id LIMIT {limit}",
+                (REVOCATION_SENTINEL, warn),
+            )
+            jobs += [self._job(table.name, "revoke_x509", "revoke", row, True) for row in rows]
+        rows = await self.db.query(
+            "SELECT id, memid, email, csr, warning FROM gpg WHERE crt = '' AND csr != '' "
+            f"AND warning < ? ORDER BY id LIMIT {limit}",
+            (warn,),
+        )
+        jobs += [self._job("gpg", "sign_openpgp", "sign", row) for row in rows]
+        return jobs
+
+    def _job(
+        self, table: str, command: str, kind: str, row: dict[str, Any], sent: bool = False
+    ) -> Job:
+        row_id = int(row["id"])
+        maybe = sent or row_id <= (self._watermark or {}).get(table, 0)
+        data = {"table": table, "row": row}
+        return Job(f"{table}:{row_id}:{kind}", command, f"{table} {row_id} ({kind})", maybe, data)
+
+    # -- arguments ----------------------------------------------------------------------------
+
+    async def arguments(self, job: Job) -> dict[str, Any]:
+        table, row = job.data["table"], job.data["row"]
+        if job.command == "revoke_x509":
+            return revoke_arguments(row)
+        if job.command == "sign_openpgp":
+            key = self._read(str(row.get("csr") or ""), MAX_OPENPGP_KEY, "OpenPGP key")
+            return {"public_key": key, "uids": openpgp_uids(row)}
+        spec = X509_TABLES[table]
+        points = None if spec.org else await self._points(spec, row)
+        plan = plan_x509(spec, row, points, self.config.validity)
+        args: dict[str, Any] = {
+            "profile": plan.profile,
+            "csr": self._read(str(row.get("csr_name") or ""), MAX_CSR, "CSR"),
+            "subject": plan.subject,
+            "validity_days": min(plan.validity_days, self.max_days.get(plan.profile, 36500)),
+        }
+        if plan.sans:
+            args["sans"] = plan.sans
+        if plan.digest:
+            args["digest"] = plan.digest
+        return args
+
+    def _read(self, name: str, limit: int, what: str) -> bytes:
+        if not name:
+            raise RowError(f"no {what} file named")
+        path = self._path(name)
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(limit + 1)
+        except OSError as exc:
+            raise RowError(f"cannot read {what} {name}: {exc.strerror}") from None
+        if not data.strip():
+            raise RowError(f"{what} {name} is empty")
+        if len(data) > limit:
+            raise RowError(f"{what} {name} is larger than {limit} bytes")
+        return data
+
+    def _path(self, name: str) -> Path:
+        path = Path(name)
+        return path if path.is_absolute() else self.config.base_dir / path
+
+    async def _points(self, table: Table, row: dict[str, Any]) -> int | None:
+        """Assurance points of the member (class 3 needs >= 50, the web application checks)."""
+        if is_class3(row) or self._points_failed:
+            return None
+        if table.name == "emailcerts":
+            sql = "SELECT COALESCE(SUM(points), 0) AS p FROM notary WHERE `to` = ?"
+            key = row.get("memid")
+        else:
+            sql = (
+                "SELECT COALESCE(SUM(n.points), 0) AS p FROM notary n "
+                "JOIN domains d ON n.`to` = d.memid WHERE d.id = ?"
+            )
+            key = row.get("domid")
+        try:
+            rows = await self.db.query(sql, (key,))
+        except Exception as exc:
+            self._points_failed = True
+            log.warning("cannot read assurance points (%s): class 1 rows get %d days", exc,
+                        self.config.validity.personal_days)  # fmt: skip
+            return None
+        return int(rows[0]["p"] or 0) if rows else 0
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    async def complete(self, job: Job, result: dict[str, Any]) -> None:
+        """The file first, then the row: the web application never sees a name without its file."""
+        table, row_id = job.data["table"], int(job.data["row"]["id"])
+        now = db_time(utcnow(), self.zone)
+        if job.command == "revoke_x509":
+            await self.db.execute(f"UPDATE {table} SET revoked = ? WHERE id = ?", (now, row_id))
+        elif job.command == "sign_openpgp":
+            name = crt_name(GPG_PREFIX, row_id)
+            await asyncio.to_thread(
+                write_atomically, self._path(name), armor_openpgp(result["public_key"])
+            )
+            expire = db_time(result["expires"], self.zone)
+            await self.db.execute(
+                "UPDATE gpg SET crt = ?, issued = ?, expire = ? WHERE id = ?",
+                (name, now, expire, row_id),
+            )
+        else:
+            name = crt_name(X509_TABLES[table].prefix, row_id)
+            pem = x509.load_der_x509_certificate(result["certificate"]).public_bytes(
+                serialization.Encoding.PEM
+            )
+            await asyncio.to_thread(write_atomically, self._path(name), pem)
+            await self.db.execute(
+                f"UPDATE {table} SET crt_name = ?, serial = ?, expire = ?, modified = ? "
+                "WHERE id = ?",
+                (name, result["serial"], db_time(result["not_after"], self.zone), now, row_id),
+            )
+
+    async def fail(self, job: Job, error: Failure) -> None:
+        table, row_id = job.data["table"], int(job.data["row"]["id"])
+        await self.db.execute(f"UPDATE {table} SET warning = warning + 1 WHERE id = ?", (row_id,))
