@@ -17,9 +17,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 
-from signer.errors import ErrorCode, SignerError
+from signer.cli import main as signer_main
+from signer.errors import ConfigError, ErrorCode, SignerError
 from signer.server.hsm import Hsm
-from signer.tools.ceremony import CeremonyError, load_config, main, run_ceremony
+from signer.tools.ceremony import CeremonyError, load_config, run_ceremony
 
 if TYPE_CHECKING:
     from conftest import SoftHsmToken
@@ -452,6 +453,10 @@ def test_hsm_failure_surfaces_as_signer_error(tmp_path: Path, softhsm_token: Sof
     assert caught.value.code == ErrorCode.HSM_UNAVAILABLE
 
 
+def main(argv: list[str]) -> int:
+    return signer_main(["ceremony", *argv])
+
+
 def test_main_json_and_exit_codes(
     config_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -465,15 +470,40 @@ def test_main_json_and_exit_codes(
     assert main(["--config", str(config_path)]) == 0
     assert "certificate class3: exists" in capsys.readouterr().out
 
-    assert main(["--config", str(tmp_path / "missing.yaml"), "--json"]) == 1
+    # a missing config file is a configuration error (exit 2), named in the error
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--json"]) == 2
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["ok"] is False
-    assert "cannot read" in captured.err
+    error = json.loads(captured.out)
+    assert error["ok"] is False and error["error"]["code"] == "configuration_error"
+    assert "missing.yaml: cannot read" in captured.err
 
     with pytest.raises(SystemExit) as help_exit:
         main(["--help"])
     assert help_exit.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_main_token_and_output_disagreeing_is_a_failure(
+    config_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ceremony that finds a file it did not make refuses (exit 1), whatever the output."""
+    run_ceremony(config_path, progress=lambda _: None)
+    out = config_path.parent / "out"
+    (out / "class3.der").write_bytes(b"not the certificate")
+    assert main(["--config", str(config_path), "--json"]) == 1
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)
+    assert error["ok"] is False and error["error"]["code"] == "ceremony_failed"
+    assert "is not the DER form" in error["error"]["message"]
+    assert "error: ceremony_failed:" in captured.err
+
+
+def test_config_errors_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(CeremonyError, match=r"list\.yaml: expected a mapping"):
+        load_config(tmp_path / "list.yaml")
 
 
 # -- the shipped config -------------------------------------------------------------------------
