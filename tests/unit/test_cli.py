@@ -321,6 +321,34 @@ def test_a_bug_is_not_turned_into_an_exit_code(monkeypatch: pytest.MonkeyPatch) 
         main([])
 
 
+def test_webdb_client_once_with_a_signer_out_of_reach_exits_3(tmp_path: Path) -> None:
+    import asyncio
+
+    import yaml  # type: ignore[import-untyped]
+
+    from signer.client.webdb import WebdbClient, WebdbClientConfig, create_schema
+    from signer.config import load
+
+    (tmp_path / "www").mkdir()
+    config = tmp_path / "webdb-client.yaml"
+    config.write_text(yaml.safe_dump({
+        "database": {"driver": "sqlite", "path": "webdb.sqlite"},
+        "base_dir": "www",
+        "lines": [{"device": str(tmp_path / "ttyNONE"), "reopen_interval": 0.1}],
+        "timeout": 1, "attempts": 1, "crl": {"outputs": {}},
+    }))  # fmt: skip
+
+    async def schema() -> None:
+        async with WebdbClient(load(config, WebdbClientConfig)) as client:
+            assert client.db is not None
+            await create_schema(client.db)
+
+    asyncio.run(schema())
+    done = run("webdb-client", "--once", "--config", str(config))
+    assert done.returncode == 3, done.stderr
+    assert "error: unreachable: a signer did not answer" in done.stderr
+
+
 def test_webdb_pass_with_an_unreachable_signer() -> None:
     alerts = [SimpleNamespace(text="signer on line a: clock is +300 s off")]
     assert not _a_signer_did_not_answer({"alerts": alerts})
