@@ -296,7 +296,6 @@ def test_pkilint_finds_no_errors(config_path: Path) -> None:
 
 def test_pkilint_check_can_fail() -> None:
     """The lint helper reports errors: keyCertSign without basicConstraints, no AKI."""
-
     key = ec.generate_private_key(ec.SECP256R1())
     issuer = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "some CA")])
     now = dt.datetime.now(dt.UTC)
