@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,9 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
 
 LogFormat = Literal["text"]
-LOG_FORMATS: dict[str, str] = {"text": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+LOG_FORMATTERS: dict[str, Callable[[], logging.Formatter]] = {
+    "text": lambda: logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"),
+}
 
 
 class UsageError(Exception):
@@ -87,9 +90,11 @@ def json_default(value: Any) -> Any:
 
 
 def setup_logging(level: str, log_format: LogFormat = "text") -> None:
-    """Logging of every verb goes to stderr; the format is a parameter so a structured one
-    (`--log-format json`) is one more entry in LOG_FORMATS."""
-    logging.basicConfig(level=level, format=LOG_FORMATS[log_format], stream=sys.stderr)
+    """Logging of every verb goes to stderr; the format is a parameter so that a structured one
+    (`--log-format json`) is one more entry in LOG_FORMATTERS."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LOG_FORMATTERS[log_format]())
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def read_input(path: Path) -> bytes:

@@ -7,6 +7,7 @@ in-process where no logging is set up, otherwise as `python -m signer`.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -218,7 +219,10 @@ def test_client_on_a_port_that_does_not_exist_exits_3(tmp_path: Path) -> None:
     port = str(tmp_path / "ttyNONE")
     done = run("client", "--port", port, "--timeout", "0.5", "health")
     assert done.returncode == 3, done.stderr
-    assert done.stderr.startswith("error: link_down: ") and done.stdout == ""
+    assert done.stderr.startswith("error: link_down: ") and done.stdout == ""  # no log lines
+    done = run("client", "--port", port, "--timeout", "0.5", "--verbose", "health")
+    assert done.returncode == 3
+    assert re.search(r"^\S+ \S+ WARNING signer\.link\.serial_link: .*ttyNONE", done.stderr, re.M)
     done = run("client", "--port", port, "--timeout", "0.5", "--json", "list-issuers")
     assert done.returncode == 3, done.stderr
     assert json.loads(done.stdout) == {
