@@ -12,23 +12,32 @@ import stat
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
 )
 
+from signer.errors import ConfigError
 from signer.link.serial_link import LinkSettings
 from signer.wire.framing import DEFAULT_MAX_FRAME
 
+__all__ = [
+    "ConfigError",
+    "LinkConfig",
+    "Section",
+    "check_secret_file",
+    "load",
+    "resolve",
+    "validate",
+]
+
 Model = TypeVar("Model", bound=BaseModel)
-
-
-class ConfigError(Exception):
-    """A configuration file is missing, unreadable or wrong; the message says where and why."""
+STOPBITS = (1, 1.5, 2)
 
 
 class Section(BaseModel):
@@ -46,11 +55,18 @@ class LinkConfig(Section):
     baudrate: int = Field(default=115200, gt=0)
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["N", "E", "O", "M", "S"] = "N"
-    stopbits: Literal[1, 1.5, 2] = 1
+    stopbits: float = 1
     rtscts: bool = False
     xonxoff: bool = False
     reopen_interval: float = Field(default=1.0, gt=0, le=60)
     max_frame: int = Field(default=DEFAULT_MAX_FRAME, ge=4096, le=16 * 1024 * 1024)
+
+    @field_validator("stopbits")
+    @classmethod
+    def _stopbits(cls, value: float) -> float:
+        if value not in STOPBITS:
+            raise ValueError("Input should be 1, 1.5 or 2")
+        return int(value) if value.is_integer() else value  # pyserial's constants: 1, 1.5, 2
 
     def settings(self) -> LinkSettings:
         return LinkSettings(**self.model_dump())

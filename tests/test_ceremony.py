@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 
-from signer.errors import ErrorCode, SignerError
-from signer.server.hsm import Hsm
-from signer.tools.ceremony import CeremonyError, load_config, main, run_ceremony
+from signer.cli import main as signer_main
+from signer.errors import ConfigError, ErrorCode, SignerError
+from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey
+from signer.tools.ceremony import CaKey, CeremonyError, load_config, run_ceremony
 
 if TYPE_CHECKING:
     from conftest import SoftHsmToken
@@ -87,6 +89,12 @@ def _openssl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([OPENSSL, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
+def _key(hsm: Hsm, label: str) -> CaKey:
+    key = hsm.key(label)
+    assert isinstance(key, HsmRsaPrivateKey | HsmEcPrivateKey)
+    return key
+
+
 def _load(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
@@ -129,8 +137,8 @@ def test_ceremony_creates_keys_certificates_and_crls(
 
     # The certificates hold the token's public keys.
     with Hsm(softhsm_token.settings()) as hsm:
-        assert root.public_key() == hsm.key("root-key").public_key()
-        assert sub.public_key() == hsm.key("sub-key").public_key()
+        assert root.public_key() == _key(hsm, "root-key").public_key()
+        assert sub.public_key() == _key(hsm, "sub-key").public_key()
         for label in ("root-key", "sub-key", "pgp-key"):
             info = hsm.key_info(label)
             assert info["extractable"] is False and info["sensitive"] is True, info
@@ -223,7 +231,9 @@ def test_first_crls(config_path: Path) -> None:
         cert = _load(out / f"{name}.crt")
         crl = x509.load_der_x509_crl((out / f"{name}.crl").read_bytes())
         assert crl.issuer == cert.subject
-        assert crl.is_signature_valid(cert.public_key())
+        public = cert.public_key()
+        assert isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey)
+        assert crl.is_signature_valid(public)
         assert len(crl) == 0
         assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 1
         aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
@@ -235,9 +245,9 @@ def test_first_crls(config_path: Path) -> None:
 
 
 def _pkilint_errors(der: bytes, kind: str) -> list[str]:
-    from pkilint import loader, pkix, report
-    from pkilint.pkix import certificate, crl, extension, name
-    from pkilint.validation import ValidationFindingSeverity
+    from pkilint import loader, pkix, report  # type: ignore[import-untyped]
+    from pkilint.pkix import certificate, crl, extension, name  # type: ignore[import-untyped]
+    from pkilint.validation import ValidationFindingSeverity  # type: ignore[import-untyped]
 
     if kind == "certificate":
         validator = certificate.create_pkix_certificate_validator_container(
@@ -286,8 +296,6 @@ def test_pkilint_finds_no_errors(config_path: Path) -> None:
 
 def test_pkilint_check_can_fail() -> None:
     """The lint helper reports errors: keyCertSign without basicConstraints, no AKI."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     key = ec.generate_private_key(ec.SECP256R1())
     issuer = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "some CA")])
     now = dt.datetime.now(dt.UTC)
@@ -299,7 +307,20 @@ def test_pkilint_check_can_fail() -> None:
         .serial_number(1)
         .not_valid_before(now)
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.KeyUsage(*([False] * 5), True, True, False, False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     errors = _pkilint_errors(bad.public_bytes(serialization.Encoding.DER), "certificate")
@@ -326,7 +347,8 @@ def test_existing_key_without_certificate_gets_one(
     config_path: Path, softhsm_token: SoftHsmToken
 ) -> None:
     with Hsm(softhsm_token.settings(), read_write=True) as hsm:
-        made_before = hsm.generate_key("root-key", "rsa-2048").public_key()
+        hsm.generate_key("root-key", "rsa-2048")
+        made_before = _key(hsm, "root-key").public_key()
     result = run_ceremony(config_path, progress=lambda _: None)
     assert result.item("key", "root-key").status == "exists"
     assert result.item("key", "sub-key").status == "created"
@@ -452,6 +474,10 @@ def test_hsm_failure_surfaces_as_signer_error(tmp_path: Path, softhsm_token: Sof
     assert caught.value.code == ErrorCode.HSM_UNAVAILABLE
 
 
+def main(argv: list[str]) -> int:
+    return signer_main(["ceremony", *argv])
+
+
 def test_main_json_and_exit_codes(
     config_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -465,15 +491,40 @@ def test_main_json_and_exit_codes(
     assert main(["--config", str(config_path)]) == 0
     assert "certificate class3: exists" in capsys.readouterr().out
 
-    assert main(["--config", str(tmp_path / "missing.yaml"), "--json"]) == 1
+    # a missing config file is a configuration error (exit 2), named in the error
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--json"]) == 2
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["ok"] is False
-    assert "cannot read" in captured.err
+    error = json.loads(captured.out)
+    assert error["ok"] is False and error["error"]["code"] == "configuration_error"
+    assert "missing.yaml: cannot read" in captured.err
 
     with pytest.raises(SystemExit) as help_exit:
         main(["--help"])
     assert help_exit.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_main_token_and_output_disagreeing_is_a_failure(
+    config_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ceremony that finds a file it did not make refuses (exit 1), whatever the output."""
+    run_ceremony(config_path, progress=lambda _: None)
+    out = config_path.parent / "out"
+    (out / "class3.der").write_bytes(b"not the certificate")
+    assert main(["--config", str(config_path), "--json"]) == 1
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)
+    assert error["ok"] is False and error["error"]["code"] == "ceremony_failed"
+    assert "is not the DER form" in error["error"]["message"]
+    assert "error: ceremony_failed:" in captured.err
+
+
+def test_config_errors_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(CeremonyError, match=r"list\.yaml: expected a mapping"):
+        load_config(tmp_path / "list.yaml")
 
 
 # -- the shipped config -------------------------------------------------------------------------

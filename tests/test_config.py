@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from signer import errors
 from signer.client.config import ClientConfig
 from signer.config import ConfigError, check_secret_file, load
 from signer.server.config import SignerConfig
@@ -31,6 +32,7 @@ def test_shipped_examples_load():
     [
         ("link: {device: /dev/x, baudrat: 9600}", "link.baudrat: unknown key"),
         ("link: {device: /dev/x, parity: X}", "link.parity: Input should be"),
+        ("link: {device: /dev/x, stopbits: 3}", "link.stopbits: Value error, Input should be 1"),
         (
             "link: {device: /dev/x, baudrate: fast}",
             "link.baudrate: Input should be a valid int",
@@ -53,6 +55,18 @@ def test_errors_name_file_key_and_expectation(tmp_path, text, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "absent.yaml", SignerConfig)
+
+
+def test_one_configuration_error_type():
+    """The loader's error is the error family the command line turns into exit 2."""
+    assert ConfigError is errors.ConfigError
+
+
+@pytest.mark.parametrize(("stopbits", "settings"), [(1, 1), (1.5, 1.5), (2, 2)])
+def test_stopbits_as_pyserial_takes_them(tmp_path, stopbits, settings):
+    path = write(tmp_path, f"link: {{device: /dev/x, stopbits: {stopbits}}}")
+    link = load(path, SignerConfig).link.settings()
+    assert link.stopbits == settings and type(link.stopbits) is type(settings)
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from signer.tools.line_emulator import BITS_PER_BYTE, LineEmulator, main
+from signer.cli import main
+from signer.tools.line_emulator import BITS_PER_BYTE, LineEmulator
 
 Factory = Callable[..., LineEmulator]
 
@@ -270,9 +271,18 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 
 def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
+        main(["line-emulator", "--help"])
     assert exit_info.value.code == 0
     assert "--baud" in capsys.readouterr().out
+
+
+def test_main_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before any pty is made: exit 2 and the reason."""
+    assert main(["line-emulator", "--dir", str(tmp_path / "l"), "--baud", "-1"]) == 2
+    assert "--baud must not be negative" in capsys.readouterr().err
+    assert main(["line-emulator", "--dir", str(tmp_path / "l"), "--drop", "1.5"]) == 2
+    assert "drop must be a probability" in capsys.readouterr().err
+    assert not (tmp_path / "l").exists()
 
 
 def test_standalone_process_relays_until_sigterm(tmp_path: Path, fds) -> None:
@@ -281,7 +291,8 @@ def test_standalone_process_relays_until_sigterm(tmp_path: Path, fds) -> None:
         [
             sys.executable,
             "-m",
-            "signer.tools.line_emulator",
+            "signer",
+            "line-emulator",
             "--dir",
             str(directory),
             "--baud",

@@ -34,7 +34,7 @@ OPENPGP_KNOWN_CURVES = {*OPENPGP_CURVES, "brainpoolP256r1", "brainpoolP384r1", "
 
 class OpenPgpConfig(Section):
     """`sign_openpgp`: the OpenPGP CA key in the HSM and what it certifies (see
-    signer/openpgp_signing.py). The key's creation time is part of its fingerprint: take it from
+    signer/server/openpgp.py). The key's creation time is part of its fingerprint: take it from
     the ceremony's `openpgp-ca.yaml` (`ca_file`), or give `key` and `created` explicitly."""
 
     ca_file: Path | None = Field(default=None, description="openpgp-ca.yaml from the ceremony")
@@ -67,7 +67,7 @@ class OpenPgpConfig(Section):
 
 
 class CrlConfig(Section):
-    """When the signer issues each issuer's CRL and how long entries stay (signer/crl.py)."""
+    """When the signer issues each issuer's CRL and how long entries stay (signer/server/crl.py)."""
 
     next_update_days: int = Field(default=7, ge=1, le=10, description="nextUpdate - thisUpdate")
     refresh_margin_hours: float = Field(

@@ -27,32 +27,31 @@ YAML (relative paths resolve against the YAML file's directory):
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import os
 import re
 import secrets
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from signer.errors import SignerError
-from signer.server.hsm import Hsm, HsmPrivateKey, HsmSettings, KeyKind
+from signer.config import ConfigError, load
+from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings, KeyKind
 
 Progress = Callable[[str], None]
+CaKey = HsmRsaPrivateKey | HsmEcPrivateKey
 
 OPENPGP_META = "openpgp-ca.yaml"
 
@@ -74,6 +73,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class CeremonyError(Exception):
     """The config is wrong or the token and output directory disagree: nothing was overwritten."""
+
+
+class CeremonyConfigError(CeremonyError, ConfigError):
+    """The ceremony's YAML file is missing or wrong (a configuration error: exit 2)."""
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -183,24 +186,13 @@ class CeremonyConfig(_Model):
 
 
 def load_config(config_path: str | os.PathLike[str]) -> CeremonyConfig:
-    """Parse and validate the YAML; relative paths become relative to the YAML's directory."""
+    """Parse and validate the YAML (signer.config's loader); relative paths become relative to
+    the YAML's directory."""
     path = Path(config_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CeremonyError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise CeremonyError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise CeremonyError(f"{path}: expected a mapping at the top level")
-    try:
-        config = CeremonyConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
-            for err in exc.errors()
-        ]
-        raise CeremonyError(f"{path}: invalid ceremony config:\n" + "\n".join(lines)) from None
+        config = load(path, CeremonyConfig)
+    except ConfigError as exc:
+        raise CeremonyConfigError(f"invalid ceremony config:\n{exc}") from None
     base = path.resolve().parent
     output_dir = config.output_dir if config.output_dir.is_absolute() else base / config.output_dir
     return config.model_copy(update={"hsm": config.hsm.resolved(base), "output_dir": output_dir})
@@ -255,9 +247,25 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def _hash_for(key: HsmPrivateKey) -> hashes.HashAlgorithm:
+def _hash_for(key: CaKey) -> hashes.SHA256 | hashes.SHA384:
     """SHA-384 for P-384 (gpg and CABF pair hash and curve), SHA-256 for RSA and P-256."""
     return hashes.SHA384() if key.kind == "ec-p384" else hashes.SHA256()
+
+
+def _ca_key(hsm: Hsm, label: str) -> CaKey:
+    """The token's key as the signing key it is (RSA or EC, the kinds the ceremony makes)."""
+    key = hsm.key(label)
+    if not isinstance(key, HsmRsaPrivateKey | HsmEcPrivateKey):
+        raise CeremonyError(f"key {label!r} in the token is {key.kind}: not a CA key kind")
+    return key
+
+
+def _public_key_of(cert: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """A CA certificate's public key, of the kinds the ceremony makes."""
+    public = cert.public_key()
+    if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise CeremonyError(f"certificate {cert.subject.rfc4514_string()}: not an RSA or EC key")
+    return public
 
 
 def _serial() -> int:
@@ -339,9 +347,9 @@ class _Ceremony:
     def build_certificate(
         self,
         spec: CertificateSpec,
-        key: HsmPrivateKey,
+        key: CaKey,
         issuer_cert: x509.Certificate | None,
-        issuer_key: HsmPrivateKey,
+        issuer_key: CaKey,
         issuer_spec: CertificateSpec | None,
     ) -> x509.Certificate:
         subject = spec.subject_name()
@@ -433,14 +441,14 @@ class _Ceremony:
     def ensure_certificate(self, spec: CertificateSpec) -> None:
         crt = self.out / f"{spec.name}.crt"
         der = self.out / f"{spec.name}.der"
-        key = self.hsm.key(spec.key)
+        key = _ca_key(self.hsm, spec.key)
         issuer_spec = None
         if spec.issuer == "self":
             issuer_cert, issuer_key = None, key
         else:
             issuer_spec = next(c for c in self.config.certificates if c.name == spec.issuer)
             issuer_cert = self.certs[spec.issuer]
-            issuer_key = self.hsm.key(issuer_spec.key)
+            issuer_key = _ca_key(self.hsm, issuer_spec.key)
         if crt.exists():
             cert = self.check_existing(spec, crt, key, issuer_cert)
             if der.exists():
@@ -485,7 +493,7 @@ class _Ceremony:
         self,
         spec: CertificateSpec,
         crt: Path,
-        key: HsmPrivateKey,
+        key: CaKey,
         issuer_cert: x509.Certificate | None,
     ) -> x509.Certificate:
         try:
@@ -509,14 +517,14 @@ class _Ceremony:
             ) from None
         return cert
 
-    def ensure_crl(self, spec: CertificateSpec, cert: x509.Certificate, key: HsmPrivateKey) -> None:
+    def ensure_crl(self, spec: CertificateSpec, cert: x509.Certificate, key: CaKey) -> None:
         path = self.out / f"{spec.name}.crl"
         if path.exists():
             try:
                 crl = x509.load_der_x509_crl(path.read_bytes())
             except ValueError as exc:
                 raise CeremonyError(f"{path}: not a DER CRL ({exc})") from None
-            if crl.issuer != cert.subject or not crl.is_signature_valid(cert.public_key()):
+            if crl.issuer != cert.subject or not crl.is_signature_valid(_public_key_of(cert)):
                 raise CeremonyError(f"{path}: not a CRL of {spec.name}")
             self.progress(f"crl {spec.name}: exists ({path.name})")
             status: Status = "exists"
@@ -533,7 +541,7 @@ class _Ceremony:
                 )
                 .sign(key, _hash_for(key))
             )
-            if not crl.is_signature_valid(cert.public_key()):
+            if not crl.is_signature_valid(_public_key_of(cert)):
                 raise CeremonyError(f"crl {spec.name}: the HSM signature does not verify")
             _write_new(path, crl.public_bytes(Encoding.DER))
             self.progress(
@@ -665,40 +673,3 @@ def run_ceremony(
     moment = (now or _utcnow()).astimezone(dt.UTC).replace(microsecond=0)
     with Hsm(config.hsm, read_write=True) as hsm:
         return _Ceremony(config, hsm, progress, moment).run()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`signer ceremony --config FILE [--json]`; exit status 0 on success, 1 on failure."""
-    parser = argparse.ArgumentParser(
-        prog="signer ceremony",
-        description="Generate CA keys in the HSM and make the root/subordinate certificates and "
-        "first CRLs described by a YAML file. Never overwrites; safe to re-run.",
-    )
-    parser.add_argument("--config", required=True, type=Path, help="ceremony YAML file")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the result as JSON on stdout (progress lines go to stderr)",
-    )
-    args = parser.parse_args(argv)
-
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
-
-    try:
-        result = run_ceremony(args.config, progress=progress)
-    except (CeremonyError, SignerError) as exc:
-        if args.json:
-            error: dict[str, Any] = (
-                exc.to_wire() if isinstance(exc, SignerError) else {"message": str(exc)}
-            )
-            print(json.dumps({"ok": False, "error": error}, indent=2))
-        print(f"ceremony failed: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps({"ok": True, **result.to_dict()}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -11,23 +11,20 @@ Everything lives in one working directory, kept afterwards for a look.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -36,7 +33,7 @@ from cryptography.x509.oid import NameOID
 from signer.client.library import SignerClient
 from signer.client.webdb import RunReport, WebdbClient, WebdbClientConfig
 from signer.config import validate
-from signer.errors import RequestTimeout, SignerError, Unreachable
+from signer.errors import RequestTimeout
 from signer.link.serial_link import LinkSettings
 from signer.tools.ceremony import run_ceremony
 from signer.tools.line_emulator import LineEmulator
@@ -47,28 +44,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 SIGNERS = ("a", "b")
 TOKEN_LABEL = "cacert-signer"
 Say = Any
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="signer demo",
-        description="make a CA on SoftHSM2, run a signer and a client on an emulated line",
-    )
-    parser.add_argument("--dir", type=Path, help="working directory (default: a new temp dir)")
-    parser.add_argument("--baud", type=int, default=115200, help="emulated line speed")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    workdir = (args.dir or Path(tempfile.mkdtemp(prefix="signer-demo-"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    say: Say = (lambda _t: None) if args.json else print
-    try:
-        report = run(workdir, args.baud, say)
-    except (SignerError, Unreachable) as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(report, default=str, indent=2))
-    return 0 if report["health"]["status"] != "error" else 1
 
 
 def run(workdir: Path, baud: int, say: Say = print) -> dict[str, Any]:
@@ -249,7 +224,7 @@ async def drive(workdir: Path, device: Path, baud: int, ca_dir: Path, say: Say) 
 
 async def issue(client: SignerClient, workdir: Path, ca_dir: Path, say: Say) -> dict[str, Any]:
     """A TLS server certificate and an S/MIME one, sent as the WebDB sends them."""
-    requests = {
+    requests: dict[str, tuple[str, dict[str, Any]]] = {
         "server": (
             "demo:domaincerts:1:sign",
             {
@@ -436,8 +411,8 @@ async def written_rows(db: Any) -> list[str]:
 
 def user_openpgp_key() -> bytes:
     """A member's OpenPGP public key (made here with PGPy; members make theirs with gpg)."""
-    import pgpy
-    from pgpy.constants import HashAlgorithm, KeyFlags, PubKeyAlgorithm
+    import pgpy  # type: ignore[import-untyped]
+    from pgpy.constants import HashAlgorithm, KeyFlags, PubKeyAlgorithm  # type: ignore[import-untyped]
 
     key = pgpy.PGPKey.new(PubKeyAlgorithm.RSAEncryptOrSign, 2048)
     uid = pgpy.PGPUID.new("Alice Example", email="alice@example.org")

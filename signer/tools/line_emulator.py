@@ -19,21 +19,18 @@ Run standalone with ``python -m signer.tools.line_emulator --dir DIR --baud N``:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import math
 import os
 import queue
 import random
 import select
-import signal
 import threading
 import time
 import tty
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -487,49 +484,3 @@ class LineEmulator:
         lane.bytes_out += written
         if written < len(data):
             lane.give_back(data[written:])
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="signer line-emulator",
-        description="Emulate a serial cable between two pty devices, paced at a baud rate, "
-        'optionally with faults. Prints {"a": path, "b": path} as one JSON line, then '
-        "relays until SIGTERM or SIGINT.",
-    )
-    parser.add_argument("--dir", type=Path, required=True, help="directory for the a and b links")
-    parser.add_argument("--baud", type=int, default=115200, help="baud rate, 8N1; 0 = unpaced")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
-    parser.add_argument("--corrupt", type=float, default=0.0, help="bit-flip probability/byte")
-    parser.add_argument("--drop", type=float, default=0.0, help="drop probability per byte")
-    parser.add_argument("--duplicate", type=float, default=0.0, help="duplication prob./byte")
-    parser.add_argument("--delay", type=float, default=0.0, help="extra latency in seconds")
-    args = parser.parse_args(argv)
-    if args.baud < 0:
-        parser.error("--baud must not be negative")
-    try:
-        Faults(args.corrupt, args.drop, args.duplicate, args.delay)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone emulator: relays until SIGTERM or SIGINT, then removes its links."""
-    args = _parse_args(argv)
-    stop = threading.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, lambda _sig, _frame: stop.set()) for sig in signals}
-    try:
-        with LineEmulator(args.dir, baud=args.baud or None, seed=args.seed) as emulator:
-            emulator.set_faults("both", args.corrupt, args.drop, args.duplicate, args.delay)
-            print(json.dumps({"a": str(emulator.end_a), "b": str(emulator.end_b)}), flush=True)
-            while not stop.wait(0.5):
-                pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
