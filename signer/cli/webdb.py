@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from signer.cli.common import EXIT_OK, setup_logging
 from signer.errors import Unreachable
@@ -44,9 +44,10 @@ async def _run(config: WebdbClientConfig, once: bool) -> int:
 
     async with WebdbClient(config) as client:
         if once:
-            outcome = await client.run_once()
-            if _a_signer_did_not_answer(outcome):
-                raise Unreachable("a signer did not answer during this pass (see the alerts)")
+            report = await client.run_once()
+            if report.unanswered_lines:
+                lines = ", ".join(report.unanswered_lines)
+                raise Unreachable(f"no health report from the signer on line(s) {lines}")
             return EXIT_OK
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -55,13 +56,3 @@ async def _run(config: WebdbClientConfig, once: bool) -> int:
         log.info("webdb client polling every %.0f s", config.poll_interval)
         await client.run_forever(stop)
     return EXIT_OK
-
-
-def _a_signer_did_not_answer(outcome: dict[str, Any]) -> bool:
-    """Whether a pass met a signer out of reach (exit 3).
-
-    TODO(issue 10): learn this by type, a `signer.errors.Unreachable` reported by
-    `signer.client.webdb` for the pass, once the WebDB client offers it; until then the alert's
-    text is the only sign.
-    """
-    return any("not answering" in alert.text for alert in outcome["alerts"])
