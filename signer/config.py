@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,

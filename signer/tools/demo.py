@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -411,8 +411,8 @@ async def written_rows(db: Any) -> list[str]:
 
 def user_openpgp_key() -> bytes:
     """A member's OpenPGP public key (made here with PGPy; members make theirs with gpg)."""
-    import pgpy  # type: ignore[import-untyped]
-    from pgpy.constants import HashAlgorithm, KeyFlags, PubKeyAlgorithm  # type: ignore[import-untyped]
+    import pgpy
+    from pgpy.constants import HashAlgorithm, KeyFlags, PubKeyAlgorithm
 
     key = pgpy.PGPKey.new(PubKeyAlgorithm.RSAEncryptOrSign, 2048)
     uid = pgpy.PGPUID.new("Alice Example", email="alice@example.org")

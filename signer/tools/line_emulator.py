@@ -366,7 +366,7 @@ class LineEmulator:
     def _check_end(end: str) -> End:
         if end not in ENDS:
             raise ValueError(f"end must be 'a' or 'b', not {end!r}")
-        return cast(End, end)
+        return end
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the relay thread (or right here when it does not run) and return its

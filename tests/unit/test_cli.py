@@ -326,7 +326,7 @@ def test_a_bug_is_not_turned_into_an_exit_code(monkeypatch: pytest.MonkeyPatch) 
 def test_webdb_client_once_with_a_signer_out_of_reach_exits_3(tmp_path: Path) -> None:
     import asyncio
 
-    import yaml  # type: ignore[import-untyped]
+    import yaml
 
     from signer.client.webdb import WebdbClient, WebdbClientConfig
     from signer.config import load

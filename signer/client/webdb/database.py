@@ -29,7 +29,7 @@ def _connect_sqlite(config: DatabaseConfig) -> Connection:
 
 
 def _connect_mysql(config: DatabaseConfig) -> Connection:
-    import pymysql  # type: ignore[import-untyped]  # only the MariaDB host needs it loaded
+    import pymysql  # only the MariaDB host needs it loaded
 
     return pymysql.connect(
         host=config.host or "localhost",
