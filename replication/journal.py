@@ -26,7 +26,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from pysyncobj.journal import Journal
+from pysyncobj.journal import Journal  # type: ignore[import-untyped]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def read_entries(path: Path) -> tuple[list[Entry], list[int], int]:
     return entries, offsets, pos
 
 
-class DurableJournal(Journal):
+class DurableJournal(Journal):  # type: ignore[misc]
     """pysyncobj's journal interface on an append-only file with CRC'd records."""
 
     def __init__(self, path: Path):

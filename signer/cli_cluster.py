@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _recover(args: argparse.Namespace) -> int:
     """Offline: the signer must not run (its socket must not answer)."""
+    from replication.errors import ReplicationError
     from replication.raft import RaftLog
     from signer.config import ConfigError, load
     from signer.server.config import SignerConfig
-    from storage.repository import Repository
+    from storage import Repository, RepositoryError
 
     try:
         if args.config is None:
@@ -102,7 +103,7 @@ def _recover(args: argparse.Namespace) -> int:
             generation = RaftLog(config.replication, repository).recover_standalone()
         finally:
             repository.close()
-    except (ConfigError, SignerError) as exc:
+    except (ConfigError, SignerError, ReplicationError, RepositoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"recovered: this signer alone, generation {generation}; start it, then add the others")
