@@ -210,7 +210,10 @@ class RaftLog(Generic[R]):
                 f"this signer was fenced out of its cluster: {self.fence_path.read_text().strip()}"
                 f"; wipe {self.settings.journal_dir} and the repository, then add it again"
             )
-        self._load_record()
+        try:
+            self._load_record()
+        except ValueError as exc:
+            raise StartRefused(f"the repository's cluster record is unreadable: {exc}") from None
         if self._record is not None and self.address not in self._record.members:
             raise StartRefused(
                 f"this signer ({self.address}) is not a member of its cluster (generation "
