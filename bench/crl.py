@@ -43,7 +43,8 @@ from signer.server.crl import CrlService, draft_crl, finish_crl  # noqa: E402
 from signer.server.dispatch import RequestContext  # noqa: E402
 from signer.wire.framing import encode_frame  # noqa: E402
 from signer.wire.protocol import FetchCrlArgs, Response, dump_result, encode_response  # noqa: E402
-from storage.repository import Repository, revseq_key  # noqa: E402
+from storage import Issued, IssueX509, Repository, Revoked, RevokeX509, encode  # noqa: E402
+from storage.layout import revseq_key  # noqa: E402
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 BAUD = 115200
@@ -148,28 +149,29 @@ async def add_revocations(commit_log: Any, key_id: bytes, count: int, seed: int)
     stamp = int(NOW.timestamp())
     for i in range(count):
         serial = rng.getrandbits(126) | (1 << 126)
-        base = {"request_digest": b"d", "issuer": key_id, "serial": serial}
-        issue = {
-            "op": "issue_x509",
-            "request_id": f"i{seed}-{i}",
-            **base,
-            "der": b"c",
-            "profile": "p",
-            "not_before": stamp,
-            "not_after": stamp + 86400 * 365,
-            "issued_at": stamp,
-        }
-        revoke = {
-            "op": "revoke_x509",
-            "request_id": f"r{seed}-{i}",
-            **base,
-            "reason": 1,
-            "revoked_at": stamp,
-            "invalidity_date": None,
-            "crl_entry": crl_entry(serial, NOW, 1, None),
-        }
+        issue = IssueX509(
+            request_id=f"i{seed}-{i}",
+            request_digest=b"d",
+            issuer=key_id,
+            serial=serial,
+            der=b"c",
+            profile="p",
+            not_before=stamp,
+            not_after=stamp + 86400 * 365,
+            issued_at=stamp,
+        )
+        revoke = RevokeX509(
+            request_id=f"r{seed}-{i}",
+            request_digest=b"d",
+            issuer=key_id,
+            serial=serial,
+            reason=1,
+            revoked_at=stamp,
+            invalidity_date=None,
+            crl_entry=crl_entry(serial, NOW, 1, None),
+        )
         for command in (issue, revoke):
-            assert (await commit_log.commit(command))["status"] in ("issued", "revoked")
+            assert isinstance(await commit_log.commit(encode(command)), Issued | Revoked)
 
 
 # --------------------------------------------------------------------------- one measured run

@@ -44,11 +44,11 @@ from cryptography.x509.oid import NameOID
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from replication.errors import ReplicationError  # noqa: E402
 from replication.journal import DurableJournal  # noqa: E402
 from replication.log import LocalLog  # noqa: E402
 from replication.raft import RaftLog  # noqa: E402
 from replication.settings import ReplicationSettings  # noqa: E402
-from signer.errors import SignerError  # noqa: E402
 from signer.pki.profiles import load_profiles  # noqa: E402
 from signer.server.ca import CertificateAuthority, Issuer  # noqa: E402
 from signer.server.dispatch import RequestContext  # noqa: E402
@@ -56,7 +56,7 @@ from signer.server.hsm import Hsm, HsmSettings  # noqa: E402
 from signer.tools.ceremony import run_ceremony  # noqa: E402
 from signer.tools.softhsm import find_softhsm_module, new_token  # noqa: E402
 from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
-from storage.repository import Repository  # noqa: E402
+from storage import IssueX509, Repository, Result, encode  # noqa: E402
 
 SECRET = b"test replication secret 0123456789"  # as tests/raft_node.py (the peer) uses
 ISSUER_ID = bytes(range(20))
@@ -76,19 +76,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def command(n: int, size: int = 1500) -> dict[str, Any]:
-    return {
-        "op": "issue_x509",
-        "request_id": f"bench-{n}",
-        "request_digest": b"d" * 32,
-        "issuer": ISSUER_ID,
-        "serial": 2**140 + n,
-        "der": os.urandom(size),
-        "profile": "server",
-        "not_before": 1_700_000_000,
-        "not_after": 1_800_000_000,
-        "issued_at": 1_700_000_000,
-    }
+def command(n: int, size: int = 1500, request_id: str | None = None) -> bytes:
+    """The log entry of an issuance, encoded as the CA commits it."""
+    return encode(
+        IssueX509(
+            request_id=request_id or f"bench-{n}",
+            request_digest=b"d" * 32,
+            issuer=ISSUER_ID,
+            serial=2**140 + n,
+            der=os.urandom(size),
+            profile="server",
+            not_before=1_700_000_000,
+            not_after=1_800_000_000,
+            issued_at=1_700_000_000,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- physical bound
@@ -164,7 +166,7 @@ class Pair:
         self.base = base
         self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
         self.overrides = overrides
-        self.local: RaftLog | None = None
+        self.local: RaftLog[Result] | None = None
         self.repository: Repository | None = None
         self.remote: Remote | None = None
 
@@ -178,7 +180,7 @@ class Pair:
             **self.overrides,
         )
 
-    def start_local(self) -> RaftLog:
+    def start_local(self) -> RaftLog[Result]:
         self.repository = Repository(self.base / "repo-0", MAP_SIZE)
         self.local = RaftLog(self.settings(0), self.repository, secret=SECRET).start()
         return self.local
@@ -203,7 +205,7 @@ class Pair:
             try:
                 await self.local.barrier()
                 return
-            except SignerError:
+            except ReplicationError:
                 if time.monotonic() > deadline:
                     raise SystemExit("no leader elected") from None
                 await asyncio.sleep(0.1)
@@ -405,9 +407,7 @@ def fill(repository: Repository, count: int, say: Callable[[str], None]) -> floa
     for start in range(0, count, batch):
         items = []
         for n in range(start, min(count, start + batch)):
-            fake = command(n, size=200)
-            fake["request_id"] = f"fill-{n}"
-            items.append((n + 1, fake))
+            items.append((n + 1, command(n, size=200, request_id=f"fill-{n}")))
         repository.apply_batch(items)
     took = time.perf_counter() - began
     say(f"  filled {count} certificates in {took:.1f} s")

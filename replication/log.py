@@ -1,9 +1,15 @@
-"""The log that feeds the repository's state machine: standalone today, Raft-replicated later.
+"""The log that feeds a state machine: standalone (`LocalLog`) or Raft-replicated (`RaftLog`).
 
-Callers decide everything first (serials, times, signatures) and hand a finished command to
-`commit`, which returns the state machine's result once the command is durable. The standalone
-log applies commands in order from one writer thread, grouping whatever is waiting into one
-transaction (one fsync for many commands when requests arrive together).
+A log entry is bytes, opaque here: the state machine decodes it (for the signer, the
+repository's command codec, storage/commands.py) and answers a result of its own type `R`,
+which the log hands back to the caller that committed the entry without looking into it. This
+is hashicorp/raft's FSM contract: `apply` (here `apply_batch`, several entries in one durable
+write), plus snapshot and restore for the replicated log.
+
+Callers decide everything first (serials, times, signatures) and hand a finished entry to
+`commit`, which returns the state machine's result once the entry is durable. The standalone
+log applies entries in order from one writer thread, grouping whatever is waiting into one
+batch (one fsync for many entries when requests arrive together).
 """
 
 from __future__ import annotations
@@ -11,17 +17,40 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Protocol
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 
-class StateMachine(Protocol):
+class StateMachine(Protocol[R_co]):
     def last_applied_index(self) -> int: ...
 
-    def apply_batch(self, items: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]: ...
+    def apply_batch(self, items: Sequence[tuple[int, bytes]]) -> Sequence[R_co]:
+        """Apply (index, entry) pairs in one durable write; an index at or below the last
+        applied one is a replay and changes nothing."""
+        ...
 
 
-class Log(Protocol):
-    async def commit(self, command: dict[str, Any]) -> dict[str, Any]: ...
+class ReplicatedMachine(StateMachine[R_co], Protocol):
+    """What the replicated log needs besides applying: snapshots, and a few named values of its
+    own (the cluster record) that the machine keeps with its data, written through the log."""
+
+    def snapshot(self, path: Path) -> int: ...
+
+    def restore(self, snapshot_path: Path) -> int: ...
+
+    def meta(self, name: str) -> bytes | None: ...
+
+    def meta_entry(self, name: str, expected: bytes | None, value: bytes) -> bytes:
+        """The entry that sets `name` to `value` if it holds `expected` (None: absent)."""
+        ...
+
+
+class Log(Protocol[R_co]):
+    async def commit(self, entry: bytes) -> R_co: ...
 
     async def barrier(self) -> None:
         """Return once everything committed before the call is applied here."""
@@ -29,15 +58,15 @@ class Log(Protocol):
     def close(self) -> None: ...
 
 
-_Item = tuple[dict[str, Any], asyncio.AbstractEventLoop, asyncio.Future[dict[str, Any]]]
+_Item = tuple[bytes, asyncio.AbstractEventLoop, asyncio.Future[Any]]
 
 
-class LocalLog:
+class LocalLog(Generic[R]):
     """A single signer's log: the next index is simply the last applied one plus one."""
 
     MAX_GROUP = 256
 
-    def __init__(self, state_machine: StateMachine):
+    def __init__(self, state_machine: StateMachine[R]):
         self._machine = state_machine
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_loop, name="log-writer", daemon=True)
@@ -45,10 +74,10 @@ class LocalLog:
         self.groups = 0
         self.commands = 0
 
-    async def commit(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def commit(self, entry: bytes) -> R:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._queue.put((command, loop, future))
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.put((entry, loop, future))
         return await future
 
     async def barrier(self) -> None:
@@ -77,9 +106,9 @@ class LocalLog:
 
     def _apply(self, group: list[_Item]) -> None:
         start = self._machine.last_applied_index() + 1
-        items = [(start + i, command) for i, (command, _, _) in enumerate(group)]
+        items = [(start + i, entry) for i, (entry, _, _) in enumerate(group)]
         try:
-            results: list[Any] = self._machine.apply_batch(items)
+            results: list[Any] = list(self._machine.apply_batch(items))
         except Exception as exc:  # storage failure: every waiting caller learns it
             results = [exc] * len(group)
         self.groups += 1
@@ -88,7 +117,7 @@ class LocalLog:
             loop.call_soon_threadsafe(_settle, future, result)
 
 
-def _settle(future: asyncio.Future[dict[str, Any]], result: Any) -> None:
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
     if future.done():
         return
     if isinstance(result, Exception):

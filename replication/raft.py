@@ -3,8 +3,8 @@
 `RaftLog.commit(command)` answers once the command is committed (on disk on a majority of the
 voters: both, in a pair) and applied to this signer's repository. Either signer may commit:
 pysyncobj forwards a follower's proposal to the leader and the follower's answer waits until it
-has applied the entry itself. Commands are opaque dicts: this module knows nothing of
-certificates.
+has applied the entry itself. Entries are opaque bytes and results whatever the state machine
+answers: this module knows nothing of certificates (replication/log.py).
 
 Threads: pysyncobj runs in one thread of ours (the Raft thread) that owns the SyncObj, the
 journal and all pysyncobj state; asyncio callers hand proposals over and get their futures
@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pysyncobj.syncobj as syncobj_module
 from pysyncobj import SyncObj, SyncObjConf, replicated
@@ -40,13 +40,23 @@ from pysyncobj.node import TCPNode
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
 from replication import snapshot
-from replication.cluster import Hello, Verdict, judge, next_record_command
+from replication.cluster import CLUSTER_META, ClusterRecord, Hello, Verdict, judge, next_record
+from replication.errors import (
+    ApplyFailed,
+    ClockBehind,
+    Fenced,
+    MembershipConflict,
+    MembershipRefused,
+    NoQuorum,
+    NotCommitted,
+    QueueFull,
+    ReplicationError,
+    StartRefused,
+)
 from replication.journal import NO_OP, DurableJournal, read_entries
+from replication.log import ReplicatedMachine
 from replication.settings import ReplicationSettings, parse_address
 from replication.transport import ReplicationTransport
-from signer.config import ConfigError
-from signer.errors import ErrorCode, SignerError
-from signer.server.health import Section
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +65,7 @@ MAX_BATCH = 2000  # entries applied in one LMDB transaction
 CATCH_UP_REPORT = 1000  # entries behind before catch-up progress is logged
 _CONSTRUCT_LOCK = threading.Lock()
 
-
-class ReplicationError(ConfigError):
-    """The replicated log cannot start: the message says why and what the operator should do."""
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,16 @@ class View:
     leader_connected: bool = False  # proposals can reach the leader now
 
 
+@dataclass(frozen=True)
+class ClusterHealth:
+    """The cluster as health reports it: plain data, warnings and errors (the signer host
+    turns it into its `cluster` section)."""
+
+    data: dict[str, Any]
+    warnings: list[str]
+    errors: list[str]
+
+
 @dataclass
 class _Waiter:
     loop: asyncio.AbstractEventLoop
@@ -91,21 +109,20 @@ def _settle(future: asyncio.Future[Any], value: Any) -> None:
         future.set_result(value)
 
 
-def _failure(reason: int) -> SignerError:
+def _failure(reason: int) -> ReplicationError:
     if reason == FAIL_REASON.MISSING_LEADER:
-        return SignerError(ErrorCode.NO_QUORUM, "no leader: the cluster has no quorum")
+        return NoQuorum("no leader: the cluster has no quorum")
     if reason == FAIL_REASON.QUEUE_FULL:
-        return SignerError(ErrorCode.BUSY, "the replication queue is full; retry later")
-    return SignerError(
-        ErrorCode.NOT_COMMITTED,
-        "the leader changed before the commit was confirmed; retry with the same request id",
+        return QueueFull("the replication queue is full; retry later")
+    return NotCommitted(
+        "the leader changed before the commit was confirmed; retry with the same request id"
     )
 
 
 class _RaftNode(SyncObj):
     """pysyncobj's SyncObj with one replicated method that hands entries to the RaftLog."""
 
-    def __init__(self, owner: RaftLog, address: str, peers: list[str], conf: SyncObjConf):
+    def __init__(self, owner: RaftLog[Any], address: str, peers: list[str], conf: SyncObjConf):
         self.link_owner = owner
         super().__init__(address, peers, conf, transportClass=owner.transport_class)
 
@@ -116,13 +133,13 @@ class _RaftNode(SyncObj):
         self.link_owner.on_entry(self.raftLastApplied + 1, entry)
 
 
-class RaftLog:
+class RaftLog(Generic[R]):
     """The replicated commit log of one signer (see the module docstring)."""
 
     def __init__(
         self,
         settings: ReplicationSettings,
-        machine: Any,
+        machine: ReplicatedMachine[R],
         *,
         secret: bytes | None = None,
         transport_class: type[ReplicationTransport] = ReplicationTransport,
@@ -143,7 +160,7 @@ class RaftLog:
         self._lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Any, Any]] = queue.SimpleQueue()
-        self._pending: list[tuple[int, dict[str, Any] | None, int | None]] = []
+        self._pending: list[tuple[int, bytes | None, int | None]] = []
         self._floor_ms = 0
         self._view = View()
         self._peers = list(settings.peers)
@@ -155,7 +172,8 @@ class RaftLog:
         self._settled_at = 0.0  # until then, a missing quorum may just be connections starting
         self._last_raft_applied = 0
         self._fenced: str | None = None
-        self._record: dict[str, Any] | None = None
+        self._record: ClusterRecord | None = None
+        self._record_raw: bytes | None = None  # as stored: what a change compares against
         self._bootstrap_after = 0.0
         self._apply_error: str | None = None
         self._restore_lock = threading.Lock()
@@ -174,10 +192,10 @@ class RaftLog:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> RaftLog:
-        """Check the local state, then join the cluster; raises ReplicationError when unsafe."""
+    def start(self) -> RaftLog[R]:
+        """Check the local state, then join the cluster; raises StartRefused when unsafe."""
         if PYSYNCOBJ_VERSION not in TESTED_PYSYNCOBJ:
-            raise ReplicationError(
+            raise StartRefused(
                 f"pysyncobj {PYSYNCOBJ_VERSION} is installed; this signer is tested with "
                 f"{', '.join(TESTED_PYSYNCOBJ)} only (it relies on its apply order)"
             )
@@ -185,18 +203,21 @@ class RaftLog:
             try:
                 self._secret = self.settings.read_secret()
             except ValueError as exc:
-                raise ReplicationError(str(exc)) from None
+                raise StartRefused(str(exc)) from None
         self.settings.journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.fence_path.exists():
-            raise ReplicationError(
+            raise StartRefused(
                 f"this signer was fenced out of its cluster: {self.fence_path.read_text().strip()}"
                 f"; wipe {self.settings.journal_dir} and the repository, then add it again"
             )
-        self._record = self.machine.cluster_info()
-        if self._record is not None and self.address not in self._record["members"]:
-            raise ReplicationError(
+        try:
+            self._load_record()
+        except ValueError as exc:
+            raise StartRefused(f"the repository's cluster record is unreadable: {exc}") from None
+        if self._record is not None and self.address not in self._record.members:
+            raise StartRefused(
                 f"this signer ({self.address}) is not a member of its cluster (generation "
-                f"{self._record['generation']}: {', '.join(self._record['members'])}); wipe "
+                f"{self._record.generation}: {', '.join(self._record.members)}); wipe "
                 "its journal directory and repository, then add it again"
             )
         self._reconcile_snapshot()
@@ -219,7 +240,7 @@ class RaftLog:
             try:
                 meta = snapshot.read_meta(self.snapshot_path)
             except snapshot.SnapshotError as exc:
-                raise ReplicationError(
+                raise StartRefused(
                     f"{exc}; move {self.snapshot_path} away and the leader will send a new one"
                 ) from None
             self._floor_ms = max(self._floor_ms, meta.floor_ms)
@@ -238,10 +259,10 @@ class RaftLog:
             # A standalone signer's repository becomes the start of the replicated log, its
             # cluster identity recorded first (a joining signer then knows where data is from).
             members = sorted([self.address, *self._peers])
-            command = next_record_command(None, members, "create from a standalone signer")
+            record = next_record(None, members, "create from a standalone signer")
             applied += 1
-            self.machine.apply(applied, command)
-            self._record = self.machine.cluster_info()
+            self.machine.apply_batch([(applied, self._record_entry(record))])
+            self._load_record()
             log.info("starting the replicated log at the repository's index %d", applied)
             meta = snapshot.SnapshotMeta(
                 last=(NO_OP, applied, 0),
@@ -261,20 +282,19 @@ class RaftLog:
         only member; returns the new generation. Signers that kept other data are refused by it
         (their histories diverge): they are wiped and added again."""
         if self.journal_path.exists() or self.snapshot_path.exists():
-            raise ReplicationError(
+            raise StartRefused(
                 f"{self.settings.journal_dir} is not empty: recovery starts a new log from the "
                 "repository alone; move the old journal directory away first"
             )
         applied = self.machine.last_applied_index()
         if not applied:
-            raise ReplicationError("the repository is empty: nothing to recover, just start")
+            raise StartRefused("the repository is empty: nothing to recover, just start")
         self.settings.journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        command = next_record_command(
-            self.machine.cluster_info(), [self.address], "recover from a backup"
-        )
-        result = self.machine.apply(applied + 1, command)
-        if result.get("status") != "recorded":
-            raise ReplicationError(f"recording the recovery failed: {result}")
+        self._load_record()
+        record = next_record(self._record, [self.address], "recover from a backup")
+        self.machine.apply_batch([(applied + 1, self._record_entry(record))])
+        if self.machine.meta(CLUSTER_META) != record.pack():
+            raise ReplicationError("recording the recovery in the repository failed")
         meta = snapshot.SnapshotMeta(
             last=(NO_OP, applied + 1, 0),
             prev=(NO_OP, applied, 0),
@@ -284,7 +304,7 @@ class RaftLog:
             created=time.time(),
         )
         self.last_snapshot = snapshot.build(self.machine, self._build_dir, self.snapshot_path, meta)
-        return int(command["generation"])
+        return record.generation
 
     def _commit_up_to_snapshot(self) -> None:
         """What a snapshot holds is committed: say so in the journal. pysyncobj would otherwise
@@ -302,7 +322,7 @@ class RaftLog:
         covered = max(self._journal.last_index, snapshot_end)
         applied = self.machine.last_applied_index()
         if applied > covered:
-            raise ReplicationError(
+            raise StartRefused(
                 f"the repository is at index {applied} but the Raft journal ends at {covered}: "
                 "the journal was lost or belongs to another repository; wipe both (the signer "
                 "then catches up from its peer) or restore the matching journal directory"
@@ -336,7 +356,7 @@ class RaftLog:
         except Exception as exc:  # bind failure, bad state: the starter reports it
             if self._journal is not None:
                 self._journal._destroy()
-            errors.append(ReplicationError(f"replication could not start: {exc}"))
+            errors.append(StartRefused(f"replication could not start: {exc}"))
             started.set()
             return
         self._node = node
@@ -374,7 +394,7 @@ class RaftLog:
         with self._lock:
             self._node = None
         self._view = View()
-        self._fail_waiters(SignerError(ErrorCode.NO_QUORUM, "replication stopped on this signer"))
+        self._fail_waiters(NoQuorum("replication stopped on this signer"))
         node.destroy()  # autoTick is off: destroys at once, closes the transport and the journal
         log.info("replication: %s stopped", self.address)
 
@@ -418,7 +438,7 @@ class RaftLog:
 
     def _pace_snapshot_sends(self, node: _RaftNode) -> None:
         """Read the next snapshot chunk only when the peer's send buffer has room."""
-        serializer = node._SyncObj__serializer  # type: ignore[attr-defined]
+        serializer = node._SyncObj__serializer
         read_chunk = serializer.getTransmissionData
         limit = self.settings.snapshot_send_buffer
 
@@ -462,7 +482,7 @@ class RaftLog:
         except OSError:
             log.exception("replication: could not write %s", self.fence_path)
         self._stop.set()
-        self._fail_waiters(SignerError(ErrorCode.NO_QUORUM, f"this signer is fenced: {reason}"))
+        self._fail_waiters(Fenced(f"this signer is fenced: {reason}"))
 
     # --- applying (Raft thread) -----------------------------------------------------------
 
@@ -474,6 +494,11 @@ class RaftLog:
             return
         self._floor_ms = max(self._floor_ms, int(stamp))
         mine = pid if origin == self.address and boot == self._boot else None
+        if kind == "c" and not isinstance(payload, bytes):
+            # Not an entry of this version (an older one carried dicts): every replica hands
+            # the machine the same empty entry, which it rejects; nothing is written.
+            log.error("replication: the entry at index %d is not bytes", index)
+            payload = b""
         self._pending.append((index, payload if kind == "c" else None, mine))
         if len(self._pending) >= MAX_BATCH:
             self._flush()
@@ -491,24 +516,21 @@ class RaftLog:
             if self._apply_error is None:
                 log.exception("replication: applying to the repository failed (will retry)")
             self._apply_error = f"{type(exc).__name__}: {exc}"
-            error = SignerError(ErrorCode.REPOSITORY_ERROR, f"applying failed: {exc}")
+            error = ApplyFailed(f"applying failed: {exc}")
             for _, _, pid in pending:
                 if pid is not None:
                     self._resolve(pid, error)
             return
         self._apply_error = None
         self._pending = []
-        cluster_changed = False
         for _, command, pid in pending:
-            result = next(results) if command is not None else {"status": "ok"}
+            result = next(results) if command is not None else None
             if pid is not None:
                 self._resolve(pid, result)
-            if command is not None and command.get("op") == "set_cluster":
-                cluster_changed = True
         self.counters["applied"] += len(commands)
         self.counters["batches"] += 1
-        if cluster_changed:
-            self._record = self.machine.cluster_info()
+        if commands:
+            self._load_record()  # one read: any of them may have changed the membership
 
     def _resolve(self, pid: int, value: Any) -> None:
         with self._lock:
@@ -520,7 +542,7 @@ class RaftLog:
         if reason != FAIL_REASON.SUCCESS:
             self._resolve(pid, _failure(reason))
 
-    def _fail_waiters(self, error: SignerError) -> None:
+    def _fail_waiters(self, error: ReplicationError) -> None:
         with self._lock:
             waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
@@ -532,7 +554,7 @@ class RaftLog:
         self._flush()
         if self._restored:
             self._restored = False
-            self._record = self.machine.cluster_info()
+            self._load_record()
         self._run_calls()
         self._update_view()
         self._check_membership()
@@ -576,12 +598,12 @@ class RaftLog:
     def _check_membership(self) -> None:
         """Removed by a committed record, once caught up: stop (a later re-add needs a wipe)."""
         record, view = self._record, self._view
-        if record is None or self.address in record["members"] or self._pending:
+        if record is None or self.address in record.members or self._pending:
             return
         if view.applied_index >= view.commit_index:
             self.fence(
-                f"this signer was removed from the cluster at generation {record['generation']}"
-                f" ({record['event']})"
+                f"this signer was removed from the cluster at generation {record.generation}"
+                f" ({record.event})"
             )
 
     def _maybe_bootstrap_record(self) -> None:
@@ -592,9 +614,9 @@ class RaftLog:
         if view.applied_index < view.commit_index or time.monotonic() < self._bootstrap_after:
             return
         self._bootstrap_after = time.monotonic() + 5
-        command = next_record_command(None, list(view.members), "create")
+        entry = self._record_entry(next_record(None, list(view.members), "create"))
         assert self._node is not None
-        self._node._entry(("c", (self.address, self._boot), 0, self._now_ms(), command))
+        self._node._entry(("c", (self.address, self._boot), 0, self._now_ms(), entry))
 
     def _report_catch_up(self) -> None:
         view = self._view
@@ -621,8 +643,8 @@ class RaftLog:
         """pysyncobj wants a snapshot covering `data[0]`: build it in a worker thread."""
         last, prev, cluster = data
         self._snap_request = snapshot.SnapshotMeta(
-            last=tuple(last),  # type: ignore[arg-type]
-            prev=tuple(prev),  # type: ignore[arg-type]
+            last=tuple(last),
+            prev=tuple(prev),
             cluster=[node.id for node in cluster],
             applied=0,
             floor_ms=self._floor_ms,
@@ -709,11 +731,11 @@ class RaftLog:
     def _now_ms() -> int:
         return int(time.time() * 1000)
 
-    async def commit(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Commit `command` on the cluster and apply it here; the repository's result."""
-        result = await self._propose("c", command)
+    async def commit(self, entry: bytes) -> R:
+        """Commit `entry` on the cluster and apply it here; the state machine's result."""
+        result: R = await self._propose("c", entry)
         self.counters["commits"] += 1
-        return dict(result)
+        return result
 
     async def barrier(self) -> None:
         """Wait until this signer has applied everything committed before now.
@@ -731,8 +753,7 @@ class RaftLog:
         if lag <= 0:
             return
         if lag > self.settings.clock_wait:
-            raise SignerError(
-                ErrorCode.CLOCK_BEHIND,
+            raise ClockBehind(
                 f"this signer's clock is {lag:.1f} s behind times the cluster already recorded; "
                 "fix its clock (NTP) before it issues anything",
             )
@@ -744,16 +765,15 @@ class RaftLog:
         deadline = time.monotonic() + self.settings.leader_wait
         while True:
             if self._fenced is not None:
-                raise SignerError(ErrorCode.NO_QUORUM, f"this signer is fenced: {self._fenced}")
+                raise Fenced(f"this signer is fenced: {self._fenced}")
             if self._restore_error is not None:
-                raise SignerError(ErrorCode.REPOSITORY_ERROR, self._restore_error)
+                raise ApplyFailed(self._restore_error)
             view = self._view
             if view.running and view.has_quorum and view.leader_connected and self._record:
                 return  # (data is committed only after the cluster's identity)
             settled = time.monotonic() > self._settled_at
             if view.running and not view.has_quorum and settled:
-                raise SignerError(
-                    ErrorCode.NO_QUORUM,
+                raise NoQuorum(
                     f"no quorum: this signer reaches too few of the voters "
                     f"{', '.join(view.members)}",
                 )
@@ -763,10 +783,10 @@ class RaftLog:
                     what = "no leader was elected in time"
                     if view.leader_connected:
                         what = "the cluster's identity is not recorded yet"
-                raise SignerError(ErrorCode.NO_QUORUM, f"replication: {what}")
+                raise NoQuorum(f"replication: {what}")
             await asyncio.sleep(0.01)
 
-    async def _propose(self, kind: str, payload: dict[str, Any] | None) -> Any:
+    async def _propose(self, kind: str, payload: bytes | None) -> Any:
         await self._ready()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -774,7 +794,7 @@ class RaftLog:
         with self._lock:
             node = self._node
             if node is None:
-                raise SignerError(ErrorCode.NO_QUORUM, "replication is not running")
+                raise NoQuorum("replication is not running")
             self._waiters[pid] = _Waiter(loop, future)
         entry = (kind, (self.address, self._boot), pid, self._now_ms(), payload)
         timeout = self.settings.commit_timeout
@@ -782,8 +802,7 @@ class RaftLog:
             node._entry(entry, callback=functools.partial(self._callback, pid))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise SignerError(
-                ErrorCode.NOT_COMMITTED,
+            raise NotCommitted(
                 f"the commit was not confirmed within {timeout:g} s and may still happen; "
                 "retry with the same request id to learn its single outcome",
             ) from None
@@ -794,7 +813,7 @@ class RaftLog:
     async def on_raft_thread(self, function: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run `function` on the Raft thread (pysyncobj state is not thread-safe)."""
         if self._node is None:
-            raise SignerError(ErrorCode.NO_QUORUM, "replication is not running on this signer")
+            raise NoQuorum("replication is not running on this signer")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._calls.put((function, loop, future))
@@ -812,8 +831,8 @@ class RaftLog:
 
     # --- status ---------------------------------------------------------------------------
 
-    async def health_section(self) -> Section:
-        """The `cluster` section of `health`: errors when nothing can be issued."""
+    async def health(self) -> ClusterHealth:
+        """The cluster for `health`: errors when nothing can be issued."""
         data = await self.status()
         warnings: list[str] = []
         errors: list[str] = []
@@ -833,7 +852,7 @@ class RaftLog:
                 warnings.append("restoring a snapshot received from the leader")
             for peer, state in data["peers"].items():
                 warnings += self._peer_warnings(peer, state, errors)
-        return Section(data, warnings, errors)
+        return ClusterHealth(data, warnings, errors)
 
     def _peer_warnings(self, peer: str, state: dict[str, Any], errors: list[str]) -> list[str]:
         warnings = []
@@ -861,7 +880,7 @@ class RaftLog:
             return self._status_stopped()
         try:
             return dict(await self.on_raft_thread(self._status_now))
-        except SignerError:
+        except ReplicationError:
             return self._status_stopped()
 
     def _status_stopped(self) -> dict[str, Any]:
@@ -870,7 +889,7 @@ class RaftLog:
             "role": "fenced" if self._fenced else "stopped",
             "fenced": self._fenced,
             "quorum": False,
-            "cluster": _record_summary(self._record),
+            "cluster": self._record.summary() if self._record else None,
             "repository_index": self.machine.last_applied_index(),
         }
 
@@ -901,7 +920,7 @@ class RaftLog:
             "repository_index": self.machine.last_applied_index(),
             "quorum": view.has_quorum,
             "members": list(view.members),
-            "cluster": _record_summary(self._record),
+            "cluster": self._record.summary() if self._record else None,
             "peers": peers,
             "snapshot": self._snapshot_summary(),
             "restoring": self._restoring,
@@ -933,7 +952,7 @@ class RaftLog:
         _check_address(address)
         members = list(self._view.members)
         if address in members:
-            raise SignerError(ErrorCode.BAD_ARGUMENTS, f"{address} is already a member")
+            raise MembershipRefused(f"{address} is already a member")
         await self.barrier()
         await self._record_members([*members, address], f"add {address}")
         await self._change_membership("add", address, wait=False)
@@ -967,9 +986,9 @@ class RaftLog:
         _check_address(address)
         members = list(self._view.members)
         if address == self.address:
-            raise SignerError(ErrorCode.BAD_ARGUMENTS, "run remove on another signer")
+            raise MembershipRefused("run remove on another signer")
         if address not in members:
-            raise SignerError(ErrorCode.BAD_ARGUMENTS, f"{address} is not a member")
+            raise MembershipRefused(f"{address} is not a member")
         await self.barrier()
         remaining = [member for member in members if member != address]
         await self._record_members(remaining, f"remove {address}")
@@ -981,26 +1000,22 @@ class RaftLog:
         view = self._view
         others = sorted(member for member in view.members if member != self.address)
         if view.has_quorum and view.leader is not None and others:
-            raise SignerError(
-                ErrorCode.BAD_ARGUMENTS,
-                "the cluster has quorum: use `signer cluster remove` instead",
-            )
+            raise MembershipRefused("the cluster has quorum: use `signer cluster remove` instead")
         if sorted(fenced) != others:
-            raise SignerError(
-                ErrorCode.BAD_ARGUMENTS,
+            raise MembershipRefused(
                 f"name every other voter as fenced ({', '.join(others) or 'none'}), after making "
                 "sure it cannot run: two signers issuing alone would diverge",
             )
         started = time.monotonic()
         await asyncio.to_thread(self._standalone_offline)
-        result = await self._record_members(
+        record = await self._record_members(
             [self.address], f"force-standalone (fenced {', '.join(fenced)})"
         )
         log.warning("replication: %s continues alone; fenced: %s", self.address, fenced)
         return {
             "status": "standalone",
             "members": [self.address],
-            "generation": result.get("generation"),
+            "generation": record.generation,
             "seconds": round(time.monotonic() - started, 2),
         }
 
@@ -1014,7 +1029,7 @@ class RaftLog:
         applied = self._last_raft_applied
         if applied - 1 < journal[0][1]:
             if applied != journal.last_index:
-                raise SignerError(ErrorCode.INTERNAL_ERROR, "journal does not hold the last entry")
+                raise ReplicationError("the journal does not hold the last applied entry")
             journal.add(NO_OP, applied + 1, journal[-1][2])
             applied += 1
         first = journal[0][1]
@@ -1035,14 +1050,39 @@ class RaftLog:
         self._peers = []
         self._start_loop()
 
-    async def _record_members(self, members: list[str], event: str) -> dict[str, Any]:
-        command = next_record_command(self.machine.cluster_info(), members, event)
-        result = await self.commit(command)
-        if result.get("status") != "recorded":
-            raise SignerError(
-                ErrorCode.REPOSITORY_ERROR, f"recording the membership failed: {result}"
+    async def _record_members(self, members: list[str], event: str) -> ClusterRecord:
+        """Commit the next generation's record; it must be the stored one afterwards (the
+        machine compares and sets it, so a concurrent change makes this one fail)."""
+        raw, current = self._read_record()
+        try:
+            record = next_record(current, members, event)
+        except ValueError as exc:
+            raise MembershipRefused(str(exc)) from None
+        await self.commit(self.machine.meta_entry(CLUSTER_META, raw, record.pack()))
+        if self.machine.meta(CLUSTER_META) != record.pack():
+            raise MembershipConflict(
+                "the membership record changed meanwhile (another change was recorded); "
+                "look at `signer cluster status` and retry"
             )
-        return result
+        return record
+
+    # --- the cluster record ----------------------------------------------------------------
+
+    def _read_record(self) -> tuple[bytes | None, ClusterRecord | None]:
+        """The stored cluster record, as bytes and parsed (None before the first one)."""
+        raw = self.machine.meta(CLUSTER_META)
+        return raw, None if raw is None else ClusterRecord.unpack(raw)
+
+    def _load_record(self) -> None:
+        """Refresh this signer's view of the record (Raft thread, or before Raft runs)."""
+        raw = self.machine.meta(CLUSTER_META)
+        if raw != self._record_raw:
+            self._record = None if raw is None else ClusterRecord.unpack(raw)
+            self._record_raw = raw
+
+    def _record_entry(self, record: ClusterRecord) -> bytes:
+        """The log entry that makes `record` the next one after the stored one."""
+        return self.machine.meta_entry(CLUSTER_META, self._record_raw, record.pack())
 
     async def _change_membership(self, op: str, address: str, wait: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -1071,20 +1111,8 @@ def _check_address(address: str) -> None:
     try:
         parse_address(address)
     except ValueError as exc:
-        raise SignerError(ErrorCode.BAD_ARGUMENTS, str(exc)) from None
+        raise MembershipRefused(str(exc)) from None
 
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _record_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    if record is None:
-        return None
-    return {
-        "id": bytes(record["cluster_id"]).hex(),
-        "generation": record["generation"],
-        "members": list(record["members"]),
-        "event": record["event"],
-        "at": record["at"],
-    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +132,11 @@ class ReplicationSettings(BaseModel):
     def read_secret(self) -> bytes:
         """The replication secret; raises ValueError (never with the secret in the message)."""
         if self.secret_file is not None:
-            from signer.config import check_secret_file
-
-            check_secret_file(self.secret_file)
-            secret = self.secret_file.read_bytes().strip()
+            check_private_file(self.secret_file)
+            try:
+                secret = self.secret_file.read_bytes().strip()
+            except OSError as exc:
+                raise ValueError(f"{self.secret_file}: cannot read: {exc.strerror}") from None
             where = str(self.secret_file)
         else:
             assert self.secret_env is not None
@@ -146,3 +148,18 @@ class ReplicationSettings(BaseModel):
                 f"{MIN_SECRET_BYTES} bytes; refusing to start without one"
             )
         return secret
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a secret file that others can read (like ssh does for its keys); ValueError."""
+    try:
+        status = path.stat()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+    if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(
+            f"{path}: holds a secret but is accessible by group or others "
+            f"(mode {stat.S_IMODE(status.st_mode):04o}); run: chmod 600 {path}"
+        )
+    if hasattr(os, "getuid") and status.st_uid not in (os.getuid(), 0):
+        raise ValueError(f"{path}: holds a secret but belongs to another user")

@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 
 from replication.journal import Entry
+from replication.log import ReplicatedMachine
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class SnapshotMeta:
             "floor_ms": self.floor_ms,
             "created": self.created,
         }
-        return msgpack.packb(fields, use_bin_type=True)
+        packed: bytes = msgpack.packb(fields, use_bin_type=True)
+        return packed
 
     @classmethod
     def unpack(cls, data: bytes, size: int) -> SnapshotMeta:
@@ -116,7 +118,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def build(repository: Any, work_dir: Path, dest: Path, meta: SnapshotMeta) -> SnapshotMeta:
+def build(
+    repository: ReplicatedMachine[Any], work_dir: Path, dest: Path, meta: SnapshotMeta
+) -> SnapshotMeta:
     """Copy the repository into `dest` with the trailer; atomic: `dest` is replaced at the end.
 
     The copy may contain more than `meta.last` covers (commands applied while copying): replays
@@ -147,7 +151,7 @@ def build(repository: Any, work_dir: Path, dest: Path, meta: SnapshotMeta) -> Sn
     return dataclasses.replace(meta, size=size)
 
 
-def restore(repository: Any, source: Path, work_dir: Path) -> int:
+def restore(repository: ReplicatedMachine[Any], source: Path, work_dir: Path) -> int:
     """Replace the repository's contents with snapshot file `source`; return its applied index.
 
     The file is hard-linked into `work_dir` so that pysyncobj may replace `source` meanwhile.

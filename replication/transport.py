@@ -316,9 +316,12 @@ def _coalesce(outbox: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     for node, message in outbox:
         position = last.get(node)
         previous = merged[position][1] if position is not None else None
-        if previous is not None and _continues(previous, message):
+        if position is None or previous is None:
+            last[node] = len(merged)
+            merged.append((node, message))
+        elif _continues(previous, message):
             merged[position] = (node, _merge(previous, message))
-        elif previous is not None and _acks(previous) and _acks(message):
+        elif _acks(previous) and _acks(message):
             if message["next_node_idx"] >= previous["next_node_idx"]:
                 merged[position] = (node, message)
         else:

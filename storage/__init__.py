@@ -1,23 +1,85 @@
-"""Persistent state of the signer: the certificate repository (a deterministic state machine)."""
+"""Persistent state of the signer: the certificate repository (a deterministic state machine).
 
-from storage.repository import (
-    COMMAND_FIELDS,
-    DEFAULT_MAP_SIZE,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    ConsistencyReport,
-    Repository,
-    RevokedEntry,
-    validate_command,
+`Repository.apply(index, entry)` takes a log entry, `encode(command)`'s bytes, and answers a
+typed result; see docs/repository.md.
+"""
+
+from storage.check import ConsistencyReport
+from storage.commands import (
+    COMMAND_TYPES,
+    CertifyOpenpgp,
+    Command,
+    Invalid,
+    IssueX509,
+    Noop,
+    PublishCrl,
+    RecordCrl,
+    RevokeX509,
+    SetMeta,
+    decode,
+    encode,
 )
+from storage.crl import crl_block_rows
+from storage.errors import InvalidArgument, RepositoryError
+from storage.layout import serial_bytes
+from storage.repository import DEFAULT_MAP_SIZE, Repository, RevokedEntry
+from storage.results import (
+    AlreadyRevoked,
+    Certified,
+    CrlPublished,
+    CrlRecorded,
+    Done,
+    Duplicate,
+    Issued,
+    MetaSet,
+    Reason,
+    Rejected,
+    Replayed,
+    RequestRecord,
+    RequestResult,
+    Result,
+    Revocation,
+    Revoked,
+)
+from storage.schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
-    "COMMAND_FIELDS",
+    "COMMAND_TYPES",
     "DEFAULT_MAP_SIZE",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "AlreadyRevoked",
+    "Certified",
+    "CertifyOpenpgp",
+    "Command",
     "ConsistencyReport",
+    "CrlPublished",
+    "CrlRecorded",
+    "Done",
+    "Duplicate",
+    "Invalid",
+    "InvalidArgument",
+    "IssueX509",
+    "Issued",
+    "MetaSet",
+    "Noop",
+    "PublishCrl",
+    "Reason",
+    "RecordCrl",
+    "Rejected",
+    "Replayed",
     "Repository",
+    "RepositoryError",
+    "RequestRecord",
+    "RequestResult",
+    "Result",
+    "Revocation",
+    "RevokeX509",
+    "Revoked",
     "RevokedEntry",
-    "validate_command",
+    "SetMeta",
+    "crl_block_rows",
+    "decode",
+    "encode",
+    "serial_bytes",
 ]

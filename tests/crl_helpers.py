@@ -24,7 +24,7 @@ from signer.server.dispatch import RequestContext
 from signer.server.hsm import Hsm
 from signer.wire.framing import pack_message, unpack_message
 from signer.wire.protocol import FetchCrlArgs, dump_result
-from storage.repository import Repository
+from storage import Issued, IssueX509, Repository, Result, Revoked, RevokeX509, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 BAUD = 921600
@@ -69,7 +69,7 @@ class CrlHarness:
         key_id = x509.SubjectKeyIdentifier.from_public_key(self.certificate.public_key()).digest
         self.issuer = Issuer("test", self.certificate, label, key_id)
         self.repository = Repository(path / "repo")
-        self.log = LocalLog(self.repository)
+        self.log: LocalLog[Result] = LocalLog(self.repository)
         self.now = START
         self.config = CrlConfig(**config)
         self.service = self.new_service()
@@ -105,34 +105,36 @@ class CrlHarness:
         now = int(self.now.timestamp())
         not_after = now + int(valid_for.total_seconds())
         issued = await self.log.commit(
-            {
-                "op": "issue_x509",
-                "request_id": f"issue-{serial:x}",
-                "request_digest": b"d",
-                "issuer": self.key_id,
-                "serial": serial,
-                "der": b"not a real certificate",
-                "profile": "test",
-                "not_before": min(now, not_after) - 60,
-                "not_after": not_after,
-                "issued_at": now,
-            }
+            encode(
+                IssueX509(
+                    request_id=f"issue-{serial:x}",
+                    request_digest=b"d",
+                    issuer=self.key_id,
+                    serial=serial,
+                    der=b"not a real certificate",
+                    profile="test",
+                    not_before=min(now, not_after) - 60,
+                    not_after=not_after,
+                    issued_at=now,
+                )
+            )
         )
-        assert issued["status"] == "issued", issued
+        assert isinstance(issued, Issued), issued
         revoked = await self.log.commit(
-            {
-                "op": "revoke_x509",
-                "request_id": f"revoke-{serial:x}",
-                "request_digest": b"d",
-                "issuer": self.key_id,
-                "serial": serial,
-                "reason": reason,
-                "revoked_at": now,
-                "invalidity_date": None if invalidity is None else int(invalidity.timestamp()),
-                "crl_entry": crl_entry(serial, self.now, reason, invalidity),
-            }
+            encode(
+                RevokeX509(
+                    request_id=f"revoke-{serial:x}",
+                    request_digest=b"d",
+                    issuer=self.key_id,
+                    serial=serial,
+                    reason=reason,
+                    revoked_at=now,
+                    invalidity_date=None if invalidity is None else int(invalidity.timestamp()),
+                    crl_entry=crl_entry(serial, self.now, reason, invalidity),
+                )
+            )
         )
-        assert revoked["status"] == "revoked", revoked
+        assert isinstance(revoked, Revoked), revoked
         return serial
 
     async def call(self, command: str, args: dict[str, Any]) -> dict[str, Any]:

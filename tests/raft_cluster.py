@@ -12,10 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from replication.cluster import CLUSTER_META, ClusterRecord
 from replication.raft import RaftLog
 from replication.settings import ReplicationSettings
 from replication.transport import ReplicationTransport
-from storage.repository import Repository
+from storage import (
+    Command,
+    Duplicate,
+    Issued,
+    IssueX509,
+    Repository,
+    Result,
+    Revocation,
+    RevokeX509,
+    encode,
+)
 
 SECRET = b"test replication secret 0123456789"
 ISSUER = bytes(range(20))
@@ -67,34 +78,49 @@ class Partitions:
         return PartitionedTransport
 
 
-def issue(number: int, request_id: str | None = None, serial: int | None = None) -> dict[str, Any]:
+def issue(number: int, request_id: str | None = None, serial: int | None = None) -> IssueX509:
     """A synthetic issue_x509 command (serials beyond 64 bits, as real ones are)."""
-    return {
-        "op": "issue_x509",
-        "request_id": request_id or f"issue-{number}",
-        "request_digest": b"digest-%d" % number,
-        "issuer": ISSUER,
-        "serial": serial if serial is not None else 2**140 + number,
-        "der": b"fake certificate %d " % number + os.urandom(64),
-        "profile": "server",
-        "not_before": 1_700_000_000,
-        "not_after": 1_800_000_000,
-        "issued_at": 1_700_000_000 + number,
-    }
+    return IssueX509(
+        request_id=request_id or f"issue-{number}",
+        request_digest=b"digest-%d" % number,
+        issuer=ISSUER,
+        serial=serial if serial is not None else 2**140 + number,
+        der=b"fake certificate %d " % number + os.urandom(64),
+        profile="server",
+        not_before=1_700_000_000,
+        not_after=1_800_000_000,
+        issued_at=1_700_000_000 + number,
+    )
 
 
-def revoke(number: int, serial: int, request_id: str | None = None) -> dict[str, Any]:
-    return {
-        "op": "revoke_x509",
-        "request_id": request_id or f"revoke-{number}",
-        "request_digest": b"revoke-digest-%d" % number,
-        "issuer": ISSUER,
-        "serial": serial,
-        "reason": 1,
-        "revoked_at": 1_750_000_000 + number,
-        "invalidity_date": None,
-        "crl_entry": b"crl entry %d" % number,
-    }
+def revoke(number: int, serial: int, request_id: str | None = None) -> RevokeX509:
+    return RevokeX509(
+        request_id=request_id or f"revoke-{number}",
+        request_digest=b"revoke-digest-%d" % number,
+        issuer=ISSUER,
+        serial=serial,
+        reason=1,
+        revoked_at=1_750_000_000 + number,
+        invalidity_date=None,
+        crl_entry=b"crl entry %d" % number,
+    )
+
+
+async def commit(log: RaftLog[Result], command: Command) -> Result:
+    """Commit a command as the signer's services do: its log entry's bytes."""
+    return await log.commit(encode(command))
+
+
+def settled(result: Result) -> Issued | Revocation:
+    """What a request came to: the first result of a duplicate, an issuance or a revocation."""
+    outcome = result.original if isinstance(result, Duplicate) else result
+    assert isinstance(outcome, Issued | Revocation), result
+    return outcome
+
+
+def cluster_record(repository: Repository) -> ClusterRecord | None:
+    raw = repository.meta(CLUSTER_META)
+    return None if raw is None else ClusterRecord.unpack(raw)
 
 
 class Cluster:
@@ -105,7 +131,7 @@ class Cluster:
         self.partitions = Partitions()
         self.addresses = [f"127.0.0.1:{port}" for port in free_ports(size)]
         self.overrides = {**FAST, **overrides}
-        self.logs: dict[str, RaftLog] = {}
+        self.logs: dict[str, RaftLog[Result]] = {}
         self.repos: dict[str, Repository] = {}
 
     def settings(self, address: str, peers: list[str] | None = None) -> ReplicationSettings:
@@ -122,12 +148,12 @@ class Cluster:
     def repo_path(self, address: str) -> Path:
         return self.base / f"repo-{self.addresses.index(address)}"
 
-    def start(self, address: str, peers: list[str] | None = None, **extra: Any) -> RaftLog:
+    def start(self, address: str, peers: list[str] | None = None, **extra: Any) -> RaftLog[Result]:
         repository = Repository(self.repo_path(address), 1 << 30)
         settings = self.settings(address, peers)
         if extra:
             settings = settings.model_copy(update=extra)
-        raft = RaftLog(
+        raft: RaftLog[Result] = RaftLog(
             settings, repository, secret=SECRET, transport_class=self.partitions.transport()
         )
         try:
@@ -166,12 +192,14 @@ class Cluster:
         self.addresses.append(address)
         return address
 
-    def leader(self) -> RaftLog | None:
+    def leader(self) -> RaftLog[Result] | None:
         leaders = [raft for raft in self.logs.values() if raft.view.role == "leader"]
         return leaders[0] if len(leaders) == 1 else None
 
-    async def wait_leader(self, timeout: float = 10.0, among: list[str] | None = None) -> RaftLog:
-        def found() -> RaftLog | None:
+    async def wait_leader(
+        self, timeout: float = 10.0, among: list[str] | None = None
+    ) -> RaftLog[Result]:
+        def found() -> RaftLog[Result] | None:
             nodes = [self.logs[a] for a in (among or list(self.logs)) if a in self.logs]
             leaders = [n for n in nodes if n.view.role == "leader" and n.view.has_quorum]
             if len(leaders) == 1 and all(
@@ -212,7 +240,7 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> A
         await asyncio.sleep(0.02)
 
 
-def check_invariants(repos: list[Repository], acknowledged: dict[str, dict[str, Any]]) -> None:
+def check_invariants(repos: list[Repository], acknowledged: dict[str, Any]) -> None:
     """Every acknowledged operation on every repository, identical repositories, each serial
     issued once, consistent indexes."""
     digests = {repo.content_digest() for repo in repos}
@@ -223,10 +251,10 @@ def check_invariants(repos: list[Repository], acknowledged: dict[str, dict[str, 
         for request_id, result in acknowledged.items():
             recorded = repo.get_request(request_id)
             assert recorded is not None, f"acknowledged {request_id} missing from {repo.path}"
-            assert recorded["result"]["serial"] == result["serial"], request_id
+            assert recorded.result.serial == settled(result).serial, request_id
     counts = repos[0].counts()
     serials = {
-        repos[0].get_request(rid)["result"]["serial"]  # type: ignore[index]
+        repos[0].get_request(rid).result.serial  # type: ignore[union-attr]
         for rid in acknowledged
         if rid.startswith("issue")
     }

@@ -2,14 +2,17 @@
 driven by JSON lines on stdin, answering JSON lines on stdout.
 
     python tests/raft_node.py SETTINGS_JSON REPOSITORY_DIR
-    stdin:  {"id": 1, "command": {...}}   (bytes as {"hex": ...}; big ints are plain JSON ints)
-    stdout: {"id": 1, "ok": true, "result": {...}} | {"id": 1, "ok": false, "code": "no_quorum"}
+    stdin:  {"id": 1, "command": {"op": ..., fields}}   (bytes as {"hex": ...}; big ints are
+            plain JSON ints): committed as the signer does, encoded by storage's codec
+    stdout: {"id": 1, "ok": true, "result": {"status": ..., fields}}
+            | {"id": 1, "ok": false, "code": "no_quorum"}   (the wire code of the failure)
             {"ready": true} once started
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -21,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from replication.raft import RaftLog
 from replication.settings import ReplicationSettings
-from signer.errors import SignerError
-from storage.repository import Repository
+from signer.server.errors import wire_error
+from storage import COMMAND_TYPES, Command, Duplicate, Repository, Result
+from storage import encode as encode_entry
 
 
 def decode(value: Any) -> Any:
@@ -45,12 +49,25 @@ def encode(value: Any) -> Any:
     return value
 
 
+def command_of(fields: dict[str, Any]) -> Command:
+    values = decode(fields)
+    cls = COMMAND_TYPES[values.pop("op")]
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def result_map(result: Result) -> dict[str, Any]:
+    """A result as a map, `status` first; a duplicate is its first result with that status."""
+    if isinstance(result, Duplicate):
+        return {**dataclasses.asdict(result.original), "status": result.status}
+    return {"status": result.status, **dataclasses.asdict(result)}
+
+
 def emit(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
 
 
-async def handle(raft: RaftLog, line: bytes) -> None:
+async def handle(raft: RaftLog[Result], line: bytes) -> None:
     request = json.loads(line)
     if "status" in request:
         view = raft.view
@@ -70,16 +87,21 @@ async def handle(raft: RaftLog, line: bytes) -> None:
         emit({"id": request["id"], "ok": True, "result": {}})
         return
     try:
-        result = await raft.commit(decode(request["command"]))
-        emit({"id": request["id"], "ok": True, "result": encode(result)})
-    except SignerError as exc:
-        emit({"id": request["id"], "ok": False, "code": exc.code.value, "message": exc.message})
+        result = await raft.commit(encode_entry(command_of(request["command"])))
+        emit({"id": request["id"], "ok": True, "result": encode(result_map(result))})
+    except Exception as exc:
+        error = wire_error(exc)
+        if error is None:
+            raise
+        emit({"id": request["id"], "ok": False, "code": error.code.value, "message": error.message})
 
 
 async def main(settings_json: str, repository_dir: str) -> None:
     settings = ReplicationSettings.model_validate_json(settings_json)
     repository = Repository(Path(repository_dir), 1 << 30)
-    raft = RaftLog(settings, repository, secret=b"test replication secret 0123456789").start()
+    raft: RaftLog[Result] = RaftLog(
+        settings, repository, secret=b"test replication secret 0123456789"
+    ).start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

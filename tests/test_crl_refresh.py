@@ -46,6 +46,7 @@ from signer.server.hsm import Hsm
 from signer.server.process import SignerServer
 from signer.tools.line_emulator import LineEmulator
 from signer.wire.framing import pack_message
+from storage import IssueX509, RevokeX509
 
 
 @pytest.fixture(scope="module")
@@ -401,28 +402,26 @@ async def _revocations(server: SignerServer, count: int) -> None:
     for i in range(count):
         serial = 2**100 + i * 7919
         base = {"request_digest": b"d", "issuer": issuer.key_id, "serial": serial}
-        await ca.log.commit(
-            {
-                "op": "issue_x509",
-                "request_id": f"i{i}",
-                **base,
-                "der": b"placeholder",
-                "profile": "server",
-                "not_before": stamp,
-                "not_after": stamp + 86400 * 365,
-                "issued_at": stamp,
-            }
+        await ca.recorder.record(
+            IssueX509(
+                request_id=f"i{i}",
+                **base,  # type: ignore[arg-type]
+                der=b"placeholder",
+                profile="server",
+                not_before=stamp,
+                not_after=stamp + 86400 * 365,
+                issued_at=stamp,
+            )
         )
-        await ca.log.commit(
-            {
-                "op": "revoke_x509",
-                "request_id": f"r{i}",
-                **base,
-                "reason": 4,
-                "revoked_at": stamp,
-                "invalidity_date": None,
-                "crl_entry": crl_entry(serial, now, 4, None),
-            }
+        await ca.recorder.record(
+            RevokeX509(
+                request_id=f"r{i}",
+                **base,  # type: ignore[arg-type]
+                reason=4,
+                revoked_at=stamp,
+                invalidity_date=None,
+                crl_entry=crl_entry(serial, now, 4, None),
+            )
         )
 
 

@@ -13,9 +13,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import storage.repository as repository_module
-from signer.errors import ErrorCode
-from storage.repository import Repository, crl_expiry_key
+import storage.crl as crl_module
+from storage import (
+    Command,
+    CrlPublished,
+    Issued,
+    IssueX509,
+    PublishCrl,
+    Reason,
+    Rejected,
+    Replayed,
+    Repository,
+    Result,
+    Revoked,
+    RevokeX509,
+    encode,
+)
+from storage.layout import crl_expiry_key
 
 ISSUER = b"\x42" * 20
 OTHER = b"\x43" * 20
@@ -47,7 +61,7 @@ class Feed:
         self.repo = repo
         self.index = repo.last_applied_index()
 
-    def apply(self, command: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, command: Command | bytes) -> Result:
         self.index += 1
         return self.repo.apply(self.index, command)
 
@@ -55,44 +69,41 @@ class Feed:
         not_after = T0 + serial * 86400
         base = {"request_digest": b"d", "issuer": issuer, "serial": serial}
         issued = self.apply(
-            {
-                "op": "issue_x509",
-                "request_id": f"i-{issuer.hex()[:4]}-{serial}",
-                **base,
-                "der": b"cert",
-                "profile": "p",
-                "not_before": T0 - 10,
-                "not_after": not_after,
-                "issued_at": T0,
-            }
+            IssueX509(
+                request_id=f"i-{issuer.hex()[:4]}-{serial}",
+                **base,  # type: ignore[arg-type]
+                der=b"cert",
+                profile="p",
+                not_before=T0 - 10,
+                not_after=not_after,
+                issued_at=T0,
+            )
         )
-        assert issued["status"] == "issued"
+        assert isinstance(issued, Issued)
         revoked = self.apply(
-            {
-                "op": "revoke_x509",
-                "request_id": f"r-{issuer.hex()[:4]}-{serial}",
-                **base,
-                "reason": None,
-                "revoked_at": T0,
-                "invalidity_date": None,
-                "crl_entry": b"\x30\x03\x02\x01" + bytes([serial % 256]),
-            }
+            RevokeX509(
+                request_id=f"r-{issuer.hex()[:4]}-{serial}",
+                **base,  # type: ignore[arg-type]
+                reason=None,
+                revoked_at=T0,
+                invalidity_date=None,
+                crl_entry=b"\x30\x03\x02\x01" + bytes([serial % 256]),
+            )
         )
-        assert revoked["status"] == "revoked"
+        assert isinstance(revoked, Revoked)
 
 
 def publish(
     number: int, seq: int, removed: list[int], entries: int, **overrides: Any
-) -> dict[str, Any]:
+) -> PublishCrl:
     der = b"crl-" + str(number).encode()
     command = {
-        "op": "publish_crl",
         "issuer": ISSUER,
         "crl_number": number,
         "this_update": T0 + number,
         "next_update": T0 + number + 7 * 86400,
         "revocation_seq": seq,
-        "removed": removed,
+        "removed": tuple(removed),
         "entries": entries,
         "removed_before": None,
         "expired_certs_on_crl": None,
@@ -101,8 +112,7 @@ def publish(
         "sha256": hashlib.sha256(der).digest(),
         "der": der,
     }
-    command.update(overrides)
-    return command
+    return PublishCrl(**{**command, **overrides})
 
 
 def members(repo: Repository, issuer: bytes = ISSUER) -> list[int]:
@@ -115,17 +125,16 @@ def test_publish_adds_every_revocation_then_removes_what_it_names(repo: Reposito
         feed.revoke(serial)
     feed.revoke(7, issuer=OTHER)
     first = feed.apply(publish(2, seq=4, removed=[], entries=4))
-    assert first == {
-        "status": "recorded",
-        "issuer": ISSUER,
-        "crl_number": 2,
-        "this_update": T0 + 2,
-        "next_update": T0 + 2 + 7 * 86400,
-        "revocation_seq": 4,
-        "entries": 4,
-        "added": 4,
-        "removed": 0,
-    }
+    assert first == CrlPublished(
+        issuer=ISSUER,
+        crl_number=2,
+        this_update=T0 + 2,
+        next_update=T0 + 2 + 7 * 86400,
+        revocation_seq=4,
+        entries=4,
+        added=4,
+        removed=0,
+    )
     assert members(repo) == [1, 3, 5, 9] and members(repo, OTHER) == []
     entries = dict(repo.iter_crl_members(ISSUER))
     assert entries[(3).to_bytes(20, "big")] == b"\x30\x03\x02\x01\x03"
@@ -133,7 +142,8 @@ def test_publish_adds_every_revocation_then_removes_what_it_names(repo: Reposito
 
     feed.revoke(2)
     second = feed.apply(publish(3, seq=5, removed=[1, 5], entries=3))
-    assert (second["added"], second["removed"], second["entries"]) == (1, 2, 3)
+    assert isinstance(second, CrlPublished)
+    assert (second.added, second.removed, second.entries) == (1, 2, 3)
     assert members(repo) == [2, 3, 9]
     assert [s for _, s in repo.iter_crl_expiry(ISSUER)] == [2, 3, 9]
     history = repo.crl_history(ISSUER, 3)
@@ -151,32 +161,40 @@ def test_publish_adds_every_revocation_then_removes_what_it_names(repo: Reposito
     assert report.checked["crl_expiry"] == 3 and report.checked["crl_history"] == 2
 
 
+def _with_extra_field(command: PublishCrl) -> bytes:
+    fields = msgpack.unpackb(encode(command), raw=False)
+    return msgpack.packb({**fields, "extra": 1}, use_bin_type=True)
+
+
+MISMATCH, MALFORMED = Reason.CRL_MISMATCH, Reason.MALFORMED
+
+
 @pytest.mark.parametrize(
-    ("command", "code"),
+    ("command", "reason"),
     [
-        (publish(2, seq=3, removed=[], entries=3), ErrorCode.REPOSITORY_ERROR),  # number not new
-        (publish(4, seq=5, removed=[], entries=4), ErrorCode.REPOSITORY_ERROR),  # seq not assigned
-        (publish(4, seq=1, removed=[], entries=1), ErrorCode.REPOSITORY_ERROR),  # seq goes back
-        (publish(4, seq=3, removed=[3], entries=2), ErrorCode.REPOSITORY_ERROR),  # not listed yet
-        (publish(4, seq=3, removed=[8], entries=2), ErrorCode.REPOSITORY_ERROR),  # never revoked
-        (publish(4, seq=3, removed=[], entries=2), ErrorCode.REPOSITORY_ERROR),  # miscounted
-        (publish(4, seq=2, removed=[2, 1], entries=0), ErrorCode.BAD_ARGUMENTS),  # not ascending
-        (publish(4, seq=2, removed=[1, 1], entries=0), ErrorCode.BAD_ARGUMENTS),
-        (publish(4, seq=2, removed=[], entries=2, sha256=b"x"), ErrorCode.BAD_ARGUMENTS),
-        (publish(4, seq=2, removed=[], entries=2, next_update=T0), ErrorCode.BAD_ARGUMENTS),
-        ({**publish(4, seq=2, removed=[], entries=2), "extra": 1}, ErrorCode.BAD_ARGUMENTS),
+        (publish(2, seq=3, removed=[], entries=3), Reason.CRL_NUMBER_NOT_NEWER),
+        (publish(4, seq=5, removed=[], entries=4), MISMATCH),  # seq not assigned
+        (publish(4, seq=1, removed=[], entries=1), MISMATCH),  # seq goes back
+        (publish(4, seq=3, removed=[3], entries=2), MISMATCH),  # not listed yet
+        (publish(4, seq=3, removed=[8], entries=2), MISMATCH),  # never revoked
+        (publish(4, seq=3, removed=[], entries=2), MISMATCH),  # miscounted
+        (publish(4, seq=2, removed=[2, 1], entries=0), MALFORMED),  # not ascending
+        (publish(4, seq=2, removed=[1, 1], entries=0), MALFORMED),
+        (publish(4, seq=2, removed=[], entries=2, sha256=b"x"), MALFORMED),
+        (publish(4, seq=2, removed=[], entries=2, next_update=T0), MALFORMED),
+        (_with_extra_field(publish(4, seq=2, removed=[], entries=2)), MALFORMED),
     ],
 )
 def test_bad_publications_are_rejected_and_write_nothing(
-    repo: Repository, command: dict[str, Any], code: ErrorCode
+    repo: Repository, command: PublishCrl | bytes, reason: Reason
 ) -> None:
     feed = Feed(repo)
     for serial in (1, 2, 3):
         feed.revoke(serial)
-    assert feed.apply(publish(2, seq=2, removed=[], entries=2))["status"] == "recorded"
+    assert isinstance(feed.apply(publish(2, seq=2, removed=[], entries=2)), CrlPublished)
     before = repo.content_digest(include_applied_index=False)
     result = feed.apply(command)
-    assert result["status"] == "rejected" and result["code"] == code.value, result
+    assert isinstance(result, Rejected) and result.reason is reason, result
     assert repo.content_digest(include_applied_index=False) == before
     assert repo.last_applied_index() == feed.index
 
@@ -187,7 +205,7 @@ def test_replay_changes_nothing(repo: Repository) -> None:
     command = publish(2, seq=1, removed=[], entries=1)
     feed.apply(command)
     digest = repo.content_digest()
-    assert repo.apply(feed.index, command) == {"status": "replayed"}
+    assert repo.apply(feed.index, command) == Replayed()
     assert repo.content_digest() == digest
 
 
@@ -197,7 +215,7 @@ def test_large_additions_give_the_same_state_by_either_path(
     """Many new entries are read in key order instead of by sequence number: same result."""
     digests = []
     for threshold in (10_000, 0):
-        monkeypatch.setattr(repository_module, "NEW_MEMBERS_BY_SEQ", threshold)
+        monkeypatch.setattr(crl_module, "NEW_MEMBERS_BY_SEQ", threshold)
         with Repository(tmp_path / f"repo-{threshold}") as repo:
             feed = Feed(repo)
             for serial in (40, 7, 23, 1, 15, 30):
@@ -274,8 +292,8 @@ def test_membership_blocks_follow_any_sequence_of_publications(
         pytest.MonkeyPatch.context() as patch,
         Repository(Path(directory)) as repo,
     ):
-        patch.setattr(repository_module, "CRL_BLOCK_ENTRIES", block)
-        patch.setattr(repository_module, "CRL_BLOCK_LIMIT", 2 * block)
+        patch.setattr(crl_module, "CRL_BLOCK_ENTRIES", block)
+        patch.setattr(crl_module, "CRL_BLOCK_LIMIT", 2 * block)
         feed, model, seq, number = Feed(repo), [], 0, 1
         revoked: set[int] = set()
         for serials, picks in steps:
@@ -288,7 +306,7 @@ def test_membership_blocks_follow_any_sequence_of_publications(
             model = sorted(set(model) - set(dropped) | set(fresh))
             number += 1
             result = feed.apply(publish(number, seq=seq, removed=dropped, entries=len(model)))
-            assert result["status"] == "recorded", result
+            assert isinstance(result, CrlPublished), result
             assert members(repo) == model
         report = repo.check_consistency()
         assert report.ok, report.problems

@@ -131,7 +131,7 @@ async def test_copies_of_one_request_in_flight_answer_the_recorded_certificate(a
     assert all(result == results[0] for result in results[1:])
     recorded = authority.repository.get_request("domaincerts:7:sign")
     assert recorded is not None
-    assert results[0].serial == f"{recorded['result']['serial']:X}"
+    assert results[0].serial == f"{recorded.result.serial:X}"
     digest = hashlib.sha256(results[0].certificate).digest()
     again = await authority.sign_x509(args, ctx)
     assert hashlib.sha256(again.certificate).digest() == digest

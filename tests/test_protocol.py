@@ -10,8 +10,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from replication.errors import (
+    ApplyFailed,
+    ClockBehind,
+    Fenced,
+    MembershipConflict,
+    MembershipRefused,
+    NoQuorum,
+    NotCommitted,
+    QueueFull,
+    StartRefused,
+)
 from signer.errors import ErrorCode, SignerError
 from signer.server.dispatch import ProtocolHandler
+from signer.server.errors import REJECTION_CODES, rejection_error, wire_error
 from signer.wire.framing import Frame, FrameDecoder, encode_frame
 from signer.wire.protocol import (
     COMMANDS,
@@ -22,6 +34,7 @@ from signer.wire.protocol import (
     encode_response,
     request_digest,
 )
+from storage import InvalidArgument, Reason, Rejected, RepositoryError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -186,6 +199,58 @@ async def test_handler_failures_become_error_answers(caplog):
     assert "request a" in caplog.text and "boom" in caplog.text
     assert sent["b"]["error"] == {"code": "unknown_profile", "message": "no such profile"}
     assert sent["c"]["error"]["code"] == "unknown_command"
+
+
+FAILURES_BELOW = [
+    (NoQuorum("no quorum: this signer reaches too few of the voters"), "no_quorum"),
+    (Fenced("this signer is fenced: removed"), "no_quorum"),
+    (NotCommitted("the commit was not confirmed"), "not_committed"),
+    (ClockBehind("this signer's clock is 9.0 s behind"), "clock_behind"),
+    (QueueFull("the replication queue is full"), "busy"),
+    (ApplyFailed("applying failed: disk full"), "repository_error"),
+    (MembershipRefused("10.0.0.1:1 is already a member"), "bad_arguments"),
+    (MembershipConflict("the membership record changed meanwhile"), "repository_error"),
+    (StartRefused("no secret"), "internal_error"),
+    (RepositoryError("applying commands failed: the LMDB map is full"), "repository_error"),
+    (InvalidArgument("issuer must be 20 bytes"), "bad_arguments"),
+]
+
+
+async def test_failures_of_storage_and_replication_get_their_wire_codes():
+    """signer/server/errors.py: one mapping, whatever layer failed; the message is kept."""
+    handlers = {}
+    for number, (failure, _) in enumerate(FAILURES_BELOW):
+
+        async def failing(args, ctx, failure=failure):
+            raise failure
+
+        handlers[f"h{number}"] = failing
+    h = Harness(
+        {"health": lambda args, ctx: handlers[ctx.request_id](args, ctx)},
+        max_in_flight=len(FAILURES_BELOW),
+    )
+    for number in range(len(FAILURES_BELOW)):
+        h.feed(encode_frame(request(rid=f"h{number}")))
+    sent = {m["id"]: m for m in await h.settle(len(FAILURES_BELOW))}
+    for number, (failure, code) in enumerate(FAILURES_BELOW):
+        assert sent[f"h{number}"]["error"] == {"code": code, "message": str(failure)}
+
+
+def test_every_rejection_reason_has_its_documented_wire_code():
+    assert set(REJECTION_CODES) == set(Reason)
+    codes = {reason: rejection_error(Rejected(reason, "why")).code for reason in Reason}
+    assert codes == {
+        Reason.MALFORMED: ErrorCode.BAD_ARGUMENTS,
+        Reason.UNKNOWN_OP: ErrorCode.UNKNOWN_COMMAND,
+        Reason.BAD_REASON: ErrorCode.BAD_REASON,
+        Reason.REQUEST_ID_CONFLICT: ErrorCode.REQUEST_ID_CONFLICT,
+        Reason.UNKNOWN_CERTIFICATE: ErrorCode.UNKNOWN_CERTIFICATE,
+        Reason.SERIAL_TAKEN: ErrorCode.REPOSITORY_ERROR,
+        Reason.CRL_NUMBER_NOT_NEWER: ErrorCode.REPOSITORY_ERROR,
+        Reason.CRL_MISMATCH: ErrorCode.REPOSITORY_ERROR,
+        Reason.META_CONFLICT: ErrorCode.REPOSITORY_ERROR,
+    }
+    assert wire_error(RuntimeError("a bug")) is None  # answered internal_error, and logged
 
 
 async def test_in_flight_bound_answers_busy():

@@ -5,6 +5,7 @@ force-standalone and replacement, fencing, health. Every scenario ends with an i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 import shutil
 import socket
@@ -14,15 +15,24 @@ import pytest
 from raft_cluster import (
     Cluster,
     check_invariants,
+    cluster_record,
+    commit,
     issue,
     revoke,
+    settled,
     wait_for,
 )
 
+from replication.errors import (
+    ClockBehind,
+    MembershipRefused,
+    NoQuorum,
+    NotCommitted,
+    StartRefused,
+)
 from replication.journal import read_entries
-from replication.raft import RaftLog, ReplicationError
-from signer.errors import ErrorCode, SignerError
-from storage.repository import Repository
+from replication.raft import RaftLog
+from storage import Command, Duplicate, Issued, Repository, decode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,12 +51,13 @@ async def pair(cluster):
     return cluster
 
 
-def entry_command(raw: bytes) -> dict | None:
-    """The command carried by a journal entry (our one replicated method, pickled by pysyncobj)."""
+def entry_command(raw: bytes) -> Command | None:
+    """The command carried by a journal entry (our one replicated method, pickled by pysyncobj;
+    the command as the repository's codec encoded it)."""
     if raw[:1] != b"\x00":
         return None
     _method, (entry,) = pickle.loads(raw[1:])[:2]
-    return entry[4]
+    return decode(entry[4])
 
 
 async def test_commit_on_either_signer_is_applied_on_both(pair):
@@ -54,35 +65,35 @@ async def test_commit_on_either_signer_is_applied_on_both(pair):
     acknowledged = {}
     for n in range(20):
         raft = a if n % 2 else b  # leader and follower alike
-        result = await raft.commit(issue(n))
-        assert result["status"] == "issued"
-        acknowledged[result["request_id"]] = result
+        result = await commit(raft, issue(n))
+        assert isinstance(result, Issued)
+        acknowledged[result.request_id] = result
     await pair.converge()
     check_invariants(list(pair.repos.values()), acknowledged)
     # The repository index is the Raft index of the entry (raftLastApplied + 1 when applied).
     entries, _, _ = read_entries(pair.logs[pair.addresses[0]].journal_path)
     by_index = {index: entry_command(raw) for raw, index, _ in entries}
     for result in acknowledged.values():
-        assert by_index[result["index"]]["request_id"] == result["request_id"]
+        assert by_index[result.index].request_id == result.request_id
 
 
 async def test_a_committed_command_is_durable_before_the_answer(pair):
     leader = await pair.wait_leader()
     follower = next(r for r in pair.logs.values() if r is not leader)
     before = follower._journal.syncs
-    result = await leader.commit(issue(1))
+    result = await commit(leader, issue(1))
     # The follower's journal was fdatasync'ed before it acknowledged (the leader only counts
     # acknowledged copies), and the answering leader applied it (LMDB sync) before answering.
     assert follower._journal.syncs > before
     assert pair.repos[leader.address].get_request("issue-1") is not None
-    assert result["index"] <= follower.view.last_index
+    assert result.index <= follower.view.last_index
 
 
 async def test_retry_with_the_same_request_id_gives_the_single_outcome(pair):
     a, b = (pair.logs[x] for x in pair.addresses)
-    first = await a.commit(issue(7, serial=2**150 + 1))
-    again = await b.commit(issue(7, serial=2**150 + 2))  # retried elsewhere, another serial
-    assert again["status"] == "duplicate" and again["serial"] == first["serial"]
+    first = await commit(a, issue(7, serial=2**150 + 1))
+    again = await commit(b, issue(7, serial=2**150 + 2))  # retried elsewhere, another serial
+    assert isinstance(again, Duplicate) and again.original.serial == first.serial
     await pair.converge()
     assert all(repo.counts()["certificates"] == 1 for repo in pair.repos.values())
 
@@ -94,14 +105,12 @@ async def test_without_quorum_the_answer_is_fast_and_specific(pair):
     await wait_for(lambda: not survivor.view.has_quorum, 5, "quorum lost")
     await wait_for(lambda: time.monotonic() > survivor._settled_at, 5, "start-up settled")
     started = time.monotonic()
-    with pytest.raises(SignerError) as caught:
-        await survivor.commit(issue(1))
-    assert caught.value.code is ErrorCode.NO_QUORUM
+    with pytest.raises(NoQuorum):
+        await commit(survivor, issue(1))
     # refused at once: never waits for the commit timeout, let alone hangs
     assert time.monotonic() - started < survivor.settings.commit_timeout / 4
-    with pytest.raises(SignerError) as caught:
+    with pytest.raises(NoQuorum):
         await survivor.barrier()
-    assert caught.value.code is ErrorCode.NO_QUORUM
     assert pair.repos[a].get_request("issue-1") is None
 
 
@@ -113,16 +122,15 @@ async def test_timed_out_commit_lands_later_and_a_retry_finds_it(pair):
     follower = next(r for r in pair.logs.values() if r is not leader)
     pair.partitions.isolate(leader.address, [follower.address])
     command = issue(3)
-    with pytest.raises(SignerError) as caught:
-        await leader.commit(command)
-    assert caught.value.code in (ErrorCode.NOT_COMMITTED, ErrorCode.NO_QUORUM)
+    with pytest.raises((NotCommitted, NoQuorum)):
+        await commit(leader, command)
     pair.partitions.heal()
     await pair.wait_leader()
-    retry = {**command, "serial": 2**150 + 99}  # a retry decides a fresh serial
+    retry = dataclasses.replace(command, serial=2**150 + 99)  # a retry decides a fresh serial
     result = await commit_retrying(follower, retry)
     await pair.converge()
     recorded = pair.repos[follower.address].get_request("issue-3")
-    assert recorded["result"]["serial"] == result["serial"]
+    assert recorded.result.serial == settled(result).serial
     check_invariants(list(pair.repos.values()), {"issue-3": result})
 
 
@@ -130,7 +138,7 @@ async def test_barrier_makes_a_lagging_signer_see_what_was_committed(pair):
     leader = await pair.wait_leader()
     follower = next(r for r in pair.logs.values() if r is not leader)
     for n in range(30):
-        await leader.commit(issue(n))
+        await commit(leader, issue(n))
     await follower.barrier()  # everything committed before it is applied here
     assert pair.repos[follower.address].get_request("issue-29") is not None
 
@@ -139,12 +147,10 @@ async def commit_retrying(log, command, attempts: int = 10):
     """Commit like a client: the same command again after a refusal for lack of quorum."""
     for _ in range(attempts - 1):
         try:
-            return await log.commit(command)
-        except SignerError as exc:
-            if exc.code not in (ErrorCode.NO_QUORUM, ErrorCode.NOT_COMMITTED):
-                raise
+            return await commit(log, command)
+        except (NoQuorum, NotCommitted):
             await asyncio.sleep(0.3)
-    return await log.commit(command)
+    return await commit(log, command)
 
 
 async def test_isolated_leader_split_pair_and_heal(tmp_path):
@@ -156,18 +162,17 @@ async def test_isolated_leader_split_pair_and_heal(tmp_path):
         old = await cluster.wait_leader()
         acknowledged = {}
         for n in range(10):
-            result = await old.commit(issue(n))
-            acknowledged[result["request_id"]] = result
+            result = await commit(old, issue(n))
+            acknowledged[settled(result).request_id] = result
         others = [a for a in cluster.addresses if a != old.address]
         cluster.partitions.isolate(old.address, others)
         new = await cluster.wait_leader(among=others)
         assert new.address != old.address
-        with pytest.raises(SignerError) as caught:
-            await old.commit(issue(100))
-        assert caught.value.code in (ErrorCode.NO_QUORUM, ErrorCode.NOT_COMMITTED)
+        with pytest.raises((NoQuorum, NotCommitted)):
+            await commit(old, issue(100))
         for n in range(10, 20):
-            result = await cluster.logs[others[n % 2]].commit(issue(n))
-            acknowledged[result["request_id"]] = result
+            result = await commit(cluster.logs[others[n % 2]], issue(n))
+            acknowledged[settled(result).request_id] = result
         # split the remaining pair too: nobody has a majority
         cluster.partitions.isolate(others[0], [others[1]])
         await wait_for(
@@ -175,16 +180,15 @@ async def test_isolated_leader_split_pair_and_heal(tmp_path):
             5,
             "no quorum anywhere",
         )
-        with pytest.raises(SignerError) as caught:
-            await cluster.logs[others[0]].commit(issue(200))
-        assert caught.value.code in (ErrorCode.NO_QUORUM, ErrorCode.NOT_COMMITTED)
+        with pytest.raises((NoQuorum, NotCommitted)):
+            await commit(cluster.logs[others[0]], issue(200))
         cluster.partitions.heal()
         await cluster.wait_leader()
         # Outcomes of the refused proposals are unknown to their callers: retries settle them
         # (as a client does: the rejoining old leader may still force one more election).
         for n in (100, 200):
             result = await commit_retrying(cluster.logs[others[0]], issue(n))
-            acknowledged[result["request_id"]] = result
+            acknowledged[settled(result).request_id] = result
         await cluster.converge()
         check_invariants(list(cluster.repos.values()), acknowledged)
     finally:
@@ -195,9 +199,9 @@ async def test_restart_replays_without_applying_twice(pair):
     a, b = pair.addresses
     acknowledged = {}
     for n in range(15):
-        result = await pair.logs[a].commit(issue(n))
-        acknowledged[result["request_id"]] = result
-    result = await pair.logs[b].commit(revoke(1, acknowledged["issue-3"]["serial"]))
+        result = await commit(pair.logs[a], issue(n))
+        acknowledged[settled(result).request_id] = result
+    result = await commit(pair.logs[b], revoke(1, settled(acknowledged["issue-3"]).serial))
     await pair.converge()
     digest = pair.repos[a].content_digest()
     pair.stop(a)
@@ -209,7 +213,7 @@ async def test_restart_replays_without_applying_twice(pair):
     assert pair.repos[a].content_digest() == digest  # replayed entries changed nothing
     for n in range(15, 20):
         result = await commit_retrying(pair.logs[b], issue(n))
-        acknowledged[result["request_id"]] = result
+        acknowledged[settled(result).request_id] = result
     await pair.converge()
     check_invariants(list(pair.repos.values()), acknowledged)
     assert pair.repos[a].counts()["revoked"] == 1
@@ -226,8 +230,8 @@ async def test_returning_signer_replays_what_it_missed(tmp_path):
         await cluster.wait_leader(among=[a, b])
         acknowledged = {}
         for n in range(60):
-            result = await cluster.logs[a if n % 2 else b].commit(issue(n))
-            acknowledged[result["request_id"]] = result
+            result = await commit(cluster.logs[a if n % 2 else b], issue(n))
+            acknowledged[settled(result).request_id] = result
         missed = cluster.logs[a].view.commit_index
         cluster.start(c)
         await cluster.converge()
@@ -246,8 +250,8 @@ async def test_wiped_signer_gets_a_snapshot_and_the_log(tmp_path):
         leader = await cluster.wait_leader()
         acknowledged = {}
         for n in range(150):
-            result = await leader.commit(issue(n))
-            acknowledged[result["request_id"]] = result
+            result = await commit(leader, issue(n))
+            acknowledged[settled(result).request_id] = result
         await wait_for(lambda: leader.last_snapshot is not None, 10, "a snapshot")
         other = next(a for a in cluster.addresses if a != leader.address)
         cluster.wipe(other)
@@ -255,7 +259,7 @@ async def test_wiped_signer_gets_a_snapshot_and_the_log(tmp_path):
         await cluster.wait_leader()
         for n in range(150, 160):
             result = await commit_retrying(leader, issue(n))
-            acknowledged[result["request_id"]] = result
+            acknowledged[settled(result).request_id] = result
         await cluster.converge(timeout=30)
         check_invariants(list(cluster.repos.values()), acknowledged)
         status = await cluster.logs[other].status()
@@ -272,22 +276,22 @@ async def test_force_standalone_then_a_replacement_joins(tmp_path):
         a, b = cluster.addresses
         acknowledged = {}
         for n in range(40):
-            result = await cluster.logs[a if n % 2 else b].commit(issue(n))
-            acknowledged[result["request_id"]] = result
+            result = await commit(cluster.logs[a if n % 2 else b], issue(n))
+            acknowledged[settled(result).request_id] = result
         await cluster.converge()
         cluster.stop(b)  # b dies (the operator then fences it: powered off)
         survivor = cluster.logs[a]
         await wait_for(lambda: not survivor.view.has_quorum, 5, "quorum lost")
-        with pytest.raises(SignerError) as caught:
+        with pytest.raises(MembershipRefused):  # must name the fenced peer
             await survivor.force_standalone(fenced=[])
-        assert caught.value.code is ErrorCode.BAD_ARGUMENTS  # must name the fenced peer
         outcome = await survivor.force_standalone(fenced=[b])
         assert outcome["members"] == [a]
         for n in range(40, 50):
-            result = await survivor.commit(issue(n))  # issuing again, alone
-            acknowledged[result["request_id"]] = result
-        record = cluster.repos[a].cluster_info()
-        assert record["members"] == [a] and "force-standalone" in record["event"]
+            result = await commit(survivor, issue(n))  # issuing again, alone
+            acknowledged[settled(result).request_id] = result
+        record = cluster_record(cluster.repos[a])
+        assert record is not None
+        assert record.members == (a,) and "force-standalone" in record.event
         # A replacement (new machine, new address) is added and catches up by itself.
         c = cluster.add_address()
         added = await survivor.add_member(c)
@@ -295,24 +299,23 @@ async def test_force_standalone_then_a_replacement_joins(tmp_path):
         cluster.start(c, peers=[a])
         await cluster.wait_leader()
         for n in range(50, 55):
-            result = await cluster.logs[c].commit(issue(n))  # the replacement answers too
-            acknowledged[result["request_id"]] = result
+            result = await commit(cluster.logs[c], issue(n))  # the replacement answers too
+            acknowledged[settled(result).request_id] = result
         await cluster.converge(timeout=30)
         check_invariants([cluster.repos[a], cluster.repos[c]], acknowledged)
         # The fenced signer comes back with its old data: nobody talks to it, it gets nothing.
         old_b = cluster.start(b, peers=[a])
         await asyncio.sleep(1.0)
         assert not old_b.view.has_quorum
-        with pytest.raises(SignerError) as caught:
-            await old_b.commit(issue(999))
-        assert caught.value.code is ErrorCode.NO_QUORUM
+        with pytest.raises(NoQuorum):
+            await commit(old_b, issue(999))
         assert cluster.repos[b].get_request("issue-50") is None
         assert (await survivor.status())["members"] == sorted([a, c])
         # An orderly removal: c applies the record without itself and stops for good.
         await survivor.remove_member(c)
         await wait_for(lambda: cluster.logs[c]._fenced is not None, 10, "c stops, removed")
-        result = await survivor.commit(issue(60))  # alone again, still issuing
-        assert result["status"] == "issued"
+        result = await commit(survivor, issue(60))  # alone again, still issuing
+        assert isinstance(result, Issued)
     finally:
         cluster.close()
 
@@ -324,14 +327,14 @@ async def test_a_removed_signer_never_comes_back_with_its_old_data(tmp_path):
         a, b, c = cluster.addresses
         leader = await cluster.wait_leader()
         for n in range(10):
-            await leader.commit(issue(n))
+            await commit(leader, issue(n))
         await cluster.converge()
         cluster.stop(c)
         survivor = cluster.logs[a] if leader.address == c else leader
         await cluster.wait_leader(among=[a, b])
         await survivor.remove_member(c)
         await survivor.add_member(c)  # the operator re-adds the address for a replacement ...
-        await survivor.commit(issue(10))
+        await commit(survivor, issue(10))
         # ... but the old machine comes back with its old data instead of a wiped one
         cluster.start(c)
         await wait_for(lambda: c not in cluster.logs or cluster.logs[c]._fenced, 10, "fenced")
@@ -350,9 +353,9 @@ async def test_a_removed_signer_never_comes_back_with_its_old_data(tmp_path):
 
 async def test_health_section_reports_the_cluster(pair):
     leader = await pair.wait_leader()
-    await leader.commit(issue(1))
+    await commit(leader, issue(1))
     await asyncio.sleep(1.2)  # a clock measurement
-    section = await leader.health_section()
+    section = await leader.health()
     data = section.data
     assert data["role"] == "leader" and data["quorum"] is True and not section.errors
     assert data["cluster"]["generation"] == 1
@@ -361,7 +364,7 @@ async def test_health_section_reports_the_cluster(pair):
     assert abs(state["clock_offset_s"]) < 0.5
     pair.stop(peer)
     await wait_for(lambda: not leader.view.has_quorum, 5, "quorum lost")
-    section = await leader.health_section()
+    section = await leader.health()
     assert any("no quorum" in text for text in section.errors)
     assert any("not connected" in text for text in section.warnings)
 
@@ -370,9 +373,8 @@ async def test_clock_behind_the_cluster_refuses_to_decide(pair):
     leader = await pair.wait_leader()
     follower = next(r for r in pair.logs.values() if r is not leader)
     leader._floor_ms = follower._floor_ms = int((time.time() + 3600) * 1000)
-    with pytest.raises(SignerError) as caught:
+    with pytest.raises(ClockBehind):
         await follower.barrier()
-    assert caught.value.code is ErrorCode.CLOCK_BEHIND
 
 
 async def test_a_peer_without_the_secret_is_not_heard(tmp_path):
@@ -412,7 +414,7 @@ async def test_binds_to_the_link_address_only_and_needs_a_secret(tmp_path, monke
         monkeypatch.delenv("UNUSED_IN_TESTS", raising=False)
         repository = Repository(cluster.repo_path(b), 1 << 30)
         try:
-            with pytest.raises(ReplicationError, match="refusing to start without one"):
+            with pytest.raises(StartRefused, match="refusing to start without one"):
                 RaftLog(cluster.settings(b), repository).start()  # no secret given
         finally:
             repository.close()
@@ -428,11 +430,11 @@ async def test_recovery_from_a_backup_after_losing_both_signers(tmp_path):
         leader = await cluster.wait_leader()
         acknowledged = {}
         for n in range(10):
-            result = await leader.commit(issue(n))
-            acknowledged[result["request_id"]] = result
+            result = await commit(leader, issue(n))
+            acknowledged[settled(result).request_id] = result
         await cluster.converge()
         cluster.repos[a].snapshot(tmp_path / "backup")  # the nightly backup, taken live
-        await leader.commit(issue(10))  # after the backup: lost with the machines
+        await commit(leader, issue(10))  # after the backup: lost with the machines
         cluster.stop(a)
         cluster.stop(b)
         # Both signers are lost. A new machine at a's address gets the backup and recovers.
@@ -445,8 +447,8 @@ async def test_recovery_from_a_backup_after_losing_both_signers(tmp_path):
         repository.close()
         assert generation == 2
         survivor = cluster.start(a)
-        result = await survivor.commit(issue(11))
-        assert result["status"] == "issued"
+        result = await commit(survivor, issue(11))
+        assert isinstance(result, Issued)
         check_invariants([cluster.repos[a]], acknowledged)
         assert cluster.repos[a].get_request("issue-10") is None  # newer than the backup
         # b, with its old data (and issue-10), is not a member any more: nobody answers it

@@ -5,6 +5,7 @@ and the repositories are identical."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -19,12 +20,17 @@ from typing import Any
 import pytest
 from raft_cluster import FAST, ISSUER, free_ports, issue, revoke
 
-from storage.repository import Repository
+from storage import Command, Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = ROOT / "tests" / "raft_node.py"
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def as_map(command: Command) -> dict[str, Any]:
+    """A command as raft_node.py takes it on stdin (then encoded there as the signer does)."""
+    return {"op": command.op, **dataclasses.asdict(command)}
 
 
 def wire(value: Any) -> Any:
@@ -112,9 +118,9 @@ class Stream:
         n = self.next_id
         serials = [r["serial"] for k, r in self.acknowledged.items() if k.startswith("issue")]
         if n % 4 == 3 and serials:
-            return revoke(n, serials[n % len(serials)])
+            return as_map(revoke(n, serials[n % len(serials)]))
         self.issued += 1
-        return issue(n)
+        return as_map(issue(n))
 
     def send(self, node: Node, command: dict[str, Any]) -> None:
         self.next_id += 1
@@ -259,7 +265,7 @@ def test_kill_either_signer_during_a_stream(tmp_path):
                     continue
                 recorded = repo.get_request(request_id)
                 assert recorded is not None, f"acknowledged {request_id} lost"
-                assert recorded["result"]["serial"] == result["serial"]
+                assert recorded.result.serial == result["serial"]
         issued = [k for k in stream.acknowledged if k.startswith("issue")]
         # every issue request recorded exactly once: no serial issued twice
         assert repos[0].counts()["certificates"] == len(issued)

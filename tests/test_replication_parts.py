@@ -3,21 +3,30 @@ rules, the settings and secret, the transport's message coalescing, the pysyncob
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import msgpack
 import pytest
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 from raft_cluster import issue
 
 from replication import snapshot
-from replication.cluster import Hello, Verdict, judge, next_record_command
+from replication.cluster import (
+    CLUSTER_META,
+    ClusterRecord,
+    Hello,
+    Verdict,
+    judge,
+    next_record,
+)
 from replication.journal import NO_OP, DurableJournal, read_entries
 from replication.raft import TESTED_PYSYNCOBJ
 from replication.settings import ReplicationSettings
 from replication.transport import _coalesce
-from signer.config import ConfigError, load
+from signer.config import load
 from signer.server.config import SignerConfig
-from storage.repository import Repository
+from storage import MetaSet, Reason, Rejected, Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,17 +157,12 @@ def test_a_damaged_snapshot_file_is_refused(tmp_path):
 A, B, C = "10.0.0.1:4321", "10.0.0.2:4321", "10.0.0.3:4321"
 
 
-def records() -> dict[str, dict]:
-    """create [A B] -> force-standalone [A] -> add C [A C], each applied in a repository."""
+def records() -> dict[str, ClusterRecord]:
+    """create [A B] -> force-standalone [A] -> add C [A C]."""
     made = {}
     current = None
     for name, members in (("create", [A, B]), ("alone", [A]), ("add", [A, C])):
-        command = next_record_command(current, members, name)
-        history = [] if current is None else current["history"]
-        current = {
-            **{k: command[k] for k in ("cluster_id", "generation", "epoch", "members", "event")},
-            "history": [*history, [command["generation"], command["epoch"], command["members"]]],
-        }
+        current = next_record(current, members, name)
         made[name] = current
     return made
 
@@ -179,27 +183,60 @@ def test_judge_fresh_lagging_stale_foreign_and_diverged():
     assert judge(Hello(C, 3, None), Hello(A, 9, r["add"]))[0] is Verdict.FENCE_SELF
     assert judge(Hello(A, 3, None), Hello(B, 3, None))[0] is Verdict.REFUSE
     # another cluster, or two survivors that both went standalone
-    other = next_record_command(None, [A, B], "create")
-    foreign = {**r["create"], "cluster_id": other["cluster_id"]}
+    other = next_record(None, [A, B], "create")
+    foreign = dataclasses.replace(r["create"], cluster_id=other.cluster_id)
     assert judge(Hello(A, 9, r["add"]), Hello(B, 9, foreign))[0] is Verdict.REFUSE
-    split = {**r["alone"], "epoch": b"\x00" * 8, "members": [B]}
-    split["history"] = [r["create"]["history"][0], [2, b"\x00" * 8, [B]]]
+    split = dataclasses.replace(
+        r["alone"],
+        epoch=b"\x00" * 8,
+        members=(B,),
+        history=(r["create"].history[0], (2, b"\x00" * 8, (B,))),
+    )
     verdict, reason = judge(Hello(A, 9, r["alone"]), Hello(B, 9, split))
     assert verdict is Verdict.REFUSE and "diverged" in reason
+    # a hello carries the record as a map; a malformed one is refused by the transport
+    hello = Hello(A, 9, r["add"])
+    assert Hello.from_wire(hello.wire()) == hello
+    with pytest.raises(ValueError, match="sorted"):
+        Hello.from_wire({**hello.wire(), "record": {**r["add"].to_map(), "members": [C, A]}})
 
 
-def test_set_cluster_records_generations_in_order(tmp_path):
+def test_next_record_keeps_the_cluster_and_counts_generations():
+    first = next_record(None, [B, A], "create", now=5)
+    assert first.generation == 1 and first.members == (A, B) and first.at == 5
+    assert first.history == ((1, first.epoch, (A, B)),)
+    second = next_record(first, [A], "force-standalone")
+    assert second.cluster_id == first.cluster_id and second.generation == 2
+    assert second.epoch != first.epoch and second.history[:1] == first.history
+    assert ClusterRecord.unpack(second.pack()) == second
+    with pytest.raises(ValueError, match="distinct"):
+        next_record(first, [A, A], "add twice")
+    # a record stored by the earlier version (its `index` field) is still read
+    older = msgpack.packb({**second.to_map(), "index": 7}, use_bin_type=True)
+    assert ClusterRecord.unpack(older) == second
+
+
+def test_the_record_is_written_by_compare_and_set(tmp_path):
+    """The repository keeps the record opaque: set only when the stored value is the expected
+    one, so two changes based on the same record cannot both land (generation order)."""
     repo = Repository(tmp_path / "r", 1 << 28)
-    first = next_record_command(None, [A, B], "create")
-    assert repo.apply(1, first)["status"] == "recorded"
-    assert repo.apply(2, first)["code"] == "repository_error"  # same generation again
-    second = next_record_command(repo.cluster_info(), [A], "force-standalone")
-    foreign = {**second, "cluster_id": b"\x01" * 16}
-    assert repo.apply(3, foreign)["code"] == "repository_error"
-    assert repo.apply(4, {**second, "members": [B, A]})["code"] == "bad_arguments"  # unsorted
-    assert repo.apply(5, second)["status"] == "recorded"
-    info = repo.cluster_info()
-    assert info["generation"] == 2 and info["members"] == [A] and len(info["history"]) == 2
+    first = next_record(None, [A, B], "create")
+    assert repo.apply(1, repo.meta_entry(CLUSTER_META, None, first.pack())) == MetaSet("cluster")
+    again = repo.apply(2, repo.meta_entry(CLUSTER_META, None, first.pack()))  # not absent now
+    assert isinstance(again, Rejected) and again.reason is Reason.META_CONFLICT
+    second = next_record(first, [A], "force-standalone")
+    stale = next_record(first, [A, C], "add")  # decided from the same record, second lands first
+    assert isinstance(
+        repo.apply(3, repo.meta_entry(CLUSTER_META, first.pack(), second.pack())), MetaSet
+    )
+    late = repo.apply(4, repo.meta_entry(CLUSTER_META, first.pack(), stale.pack()))
+    assert isinstance(late, Rejected) and late.reason is Reason.META_CONFLICT
+    for index, name in enumerate(("applied_index", "schema_version"), start=5):
+        refused = repo.apply(index, repo.meta_entry(name, None, b"x"))  # the repository's own
+        assert isinstance(refused, Rejected) and refused.reason is Reason.MALFORMED
+    info = ClusterRecord.unpack(repo.meta(CLUSTER_META))  # type: ignore[arg-type]
+    assert info.generation == 2 and info.members == (A,) and len(info.history) == 2
+    assert repo.last_applied_index() == 6
     assert repo.check_consistency().ok
     repo.close()
 
@@ -234,7 +271,7 @@ def test_secret_from_a_private_file_or_the_environment(tmp_path, monkeypatch):
     secret_file.write_text("correct horse battery staple\n")
     secret_file.chmod(0o640)
     chosen = settings(tmp_path, secret_env=None, secret_file=str(secret_file))
-    with pytest.raises(ConfigError, match="accessible by group or others"):
+    with pytest.raises(ValueError, match="accessible by group or others"):
         chosen.read_secret()
     secret_file.chmod(0o600)
     assert chosen.read_secret() == b"correct horse battery staple"
@@ -304,9 +341,10 @@ async def test_control_socket_is_private_and_refuses_bad_requests(tmp_path):
 
     from replication.raft import RaftLog
     from signer.server.control import ControlServer, call
+    from storage import Result
 
     repository = Repository(tmp_path / "repo", 1 << 28)
-    raft = RaftLog(settings(tmp_path / "raft"), repository)  # not started: status says so
+    raft: RaftLog[Result] = RaftLog(settings(tmp_path / "raft"), repository)  # not started
     server = ControlServer(raft, tmp_path / "raft" / "control.sock")
     await server.start()
     try:

@@ -607,8 +607,8 @@ async def test_killed_between_answer_and_write_back_issues_once(ca, tmp_path):
             fields = await row(client.db, "domaincerts", row_id)
         assert signer.repository.counts()["certificates"] == 1  # and only once
         cert = x509.load_pem_x509_certificate((config.base_dir / fields["crt_name"]).read_bytes())
-        recorded = signer.repository.get_request(f"domaincerts:{row_id}:sign")["result"]
-        assert cert.serial_number == recorded["serial"] == int(fields["serial"], 16)
+        recorded = signer.repository.get_request(f"domaincerts:{row_id}:sign").result
+        assert cert.serial_number == recorded.serial == int(fields["serial"], 16)
         # list_profiles and request_status only: the CSR did not travel again
         assert signer.server.protocol.stats.requests - requests == 2
 

@@ -75,10 +75,11 @@ def _ask(path: Path, request: dict[str, Any], timeout: float = 120.0) -> dict[st
 
 def _recover(args: argparse.Namespace) -> int:
     """Offline: the signer must not run (its socket must not answer)."""
-    from replication.raft import RaftLog, ReplicationError
+    from replication.errors import ReplicationError
+    from replication.raft import RaftLog
     from signer.config import load
     from signer.server.config import SignerConfig
-    from storage.repository import Repository
+    from storage import Repository, RepositoryError
 
     if args.config is None:
         raise ConfigError("recover needs --config (the signer's YAML file)")
@@ -94,8 +95,8 @@ def _recover(args: argparse.Namespace) -> int:
     repository = Repository(config.repository.path, config.repository.map_size_gb << 30)
     try:
         generation = RaftLog(config.replication, repository).recover_standalone()
-    except ReplicationError as exc:  # the operator's situation does not allow it: say why
-        raise ConfigError(str(exc)) from None
+    except (ReplicationError, RepositoryError) as exc:  # the situation does not allow it: why
+        raise CommandFailed("recover_refused", str(exc)) from None
     finally:
         repository.close()
     print(f"recovered: this signer alone, generation {generation}; start it, then add the others")

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from replication.log import Log
+from signer.clock import utcnow
 from signer.errors import ErrorCode, SignerError
+from signer.pki.der import serial_hex
 from signer.pki.profiles import ProfileSet
 from signer.pki.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
 from signer.pki.x509_signing import (
@@ -33,6 +36,7 @@ from signer.pki.x509_signing import (
 from signer.server.dispatch import Handler, RequestContext
 from signer.server.health import Section
 from signer.server.hsm import Hsm
+from signer.server.recorder import Recorder
 from signer.wire.protocol import (
     IssuerInfo,
     ListIssuersResult,
@@ -44,7 +48,17 @@ from signer.wire.protocol import (
     SignX509Args,
     SignX509Result,
 )
-from storage.repository import Repository
+from storage import (
+    AlreadyRevoked,
+    Duplicate,
+    Issued,
+    IssueX509,
+    Repository,
+    Result,
+    Revocation,
+    Revoked,
+    RevokeX509,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +68,6 @@ CA_EXPIRY_WARNING_DAYS = 90
 #: the other's signature is in the HSM: PKCS11_LOCK serialises the HSM itself, which then never
 #: waits for Python between signatures (bench/issuance.py, docs/performance.md "Issuance").
 BUILD_THREADS = 2
-
-
-def serial_hex(serial: int) -> str:
-    """Upper-case hex of the serial's magnitude bytes, as OpenSSL and Apache print it."""
-    digits = f"{serial:X}"
-    return digits if len(digits) % 2 == 0 else "0" + digits
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class KeyMismatchError(SignerError):
@@ -104,7 +108,7 @@ class CertificateAuthority:
         profiles: ProfileSet,
         hsm: Hsm,
         repository: Repository,
-        commit_log: Log,
+        commit_log: Log[Result],
         clock: Callable[[], datetime] = utcnow,
     ):
         self.issuers = {issuer.name: issuer for issuer in issuers}
@@ -112,6 +116,7 @@ class CertificateAuthority:
         self.hsm = hsm
         self.repository = repository
         self.log = commit_log
+        self.recorder = Recorder(commit_log)
         self.clock = clock
         self._builders = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="x509-build")
         for profile in profiles.profiles.values():
@@ -121,8 +126,11 @@ class CertificateAuthority:
     def check_keys(self) -> None:
         """Each issuer's HSM key must be the key of its certificate: checked once at start."""
         for issuer in self.issuers.values():
-            public = self.hsm.key(issuer.key_label).public_key()
-            if public != issuer.certificate.public_key():
+            key = self.hsm.key(issuer.key_label)
+            if (
+                not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+                or key.public_key() != issuer.certificate.public_key()
+            ):
                 raise KeyMismatchError(
                     ErrorCode.HSM_KEY_NOT_FOUND,
                     f"issuer {issuer.name}: HSM key {issuer.key_label!r} does not match the "
@@ -140,16 +148,16 @@ class CertificateAuthority:
     # --- sign_x509 ---------------------------------------------------------------------------
 
     async def sign_x509(self, args: SignX509Args, ctx: RequestContext) -> SignX509Result:
-        recorded = self._recorded(ctx, "issue_x509")
-        if recorded is not None:
+        recorded = self._recorded(ctx, IssueX509.op)
+        if isinstance(recorded, Issued):
             return self._issued_result(recorded)
         profile = self.profiles.get(args.profile)
         issuer = self._issuer_named(profile.issuer)
         request = IssuanceRequest(
             csr=args.csr,
             profile=args.profile,
-            subject=None if args.subject is None else [tuple(pair) for pair in args.subject],
-            sans=None if args.sans is None else [tuple(pair) for pair in args.sans],
+            subject=None if args.subject is None else [(k, v) for k, v in args.subject],
+            sans=None if args.sans is None else [(k, v) for k, v in args.sans],
             validity_days=args.validity_days,
             digest=args.digest,
         )
@@ -157,29 +165,31 @@ class CertificateAuthority:
         serial = self._fresh_serial(issuer)
         loop = asyncio.get_running_loop()
         der = await loop.run_in_executor(self._builders, self._build, plan, serial, issuer)
-        command = {
-            "op": "issue_x509",
-            "request_id": ctx.request_id,
-            "request_digest": ctx.digest,
-            "issuer": issuer.key_id,
-            "serial": serial,
-            "der": der,
-            "profile": profile.name,
-            "not_before": int(plan.not_before.timestamp()),
-            "not_after": int(plan.not_after.timestamp()),
-            "issued_at": int(self.clock().timestamp()),
-        }
-        result = await self._commit(command)
+        command = IssueX509(
+            request_id=ctx.request_id,
+            request_digest=ctx.digest,
+            issuer=issuer.key_id,
+            serial=serial,
+            der=der,
+            profile=profile.name,
+            not_before=int(plan.not_before.timestamp()),
+            not_after=int(plan.not_after.timestamp()),
+            issued_at=int(self.clock().timestamp()),
+        )
+        result = await self.recorder.record(command)
+        issued = result.original if isinstance(result, Duplicate) else result
+        if not isinstance(issued, Issued):
+            raise SignerError(ErrorCode.INTERNAL_ERROR, f"issuing was answered {result.status}")
         log.info(
             "issued %s serial %s under %s (request %s)",
             issuer.name,
-            serial_hex(result["serial"]),
+            serial_hex(issued.serial),
             profile.name,
             ctx.request_id,
         )
-        if result["serial"] == serial and result["issuer"] == issuer.key_id:
-            return self._result(issuer, command)  # recorded as built: no need to read it back
-        return self._issued_result(result)  # the id was recorded first by a concurrent copy
+        if issued.serial == serial and issued.issuer == issuer.key_id:
+            return self._built(issuer, command)  # recorded as built: no need to read it back
+        return self._issued_result(issued)  # the id was recorded first by a concurrent copy
 
     def _build(self, plan: CertificatePlan, serial: int, issuer: Issuer) -> bytes:
         """Runs in a builder thread: key lookup (cached by the Hsm), TBS, HSM signature, DER.
@@ -193,29 +203,23 @@ class CertificateAuthority:
             if not self.repository.serial_exists(issuer.key_id, serial):
                 return serial
 
-    def _issued_result(self, summary: dict[str, Any]) -> SignX509Result:
-        issuer = self._issuer_by_key_id(summary["issuer"])
-        record = self.repository.get_certificate(summary["issuer"], summary["serial"])
+    def _issued_result(self, issued: Issued) -> SignX509Result:
+        issuer = self._issuer_by_key_id(issued.issuer)
+        record = self.repository.get_certificate(issued.issuer, issued.serial)
         if record is None:
             raise SignerError(ErrorCode.REPOSITORY_ERROR, "recorded certificate not found")
-        return self._result(issuer, record)
+        return _signed(issuer, record["der"], issued.serial, issued.not_before, issued.not_after)
 
     @staticmethod
-    def _result(issuer: Issuer, record: dict[str, Any]) -> SignX509Result:
-        return SignX509Result(
-            certificate=record["der"],
-            serial=serial_hex(record["serial"]),
-            issuer=issuer.name,
-            not_before=datetime.fromtimestamp(record["not_before"], UTC),
-            not_after=datetime.fromtimestamp(record["not_after"], UTC),
-        )
+    def _built(issuer: Issuer, command: IssueX509) -> SignX509Result:
+        return _signed(issuer, command.der, command.serial, command.not_before, command.not_after)
 
     # --- revoke_x509 -------------------------------------------------------------------------
 
     async def revoke_x509(self, args: RevokeX509Args, ctx: RequestContext) -> RevokeX509Result:
-        recorded = self._recorded(ctx, "revoke_x509")
-        if recorded is not None:
-            return self._revoked_result(recorded, "revoked")
+        recorded = self._recorded(ctx, RevokeX509.op)
+        if isinstance(recorded, Revoked):
+            return self._revoked_result(recorded)
         issuer = self._issuer_ref(args.issuer)
         serial = int(args.serial, 16)
         reason = reason_code(args.reason)
@@ -226,33 +230,33 @@ class CertificateAuthority:
                 f"{issuer.name} never issued a certificate with serial {serial_hex(serial)}",
             )
         if certificate["revocation"] is not None:
-            return self._revoked_result(certificate["revocation"], "already_revoked")
+            return self._revoked_result(certificate["revocation"], already=True)
         revoked_at = revocation_time(args.revoked_at, self.clock())
         invalidity = args.invalidity_date.replace(microsecond=0) if args.invalidity_date else None
-        result = await self._commit(
-            {
-                "op": "revoke_x509",
-                "request_id": ctx.request_id,
-                "request_digest": ctx.digest,
-                "issuer": issuer.key_id,
-                "serial": serial,
-                "reason": reason,
-                "revoked_at": int(revoked_at.timestamp()),
-                "invalidity_date": int(invalidity.timestamp()) if invalidity else None,
-                "crl_entry": crl_entry(serial, revoked_at, reason, invalidity),
-            }
+        command = RevokeX509(
+            request_id=ctx.request_id,
+            request_digest=ctx.digest,
+            issuer=issuer.key_id,
+            serial=serial,
+            reason=reason,
+            revoked_at=int(revoked_at.timestamp()),
+            invalidity_date=int(invalidity.timestamp()) if invalidity else None,
+            crl_entry=crl_entry(serial, revoked_at, reason, invalidity),
         )
-        status = "already_revoked" if result["status"] == "already_revoked" else "revoked"
+        result = await self.recorder.record(command)
+        revocation = result.original if isinstance(result, Duplicate) else result
+        if not isinstance(revocation, Revocation):
+            raise SignerError(ErrorCode.INTERNAL_ERROR, f"revoking was answered {result.status}")
         log.info("revoked %s serial %s (request %s)", issuer.name, args.serial, ctx.request_id)
-        return self._revoked_result(result, status)
+        return self._revoked_result(revocation, already=isinstance(revocation, AlreadyRevoked))
 
-    def _revoked_result(self, revocation: dict[str, Any], status: str) -> RevokeX509Result:
-        reason = revocation.get("reason")
+    def _revoked_result(self, revocation: Revocation, already: bool = False) -> RevokeX509Result:
+        reason = revocation.reason
         return RevokeX509Result(
-            status=status,
-            issuer=self._issuer_by_key_id(revocation["issuer"]).name,
-            serial=serial_hex(revocation["serial"]),
-            revoked_at=datetime.fromtimestamp(revocation["revoked_at"], UTC),
+            status="already_revoked" if already else "revoked",
+            issuer=self._issuer_by_key_id(revocation.issuer).name,
+            serial=serial_hex(revocation.serial),
+            revoked_at=datetime.fromtimestamp(revocation.revoked_at, UTC),
             reason=REASON_NAMES.get(reason) if reason is not None else None,
         )
 
@@ -295,14 +299,13 @@ class CertificateAuthority:
         recorded = self.repository.get_request(request_id)
         if recorded is None:
             return None
-        op = recorded["op"]
-        if op == "issue_x509":
-            result = self._issued_result(recorded["result"])
-            return RequestStatusResult(state="done", command="sign_x509", result=_dump(result))
-        if op == "revoke_x509":
-            result = self._revoked_result(recorded["result"], "revoked")
-            return RequestStatusResult(state="done", command="revoke_x509", result=_dump(result))
-        return RequestStatusResult(state="done", command=op, result=None)
+        if isinstance(recorded.result, Issued):
+            issued = _dump(self._issued_result(recorded.result))
+            return RequestStatusResult(state="done", command="sign_x509", result=issued)
+        if isinstance(recorded.result, Revoked):
+            revoked = _dump(self._revoked_result(recorded.result))
+            return RequestStatusResult(state="done", command="revoke_x509", result=revoked)
+        return RequestStatusResult(state="done", command=recorded.op, result=None)
 
     # --- health ------------------------------------------------------------------------------
 
@@ -351,22 +354,16 @@ class CertificateAuthority:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _recorded(self, ctx: RequestContext, op: str) -> dict[str, Any] | None:
+    def _recorded(self, ctx: RequestContext, op: str) -> Result | None:
         recorded = self.repository.get_request(ctx.request_id)
         if recorded is None:
             return None
-        if recorded["op"] != op or recorded["request_digest"] != ctx.digest:
+        if recorded.op != op or recorded.request_digest != ctx.digest:
             raise SignerError(
                 ErrorCode.REQUEST_ID_CONFLICT,
                 f"request id {ctx.request_id!r} was used before for another request",
             )
-        return recorded["result"]
-
-    async def _commit(self, command: dict[str, Any]) -> dict[str, Any]:
-        result = await self.log.commit(command)
-        if result.get("status") == "rejected":
-            raise SignerError(result["code"], result["message"])
-        return result
+        return recorded.result
 
     def _issuer_named(self, name: str) -> Issuer:
         issuer = self.issuers.get(name)
@@ -396,5 +393,18 @@ class CertificateAuthority:
             return key_id.hex()
 
 
+def _signed(
+    issuer: Issuer, der: bytes, serial: int, not_before: int, not_after: int
+) -> SignX509Result:
+    return SignX509Result(
+        certificate=der,
+        serial=serial_hex(serial),
+        issuer=issuer.name,
+        not_before=datetime.fromtimestamp(not_before, UTC),
+        not_after=datetime.fromtimestamp(not_after, UTC),
+    )
+
+
 def _dump(result: Any) -> dict[str, Any]:
-    return result.model_dump(mode="python", exclude_none=True)
+    dumped: dict[str, Any] = result.model_dump(mode="python", exclude_none=True)
+    return dumped

@@ -21,9 +21,13 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from signer.errors import ErrorCode, SignerError
+from signer.server.errors import wire_error
+
+if TYPE_CHECKING:
+    from replication.raft import RaftLog
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ MAX_REQUEST = 64 * 1024
 class ControlServer:
     """Serves the cluster commands of one RaftLog on a private UNIX socket."""
 
-    def __init__(self, raft_log: Any, path: Path):
+    def __init__(self, raft_log: RaftLog[Any], path: Path):
         self.log = raft_log
         self.path = Path(path)
         self._server: asyncio.AbstractServer | None = None
@@ -78,13 +82,14 @@ class ControlServer:
             if not isinstance(request, dict):
                 raise ValueError("a request is a JSON object")
             result = await self._dispatch(request)
-        except SignerError as exc:
-            return _error(exc)
         except (ValueError, TypeError, KeyError) as exc:
             return _error(SignerError(ErrorCode.BAD_ARGUMENTS, f"bad request: {exc}"))
         except Exception as exc:
-            log.exception("cluster command failed")
-            return _error(SignerError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+            error = wire_error(exc)  # replication's refusals and failures
+            if error is None:
+                log.exception("cluster command failed")
+                error = SignerError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            return _error(error)
         return {"ok": True, "result": result}
 
     async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:

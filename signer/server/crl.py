@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from signer.clock import utcnow
 from signer.errors import ErrorCode, SignerError
 from signer.pki.crl import (
     SIGNATURE_ALGORITHMS,
@@ -30,9 +31,11 @@ from signer.pki.crl import (
     tbs_der,
 )
 from signer.pki.der import serial_hex
+from signer.server.errors import rejection_error
 from signer.server.health import Section
+from signer.server.recorder import Recorder
 from signer.wire.protocol import FetchCrlArgs, FetchCrlResult
-from storage.repository import RevokedEntry, crl_block_rows, serial_bytes
+from storage import CrlPublished, PublishCrl, Rejected, RevokedEntry, crl_block_rows, serial_bytes
 
 if TYPE_CHECKING:
     from replication.log import Log
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
     from signer.server.config import CrlConfig
     from signer.server.dispatch import Handler, RequestContext
     from signer.server.hsm import Hsm
-    from storage.repository import Repository
+    from storage import Repository, Result
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +251,6 @@ def delta_since(
 # --------------------------------------------------------------------------- the service
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def _time(moment: int) -> datetime:
     return datetime.fromtimestamp(moment, UTC)
 
@@ -313,13 +312,14 @@ class CrlService:
         issuers: Iterable[Issuer],
         hsm: Hsm,
         repository: Repository,
-        commit_log: Log,
+        commit_log: Log[Result],
         config: CrlConfig,
         clock: Callable[[], datetime] = utcnow,
     ):
         self.hsm = hsm
         self.repository = repository
         self.log = commit_log
+        self.recorder = Recorder(commit_log)
         self.config = config
         self.clock = clock
         self._states = {
@@ -403,7 +403,7 @@ class CrlService:
     async def _publish(self, state: _IssuerCrls) -> PublishedCrl:
         # In a pair: apply what the other signer committed and check the clock against the
         # cluster's, so CRL numbers and times never go backwards across a switch of signer.
-        await self.log.barrier()
+        await self.recorder.barrier()
         started = time.perf_counter()
         number = await asyncio.to_thread(self._next_number, state.key_id)
         draft, digest = await asyncio.to_thread(self._draft, state, number, self._now())
@@ -414,12 +414,14 @@ class CrlService:
             raise SignerError(ErrorCode.HSM_ERROR, "the HSM's CRL signature does not verify")
         der, sha256 = await asyncio.to_thread(finish_crl, draft, signature)
         signed = time.perf_counter()
-        result = await self.log.commit(_command(draft, signature, sha256, der))
-        if result.get("status") != "recorded":
+        result = await self.recorder.commit(_command(draft, signature, sha256, der))
+        if not isinstance(result, CrlPublished):
             last = self.repository.last_crl_history(state.key_id)
             if last is not None and int(last["crl_number"]) >= number:
                 raise _Superseded(number, int(last["crl_number"]))
-            raise SignerError(result.get("code", ErrorCode.REPOSITORY_ERROR), result["message"])
+            if isinstance(result, Rejected):
+                raise rejection_error(result)
+            raise SignerError(ErrorCode.INTERNAL_ERROR, f"publishing was answered {result.status}")
         record = self.repository.crl_history(state.key_id, number)
         if record is None:
             raise SignerError(ErrorCode.REPOSITORY_ERROR, f"CRL {number} was not recorded")
@@ -497,10 +499,9 @@ class CrlService:
             der = stored["der"]
         else:
             der = await asyncio.to_thread(self._rebuild, state, last["crl_number"])
-        sha256 = None if der is None else await asyncio.to_thread(_sha256, der)
-        if der is None or sha256 != last["sha256"]:
+        if der is None or await asyncio.to_thread(_sha256, der) != last["sha256"]:
             raise SignerError(ErrorCode.CRL_UNAVAILABLE, f"CRL {last['crl_number']} is damaged")
-        crl = PublishedCrl(last, der, sha256)
+        crl = PublishedCrl(last, der, last["sha256"])
         state.keep(crl)
         return crl
 
@@ -581,29 +582,28 @@ def finish_crl(draft: CrlDraft, signature: bytes) -> tuple[bytes, bytes]:
     return der, hashlib.sha256(der).digest()
 
 
-def _command(draft: CrlDraft, signature: bytes, sha256: bytes, der: bytes) -> dict[str, Any]:
+def _command(draft: CrlDraft, signature: bytes, sha256: bytes, der: bytes) -> PublishCrl:
     header = draft.header
-    return {
-        "op": "publish_crl",
-        "issuer": draft.key_id,
-        "crl_number": header.crl_number,
-        "this_update": header.this_update,
-        "next_update": header.next_update,
-        "revocation_seq": draft.revocation_seq,
-        "removed": draft.removed,
-        "entries": draft.entries,
-        "removed_before": draft.removed_before,
-        "expired_certs_on_crl": header.expired_certs_on_crl,
-        "signature_algorithm": header.algorithm.der,
-        "signature": signature,
-        "sha256": sha256,
-        "der": der,
-    }
+    return PublishCrl(
+        issuer=draft.key_id,
+        crl_number=header.crl_number,
+        this_update=header.this_update,
+        next_update=header.next_update,
+        revocation_seq=draft.revocation_seq,
+        removed=tuple(draft.removed),
+        entries=draft.entries,
+        removed_before=draft.removed_before,
+        expired_certs_on_crl=header.expired_certs_on_crl,
+        signature_algorithm=header.algorithm.der,
+        signature=signature,
+        sha256=sha256,
+        der=der,
+    )
 
 
 def _summary(crl: PublishedCrl, kind: str, **fields: Any) -> FetchCrlResult:
     return FetchCrlResult(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         crl_number=crl.number,
         this_update=_time(crl.record["this_update"]),
         next_update=_time(crl.record["next_update"]),

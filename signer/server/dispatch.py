@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from signer.errors import ErrorCode, SignerError
+from signer.server.errors import wire_error
 from signer.wire.framing import Frame, FrameError, FrameEvent
 from signer.wire.protocol import (
     ErrorResponse,
@@ -125,13 +126,17 @@ class ProtocolHandler:
         try:
             result = await handler(request.args, context)
             return Response(request.request_id, dump_result(result))
-        except SignerError as exc:
-            log.info("request %s (%s) failed: %s", request.request_id, request.command.name, exc)
-            return ErrorResponse(request.request_id, exc)
-        except Exception:
-            log.exception("request %s (%s): handler failed", request.request_id, context.command)
-            text = f"internal error while handling request {request.request_id!r} (logged)"
-            return ErrorResponse(request.request_id, SignerError(ErrorCode.INTERNAL_ERROR, text))
+        except Exception as exc:
+            error = wire_error(exc)  # the repository's and replication's failures too
+            if error is None:
+                log.exception(
+                    "request %s (%s): handler failed", request.request_id, context.command
+                )
+                text = f"internal error while handling request {request.request_id!r} (logged)"
+                error = SignerError(ErrorCode.INTERNAL_ERROR, text)
+            else:
+                log.info("request %s (%s) failed: %s", request.request_id, context.command, error)
+            return ErrorResponse(request.request_id, error)
 
     async def _answer_when_done(self, task: asyncio.Task[Response | ErrorResponse]) -> None:
         await self._answer(await asyncio.shield(task))

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from replication.log import Log
+from signer.clock import utcnow
 from signer.config import ConfigError
 from signer.errors import ErrorCode, SignerError
 from signer.pki.openpgp import (
@@ -60,12 +61,13 @@ from signer.server.config import OpenPgpConfig
 from signer.server.dispatch import Handler, RequestContext
 from signer.server.health import Section
 from signer.server.hsm import Hsm
+from signer.server.recorder import Recorder
 from signer.wire.protocol import (
     RequestStatusResult,
     SignOpenpgpArgs,
     SignOpenpgpResult,
 )
-from storage.repository import Repository
+from storage import Certified, CertifyOpenpgp, Duplicate, Repository, Result
 
 with warnings.catch_warnings():  # PGPy 0.6 imports the deprecated imghdr
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -83,10 +85,6 @@ with warnings.catch_warnings():  # PGPy 0.6 imports the deprecated imghdr
     from pgpy.packet.types import MPI
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # --- PGPy with an HSM key --------------------------------------------------------------------
@@ -431,7 +429,16 @@ def ca_identity(config: OpenPgpConfig) -> tuple[str, datetime]:
 
 def pgpy_certifier(hsm: Hsm, config: OpenPgpConfig) -> PgpyCertifier:
     label, created = ca_identity(config)
-    return PgpyCertifier(lambda: hsm.key(label), created, config.uid, policy_from_config(config))
+    return PgpyCertifier(
+        lambda: _signing_key(hsm, label), created, config.uid, policy_from_config(config)
+    )
+
+
+def _signing_key(hsm: Hsm, label: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    key = hsm.key(label)
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise SignerError(ErrorCode.HSM_ERROR, f"the OpenPGP CA key {label!r} is not RSA or EC")
+    return key
 
 
 # --- the service -----------------------------------------------------------------------------
@@ -446,7 +453,7 @@ class OpenPgpService:
         hsm: Hsm,
         key_label: str,
         repository: Repository,
-        commit_log: Log,
+        commit_log: Log[Result],
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.certifier = certifier
@@ -454,11 +461,12 @@ class OpenPgpService:
         self.key_label = key_label
         self.repository = repository
         self.log = commit_log
+        self.recorder = Recorder(commit_log)
         self.clock = clock
 
     @classmethod
     def from_config(
-        cls, config: OpenPgpConfig, hsm: Hsm, repository: Repository, commit_log: Log
+        cls, config: OpenPgpConfig, hsm: Hsm, repository: Repository, commit_log: Log[Result]
     ) -> OpenPgpService:
         label, _ = ca_identity(config)
         return cls(pgpy_certifier(hsm, config), hsm, label, repository, commit_log)
@@ -481,28 +489,26 @@ class OpenPgpService:
             return self._result(recorded)
         now = self.clock()
         certified = await self.hsm.run(self.certifier.certify, args.public_key, args.uids, now)
-        result = await self.log.commit(
-            {
-                "op": "certify_openpgp",
-                "request_id": ctx.request_id,
-                "request_digest": ctx.digest,
-                "fingerprint": certified.fingerprint,
-                "uids": list(certified.certified_uids),
-                "expires": int(certified.expires.timestamp()),
-                "certified_at": int(certified.certified_at.timestamp()),
-                "result": certified.public_key,
-            }
+        command = CertifyOpenpgp(
+            request_id=ctx.request_id,
+            request_digest=ctx.digest,
+            fingerprint=certified.fingerprint,
+            uids=tuple(certified.certified_uids),
+            expires=int(certified.expires.timestamp()),
+            certified_at=int(certified.certified_at.timestamp()),
+            result=certified.public_key,
         )
-        if result.get("status") == "rejected":
-            raise SignerError(result["code"], result["message"])
+        result = await self.recorder.record(command)
         log.info(
             "certified %d user ID(s) of %s (request %s)",
             len(certified.certified_uids),
             certified.fingerprint.hex().upper(),
             ctx.request_id,
         )
-        if result.get("status") != "certified":  # a concurrent copy of the id was recorded first
-            return self._result(result)
+        if isinstance(result, Duplicate) and isinstance(result.original, Certified):
+            return self._result(result.original)  # a concurrent copy of the id was first
+        if not isinstance(result, Certified):
+            raise SignerError(ErrorCode.INTERNAL_ERROR, f"certifying was answered {result.status}")
         return SignOpenpgpResult(
             public_key=certified.public_key,
             fingerprint=certified.fingerprint.hex().upper(),
@@ -510,19 +516,19 @@ class OpenPgpService:
             expires=certified.expires,
         )
 
-    def _recorded(self, ctx: RequestContext) -> dict[str, Any] | None:
+    def _recorded(self, ctx: RequestContext) -> Certified | None:
         recorded = self.repository.get_request(ctx.request_id)
         if recorded is None:
             return None
-        if recorded["op"] != "certify_openpgp" or recorded["request_digest"] != ctx.digest:
+        if not isinstance(recorded.result, Certified) or recorded.request_digest != ctx.digest:
             raise SignerError(
                 ErrorCode.REQUEST_ID_CONFLICT,
                 f"request id {ctx.request_id!r} was used before for another request",
             )
-        return recorded["result"]
+        return recorded.result
 
-    def _result(self, summary: dict[str, Any]) -> SignOpenpgpResult:
-        fingerprint, request_id = summary["fingerprint"], summary["request_id"]
+    def _result(self, certified: Certified) -> SignOpenpgpResult:
+        fingerprint, request_id = certified.fingerprint, certified.request_id
         record = next(
             (r for r in self.repository.iter_openpgp(fingerprint) if r["request_id"] == request_id),
             None,
@@ -539,9 +545,9 @@ class OpenPgpService:
     def request_status(self, request_id: str) -> RequestStatusResult | None:
         """The recorded outcome of a `sign_openpgp` request; None for anything else."""
         recorded = self.repository.get_request(request_id)
-        if recorded is None or recorded["op"] != "certify_openpgp":
+        if recorded is None or not isinstance(recorded.result, Certified):
             return None
-        result = self._result(recorded["result"]).model_dump(mode="python", exclude_none=True)
+        result = self._result(recorded.result).model_dump(mode="python", exclude_none=True)
         return RequestStatusResult(state="done", command="sign_openpgp", result=result)
 
     async def health_section(self) -> Section:

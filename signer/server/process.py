@@ -13,8 +13,10 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from replication.errors import StartRefused
 from replication.log import LocalLog, Log
 from replication.raft import RaftLog
+from signer.config import ConfigError
 from signer.errors import SignerError
 from signer.link.serial_link import LinkSettings, SerialLink
 from signer.pki.profiles import load_profiles
@@ -27,7 +29,7 @@ from signer.server.health import Health, Section
 from signer.server.hsm import Hsm
 from signer.server.openpgp import OpenPgpService
 from signer.wire.protocol import COMMANDS, HealthArgs, RequestStatusArgs, RequestStatusResult
-from storage.repository import Repository
+from storage import Repository, Result
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ class SignerServer:
         self.ca: CertificateAuthority | None = None
         self.crl: CrlService | None = None
         self._closers: list[Callable[[], None]] = []
-        self._shared_parts: tuple[Repository, Log, Hsm] | None = None
-        self.cluster: RaftLog | None = None  # the replicated log, when `replication` is set
+        self._shared_parts: tuple[Repository, Log[Result], Hsm] | None = None
+        self.cluster: RaftLog[Result] | None = None  # the replicated log, with `replication`
         self.control: ControlServer | None = None
         if config.issuing():
             self.ca = self._certificate_authority(config)
@@ -81,7 +83,7 @@ class SignerServer:
                 if command.writes and name in self.handlers:
                     self.handlers[name] = self.cluster.guard(self.handlers[name])
 
-    def _shared(self, config: SignerConfig) -> tuple[Repository, Log, Hsm]:
+    def _shared(self, config: SignerConfig) -> tuple[Repository, Log[Result], Hsm]:
         """One repository, log and HSM session for the X.509 and OpenPGP services."""
         if self._shared_parts is None:
             assert config.repository and config.hsm
@@ -92,13 +94,21 @@ class SignerServer:
             self._shared_parts = (repository, commit_log, hsm)
         return self._shared_parts
 
-    def _commit_log(self, config: SignerConfig, repository: Repository) -> Log:
-        """LocalLog alone; RaftLog (and its control socket and health section) in a cluster."""
+    def _commit_log(self, config: SignerConfig, repository: Repository) -> Log[Result]:
+        """LocalLog alone; RaftLog (and its control socket and health section) in a cluster.
+
+        A replicated log that refuses to start (fenced, not a member, a journal that does not
+        match, no secret) stops the signer like a configuration mistake: the operator must act.
+        """
         if config.replication is None:
             return LocalLog(repository)
-        self.cluster = RaftLog(config.replication, repository).start()
+        try:
+            self.cluster = RaftLog(config.replication, repository).start()
+        except StartRefused as exc:
+            repository.close()
+            raise ConfigError(str(exc)) from exc
         self.control = ControlServer(self.cluster, config.replication.socket_path)
-        self.health.add("cluster", self.cluster.health_section)
+        self.health.add("cluster", self._cluster_section)
         return self.cluster
 
     def _replica_only(self, config: SignerConfig) -> None:
@@ -192,6 +202,11 @@ class SignerServer:
             return recorded
         recorded = self.ca.request_status(args.request_id) if self.ca else None
         return recorded or RequestStatusResult(state="unknown")
+
+    async def _cluster_section(self) -> Section:
+        assert self.cluster is not None
+        health = await self.cluster.health()
+        return Section(health.data, health.warnings, health.errors)
 
     async def _link_section(self) -> Section:
         link = as_dict(self.link.stats)

@@ -1,0 +1,420 @@
+"""Log commands: what the signer decided, one frozen class per operation, and their one codec.
+
+A command carries every decision (serials, times, DER, signatures) so that applying it is
+deterministic. `encode` turns a command into the bytes of a log entry; `decode` turns log bytes
+back into a command and is the one place commands are validated: it is pure, so every replica,
+and every replay, rejects a bad entry in exactly the same words (`Invalid`).
+
+The encoding (docs/repository.md §4) is one msgpack map: `op` first, then the fields in the
+order of the class. Serials and CRL numbers (up to 2**159, past msgpack's 64-bit ints) travel
+as `bin` of 20 bytes, big-endian, as they are stored; everything else is msgpack as it is.
+`encode` is faithful, not a validator: a field of the wrong type is encoded as what it is and
+`decode` rejects it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from storage.layout import RESERVED_META, SERIAL_SIZE, pack, serial_bytes, serial_int
+from storage.results import Reason
+
+SERIAL_LIMIT = 2**159  # exclusive; RFC 5280 allows 20 octets, positive
+CRL_NUMBER_LIMIT = 2**159  # exclusive; RFC 5280 allows 20 octets, non-negative
+TIME_LIMIT = 2**63  # exclusive; keeps every time a msgpack int64
+SEQ_LIMIT = 2**64
+MAX_REQUEST_ID_BYTES = 256
+MAX_DIGEST_BYTES = 64
+MAX_TEXT_BYTES = 1024
+MAX_UIDS = 100
+FINGERPRINT_SIZES = (20, 32)  # OpenPGP v4 (SHA-1) and v5/v6 (SHA-256)
+CRL_REASONS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10})  # RFC 5280 CRLReason; 7 is unused
+MAX_META_NAME_BYTES = 64
+MAX_META_BYTES = 1 << 20
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+@dataclass(frozen=True)
+class IssueX509:
+    """A certificate the CA signed: recorded once per request id."""
+
+    op: ClassVar[str] = "issue_x509"
+    request_id: str
+    request_digest: bytes
+    issuer: bytes  # the issuer's 20-byte key identifier
+    serial: int
+    der: bytes
+    profile: str
+    not_before: int  # Unix seconds UTC, like every time here
+    not_after: int
+    issued_at: int
+
+
+@dataclass(frozen=True)
+class RevokeX509:
+    """A revocation the CA decided, with its CRL entry already encoded."""
+
+    op: ClassVar[str] = "revoke_x509"
+    request_id: str
+    request_digest: bytes
+    issuer: bytes
+    serial: int
+    reason: int | None  # RFC 5280 CRLReason
+    revoked_at: int
+    invalidity_date: int | None
+    crl_entry: bytes
+
+
+@dataclass(frozen=True)
+class RecordCrl:
+    """A CRL kept as the issuer's latest, without membership or history (the key ceremony's)."""
+
+    op: ClassVar[str] = "record_crl"
+    issuer: bytes
+    crl_number: int
+    this_update: int
+    next_update: int
+    der: bytes
+
+
+@dataclass(frozen=True)
+class PublishCrl:
+    """A CRL the signer made, with what is needed to follow its membership (docs/crl.md)."""
+
+    op: ClassVar[str] = "publish_crl"
+    issuer: bytes
+    crl_number: int
+    this_update: int
+    next_update: int
+    revocation_seq: int  # revocations up to this sequence number are decided for this CRL
+    removed: tuple[int, ...]  # serials leaving with it, ascending
+    entries: int
+    removed_before: int | None
+    expired_certs_on_crl: int | None
+    signature_algorithm: bytes
+    signature: bytes
+    sha256: bytes
+    der: bytes
+
+
+@dataclass(frozen=True)
+class CertifyOpenpgp:
+    """An OpenPGP certification the CA made: recorded once per request id."""
+
+    op: ClassVar[str] = "certify_openpgp"
+    request_id: str
+    request_digest: bytes
+    fingerprint: bytes
+    uids: tuple[str, ...]
+    expires: int
+    certified_at: int
+    result: bytes
+
+
+@dataclass(frozen=True)
+class Noop:
+    """Moves the applied index only."""
+
+    op: ClassVar[str] = "noop"
+
+
+@dataclass(frozen=True)
+class SetMeta:
+    """Compare-and-set of a named value kept for the log's owner (replication's cluster record):
+    `value` is stored under `name` if the stored value is `expected` (None: absent). Opaque to
+    the repository; applied atomically with the applied index and carried by snapshots."""
+
+    op: ClassVar[str] = "set_meta"
+    name: str
+    expected: bytes | None
+    value: bytes
+
+
+Command = IssueX509 | RevokeX509 | RecordCrl | PublishCrl | CertifyOpenpgp | Noop | SetMeta
+RequestCommand = IssueX509 | RevokeX509 | CertifyOpenpgp  # idempotent by request id
+COMMAND_TYPES: dict[str, type[Command]] = {
+    cls.op: cls
+    for cls in (IssueX509, RevokeX509, RecordCrl, PublishCrl, CertifyOpenpgp, Noop, SetMeta)
+}
+REQUEST_OPS = frozenset({IssueX509.op, RevokeX509.op, CertifyOpenpgp.op})
+BIG_INT_FIELDS = frozenset({"serial", "crl_number"})  # carried as 20-byte bin
+BIG_INT_LISTS = frozenset({"removed"})
+
+
+class Invalid(Exception):
+    """A log entry that is not a valid command: `apply` turns it into a rejection."""
+
+    def __init__(self, reason: Reason, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode(command: Command) -> bytes:
+    """The log entry of a command (raises ValueError or TypeError when msgpack cannot hold a
+    field, such as a str that is not UTF-8 or an int past 64 bits in a plain int field)."""
+    fields: dict[str, Any] = {"op": command.op}
+    for field in dataclasses.fields(command):
+        value = getattr(command, field.name)
+        if field.name in BIG_INT_FIELDS:
+            value = _big_to_wire(value)
+        elif field.name in BIG_INT_LISTS and isinstance(value, list | tuple):
+            value = [_big_to_wire(item) for item in value]
+        elif isinstance(value, tuple):
+            value = list(value)
+        fields[field.name] = value
+    return pack(fields)
+
+
+def _big_to_wire(value: Any) -> Any:
+    if type(value) is int and 0 <= value < 2 ** (8 * SERIAL_SIZE):
+        return serial_bytes(value)
+    return value  # not a 20-byte number: encoded as it is, and refused by decode
+
+
+def decode(entry: bytes) -> Command:
+    """The command in a log entry, validated; raises `Invalid` (deterministically)."""
+    if not isinstance(entry, bytes):
+        raise _bad("a log entry must be bytes")
+    try:
+        fields = msgpack.unpackb(entry, raw=False, strict_map_key=False)
+    except Exception:
+        raise _bad("the log entry is not one msgpack value") from None
+    return from_fields(fields)
+
+
+def from_fields(fields: Any) -> Command:
+    """A command from its decoded map (wire form: 20-byte serials); raises `Invalid`."""
+    if not isinstance(fields, dict):
+        raise _bad("command must be a map")
+    op = fields.get("op")
+    if not isinstance(op, str):
+        raise _bad("command field 'op' must be a str")
+    cls = COMMAND_TYPES.get(op)
+    if cls is None:
+        raise Invalid(Reason.UNKNOWN_OP, f"unknown op {op[:64]!r}")
+    if not all(isinstance(key, str) for key in fields):
+        raise _bad("command field names must be str")
+    spec = _SPECS[op]
+    extra = sorted(set(fields) - set(spec) - {"op"})
+    if extra:
+        raise _bad(f"unknown field(s) for {op}: {', '.join(name[:64] for name in extra[:5])}")
+    missing = [name for name in spec if name not in fields]
+    if missing:
+        raise _bad(f"missing field(s) for {op}: {', '.join(missing)}")
+    values = {name: check(name, fields[name]) for name, check in spec.items()}
+    command = cls(**values)
+    _check_cross_fields(command)
+    return command
+
+
+def _check_cross_fields(command: Command) -> None:
+    if isinstance(command, IssueX509) and command.not_after < command.not_before:
+        raise _bad("not_after is before not_before")
+    if isinstance(command, RecordCrl | PublishCrl) and command.next_update < command.this_update:
+        raise _bad("next_update is before this_update")
+
+
+# --------------------------------------------------------------------------- field rules
+
+
+def _bad(message: str) -> Invalid:
+    return Invalid(Reason.MALFORMED, message)
+
+
+def _int_in(name: str, value: Any, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(f"{name} must be an int")
+    if not low <= value < high:
+        raise _bad(f"{name} is out of range")
+    return int(value)
+
+
+def _utf8(name: str, value: Any, max_bytes: int) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{name} must be a str")
+    size = len(value.encode("utf-8"))  # decoded from msgpack: always valid UTF-8
+    if not 1 <= size <= max_bytes:
+        raise _bad(f"{name} must be 1 to {max_bytes} bytes of UTF-8")
+    return value
+
+
+def _bytes(name: str, value: Any, sizes: range | tuple[int, ...]) -> bytes:
+    if not isinstance(value, bytes):
+        raise _bad(f"{name} must be bytes")
+    if len(value) not in sizes:
+        raise _bad(f"{name} has a wrong length ({len(value)} bytes)")
+    return value
+
+
+def _big(name: str, value: Any, low: int, high: int) -> int:
+    """A serial or CRL number: 20 bytes big-endian on the log, an int in the command."""
+    if not isinstance(value, bytes) or len(value) != SERIAL_SIZE:
+        raise _bad(f"{name} must be a number as 20 bytes, big-endian")
+    number = serial_int(value)
+    if not low <= number < high:
+        raise _bad(f"{name} is out of range")
+    return number
+
+
+def _v_request_id(name: str, value: Any) -> str:
+    return _utf8(name, value, MAX_REQUEST_ID_BYTES)
+
+
+def _v_text(name: str, value: Any) -> str:
+    return _utf8(name, value, MAX_TEXT_BYTES)
+
+
+def _v_digest(name: str, value: Any) -> bytes:
+    return _bytes(name, value, range(1, MAX_DIGEST_BYTES + 1))
+
+
+def _v_issuer(name: str, value: Any) -> bytes:
+    return _bytes(name, value, (20,))
+
+
+def _v_fingerprint(name: str, value: Any) -> bytes:
+    return _bytes(name, value, FINGERPRINT_SIZES)
+
+
+def _v_blob(name: str, value: Any) -> bytes:
+    if not isinstance(value, bytes) or not value:
+        raise _bad(f"{name} must be non-empty bytes")
+    return value
+
+
+def _v_serial(name: str, value: Any) -> int:
+    return _big(name, value, 1, SERIAL_LIMIT)
+
+
+def _v_crl_number(name: str, value: Any) -> int:
+    return _big(name, value, 0, CRL_NUMBER_LIMIT)
+
+
+def _v_time(name: str, value: Any) -> int:
+    return _int_in(name, value, 0, TIME_LIMIT)
+
+
+def _v_optional_time(name: str, value: Any) -> int | None:
+    return None if value is None else _v_time(name, value)
+
+
+def _v_reason(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value not in CRL_REASONS:
+        raise Invalid(Reason.BAD_REASON, f"{name} must be None or an RFC 5280 CRLReason code")
+    return int(value)
+
+
+def _v_seq(name: str, value: Any) -> int:
+    return _int_in(name, value, 0, SEQ_LIMIT)
+
+
+def _v_sha256(name: str, value: Any) -> bytes:
+    return _bytes(name, value, (32,))
+
+
+def _v_serial_list(name: str, value: Any) -> tuple[int, ...]:
+    """Serials in strictly ascending order (so a list is one set, in one canonical order)."""
+    if not isinstance(value, list):
+        raise _bad(f"{name} must be a list of serials")
+    serials = [_v_serial(f"{name}[{i}]", serial) for i, serial in enumerate(value)]
+    if any(a >= b for a, b in itertools.pairwise(serials)):
+        raise _bad(f"{name} must be strictly ascending")
+    return tuple(serials)
+
+
+def _v_uids(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_UIDS:
+        raise _bad(f"{name} must be a list of 1 to {MAX_UIDS} str")
+    return tuple(_v_text(f"{name}[{i}]", uid) for i, uid in enumerate(value))
+
+
+def _v_meta_name(name: str, value: Any) -> str:
+    text = _utf8(name, value, MAX_META_NAME_BYTES)
+    if text in RESERVED_META:
+        raise _bad(f"{name} {text!r} is the repository's own")
+    return text
+
+
+def _v_meta_value(name: str, value: Any) -> bytes:
+    if not isinstance(value, bytes) or not 1 <= len(value) <= MAX_META_BYTES:
+        raise _bad(f"{name} must be 1 to {MAX_META_BYTES} bytes")
+    return value
+
+
+def _v_optional_meta_value(name: str, value: Any) -> bytes | None:
+    return None if value is None else _v_meta_value(name, value)
+
+
+_Rule = Callable[[str, Any], Any]
+_REQUEST: dict[str, _Rule] = {"request_id": _v_request_id, "request_digest": _v_digest}
+_SPECS: dict[str, dict[str, _Rule]] = {
+    IssueX509.op: {
+        **_REQUEST,
+        "issuer": _v_issuer,
+        "serial": _v_serial,
+        "der": _v_blob,
+        "profile": _v_text,
+        "not_before": _v_time,
+        "not_after": _v_time,
+        "issued_at": _v_time,
+    },
+    RevokeX509.op: {
+        **_REQUEST,
+        "issuer": _v_issuer,
+        "serial": _v_serial,
+        "reason": _v_reason,
+        "revoked_at": _v_time,
+        "invalidity_date": _v_optional_time,
+        "crl_entry": _v_blob,
+    },
+    RecordCrl.op: {
+        "issuer": _v_issuer,
+        "crl_number": _v_crl_number,
+        "this_update": _v_time,
+        "next_update": _v_time,
+        "der": _v_blob,
+    },
+    PublishCrl.op: {
+        "issuer": _v_issuer,
+        "crl_number": _v_crl_number,
+        "this_update": _v_time,
+        "next_update": _v_time,
+        "revocation_seq": _v_seq,
+        "removed": _v_serial_list,
+        "entries": _v_seq,
+        "removed_before": _v_optional_time,
+        "expired_certs_on_crl": _v_optional_time,
+        "signature_algorithm": _v_blob,
+        "signature": _v_blob,
+        "sha256": _v_sha256,
+        "der": _v_blob,
+    },
+    CertifyOpenpgp.op: {
+        **_REQUEST,
+        "fingerprint": _v_fingerprint,
+        "uids": _v_uids,
+        "expires": _v_time,
+        "certified_at": _v_time,
+        "result": _v_blob,
+    },
+    Noop.op: {},
+    SetMeta.op: {
+        "name": _v_meta_name,
+        "expected": _v_optional_meta_value,
+        "value": _v_meta_value,
+    },
+}

@@ -1,0 +1,205 @@
+"""The log command encoding, pinned byte for byte: a journal written today must decode the same
+tomorrow, and every replica must reject a bad entry in the same words (storage/commands.py,
+docs/repository.md §4). Pure: no LMDB, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+
+from storage import (
+    COMMAND_TYPES,
+    CertifyOpenpgp,
+    Command,
+    Invalid,
+    Issued,
+    IssueX509,
+    Noop,
+    PublishCrl,
+    Reason,
+    RecordCrl,
+    RevokeX509,
+    SetMeta,
+    decode,
+    encode,
+)
+from storage.commands import _SPECS
+from storage.results import from_record, record
+
+ISSUER = bytes(range(20))
+
+PINNED: list[tuple[Command, str]] = [
+    (
+        IssueX509(
+            request_id="req-1",
+            request_digest=b"dg",
+            issuer=ISSUER,
+            serial=2**140 + 5,
+            der=b"\x30\x03der",
+            profile="server",
+            not_before=1_700_000_000,
+            not_after=1_731_536_000,
+            issued_at=1_700_000_010,
+        ),
+        "8aa26f70aa69737375655f78353039aa726571756573745f6964a57265712d31ae726571756573745f"
+        "646967657374c4026467a6697373756572c414000102030405060708090a0b0c0d0e0f10111213a673"
+        "657269616cc4140000100000000000000000000000000000000005a3646572c4053003646572a77072"
+        "6f66696c65a6736572766572aa6e6f745f6265666f7265ce6553f100a96e6f745f6166746572ce6735"
+        "2480a96973737565645f6174ce6553f10a",
+    ),
+    (
+        RevokeX509(
+            request_id="rev-1",
+            request_digest=b"dg",
+            issuer=ISSUER,
+            serial=5,
+            reason=1,
+            revoked_at=1_710_000_000,
+            invalidity_date=None,
+            crl_entry=b"\x30\x01",
+        ),
+        "89a26f70ab7265766f6b655f78353039aa726571756573745f6964a57265762d31ae72657175657374"
+        "5f646967657374c4026467a6697373756572c414000102030405060708090a0b0c0d0e0f10111213a6"
+        "73657269616cc4140000000000000000000000000000000000000005a6726561736f6e01aa7265766f"
+        "6b65645f6174ce65ec8780af696e76616c69646974795f64617465c0a963726c5f656e747279c40230"
+        "01",
+    ),
+    (
+        RecordCrl(
+            issuer=ISSUER,
+            crl_number=7,
+            this_update=1_710_000_000,
+            next_update=1_710_086_400,
+            der=b"crl",
+        ),
+        "86a26f70aa7265636f72645f63726ca6697373756572c414000102030405060708090a0b0c0d0e0f10"
+        "111213aa63726c5f6e756d626572c4140000000000000000000000000000000000000007ab74686973"
+        "5f757064617465ce65ec8780ab6e6578745f757064617465ce65edd900a3646572c40363726c",
+    ),
+    (
+        PublishCrl(
+            issuer=ISSUER,
+            crl_number=8,
+            this_update=1_710_000_000,
+            next_update=1_710_604_800,
+            revocation_seq=3,
+            removed=(1, 2**159 - 1),
+            entries=4,
+            removed_before=None,
+            expired_certs_on_crl=1_700_000_000,
+            signature_algorithm=b"\x30\x0a",
+            signature=b"sig",
+            sha256=b"\x11" * 32,
+            der=b"crl",
+        ),
+        "8ea26f70ab7075626c6973685f63726ca6697373756572c414000102030405060708090a0b0c0d0e0f"
+        "10111213aa63726c5f6e756d626572c4140000000000000000000000000000000000000008ab746869"
+        "735f757064617465ce65ec8780ab6e6578745f757064617465ce65f5c200ae7265766f636174696f6e"
+        "5f73657103a772656d6f76656492c4140000000000000000000000000000000000000001c4147fffff"
+        "ffffffffffffffffffffffffffffffffffa7656e747269657304ae72656d6f7665645f6265666f7265"
+        "c0b4657870697265645f63657274735f6f6e5f63726cce6553f100b37369676e61747572655f616c67"
+        "6f726974686dc402300aa97369676e6174757265c403736967a6736861323536c42011111111111111"
+        "11111111111111111111111111111111111111111111111111a3646572c40363726c",
+    ),
+    (
+        CertifyOpenpgp(
+            request_id="pgp-1",
+            request_digest=b"dg",
+            fingerprint=b"\xaa" * 20,
+            uids=("Alice <a@example.org>",),
+            expires=1_800_000_000,
+            certified_at=1_700_000_000,
+            result=b"\x88\x01",
+        ),
+        "88a26f70af636572746966795f6f70656e706770aa726571756573745f6964a57067702d31ae726571"
+        "756573745f646967657374c4026467ab66696e6765727072696e74c414aaaaaaaaaaaaaaaaaaaaaaaa"
+        "aaaaaaaaaaaaaaaaa47569647391b5416c696365203c61406578616d706c652e6f72673ea765787069"
+        "726573ce6b49d200ac6365727469666965645f6174ce6553f100a6726573756c74c4028801",
+    ),
+    (Noop(), "81a26f70a46e6f6f70"),
+    (
+        SetMeta(name="cluster", expected=None, value=b"\x81\xa1a\x01"),
+        "84a26f70a87365745f6d657461a46e616d65a7636c7573746572a86578706563746564c0a576616c75"
+        "65c40481a16101",
+    ),
+]
+
+
+@pytest.mark.parametrize(("command", "hex_bytes"), PINNED, ids=lambda v: getattr(v, "op", ""))
+def test_each_command_encodes_to_its_pinned_bytes_and_back(command: Command, hex_bytes: str):
+    entry = bytes.fromhex(hex_bytes)
+    assert encode(command) == entry
+    assert decode(entry) == command
+
+
+def test_every_op_is_pinned_and_its_fields_are_its_rules():
+    assert {command.op for command, _ in PINNED} == set(COMMAND_TYPES)
+    for op, cls in COMMAND_TYPES.items():
+        assert [f.name for f in dataclasses.fields(cls)] == list(_SPECS[op]), op
+
+
+def test_a_map_in_another_field_order_is_the_same_command():
+    """Field order is canonical in what encode writes, not required of what decode reads."""
+    command, hex_bytes = PINNED[0]
+    fields = msgpack.unpackb(bytes.fromhex(hex_bytes), raw=False)
+    shuffled = msgpack.packb(dict(reversed(list(fields.items()))), use_bin_type=True)
+    assert decode(shuffled) == command
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason", "message"),
+    [
+        (b"\xc1", Reason.MALFORMED, "the log entry is not one msgpack value"),
+        (msgpack.packb([1]), Reason.MALFORMED, "command must be a map"),
+        (msgpack.packb({"op": "nope"}), Reason.UNKNOWN_OP, "unknown op 'nope'"),
+        (msgpack.packb({"op": "noop", "x": 1}), Reason.MALFORMED, "unknown field(s) for noop: x"),
+        (  # cut short
+            bytes.fromhex(PINNED[0][1])[:-1],
+            Reason.MALFORMED,
+            "the log entry is not one msgpack value",
+        ),
+        (
+            encode(dataclasses.replace(PINNED[1][0], reason=7)),  # type: ignore[type-var]
+            Reason.BAD_REASON,
+            "reason must be None or an RFC 5280 CRLReason code",
+        ),
+        (
+            encode(dataclasses.replace(PINNED[0][0], serial=0)),  # type: ignore[type-var]
+            Reason.MALFORMED,
+            "serial is out of range",
+        ),
+        (
+            msgpack.packb({**msgpack.unpackb(bytes.fromhex(PINNED[0][1])), "serial": 5}),
+            Reason.MALFORMED,
+            "serial must be a number as 20 bytes, big-endian",
+        ),
+        (
+            encode(SetMeta(name="applied_index", expected=None, value=b"x")),
+            Reason.MALFORMED,
+            "name 'applied_index' is the repository's own",
+        ),
+    ],
+)
+def test_bad_entries_are_refused_in_fixed_words(entry: bytes, reason: Reason, message: str):
+    with pytest.raises(Invalid) as first:
+        decode(entry)
+    with pytest.raises(Invalid) as again:
+        decode(entry)
+    assert first.value.reason is reason
+    assert message in first.value.message
+    assert (again.value.reason, again.value.message) == (reason, first.value.message)
+
+
+def test_a_recorded_result_is_stored_as_the_earlier_version_stored_it():
+    """`requests` values hold the first result; their map and order must not change."""
+    issued = Issued("req-1", ISSUER, 2**140 + 5, "server", 1, 2, 3, 4)
+    stored = record(issued)
+    assert msgpack.packb(stored, use_bin_type=True).hex() == (
+        "89a6737461747573a6697373756564aa726571756573745f6964a57265712d31a6697373756572c414"
+        "000102030405060708090a0b0c0d0e0f10111213a673657269616cc414000010000000000000000000"
+        "0000000000000005a770726f66696c65a6736572766572aa6e6f745f6265666f726501a96e6f745f61"
+        "6674657202a96973737565645f617403a5696e64657804"
+    )
+    assert from_record(stored) == issued
