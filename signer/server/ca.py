@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from replication.log import Log
@@ -127,10 +126,7 @@ class CertificateAuthority:
         """Each issuer's HSM key must be the key of its certificate: checked once at start."""
         for issuer in self.issuers.values():
             key = self.hsm.key(issuer.key_label)
-            if (
-                not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
-                or key.public_key() != issuer.certificate.public_key()
-            ):
+            if key.public_key() != issuer.certificate.public_key():
                 raise KeyMismatchError(
                     ErrorCode.HSM_KEY_NOT_FOUND,
                     f"issuer {issuer.name}: HSM key {issuer.key_label!r} does not match the "

@@ -263,6 +263,11 @@ class HsmPrivateKey:
         """rsa-<bits> or ec-p256 / ec-p384, as in the ceremony config."""
         raise NotImplementedError
 
+    def public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+        """The key's public half, read from the token when the key was looked up."""
+        public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = self._public
+        return public
+
     def _sign_raw(self, mechanism: Mechanism, param: Any, payload: bytes) -> bytes:
         return self._hsm._sign(self._label, mechanism, param, payload)
 
