@@ -114,13 +114,15 @@ class LocalLog(Generic[R]):
         self.groups += 1
         self.commands += len(group)
         for (_, loop, future), result in zip(group, results, strict=True):
-            loop.call_soon_threadsafe(_settle, future, result)
+            loop.call_soon_threadsafe(settle, future, result)
 
 
-def _settle(future: asyncio.Future[Any], result: Any) -> None:
+def settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    """Resolve a future from another thread's outcome (an exception or a value), once: called
+    on the future's loop with `loop.call_soon_threadsafe(settle, future, outcome)`."""
     if future.done():
         return
-    if isinstance(result, Exception):
-        future.set_exception(result)
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
     else:
-        future.set_result(result)
+        future.set_result(outcome)

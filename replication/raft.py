@@ -54,7 +54,7 @@ from replication.errors import (
     StartRefused,
 )
 from replication.journal import NO_OP, DurableJournal, read_entries
-from replication.log import ReplicatedMachine
+from replication.log import ReplicatedMachine, settle
 from replication.settings import ReplicationSettings, parse_address
 from replication.transport import ReplicationTransport
 
@@ -99,14 +99,6 @@ class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
 
-
-def _settle(future: asyncio.Future[Any], value: Any) -> None:
-    if future.done():
-        return
-    if isinstance(value, BaseException):
-        future.set_exception(value)
-    else:
-        future.set_result(value)
 
 
 def _failure(reason: int) -> ReplicationError:
@@ -536,7 +528,7 @@ class RaftLog(Generic[R]):
         with self._lock:
             waiter = self._waiters.pop(pid, None)
         if waiter is not None:
-            waiter.loop.call_soon_threadsafe(_settle, waiter.future, value)
+            waiter.loop.call_soon_threadsafe(settle, waiter.future, value)
 
     def _callback(self, pid: int, _result: Any, reason: int) -> None:
         if reason != FAIL_REASON.SUCCESS:
@@ -546,7 +538,7 @@ class RaftLog(Generic[R]):
         with self._lock:
             waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
-            waiter.loop.call_soon_threadsafe(_settle, waiter.future, error)
+            waiter.loop.call_soon_threadsafe(settle, waiter.future, error)
 
     # --- every turn of the Raft loop ------------------------------------------------------
 
@@ -571,7 +563,7 @@ class RaftLog(Generic[R]):
                 value = function()
             except Exception as exc:
                 value = exc
-            loop.call_soon_threadsafe(_settle, future, value)
+            loop.call_soon_threadsafe(settle, future, value)
 
     def _update_view(self) -> None:
         node = self._node
@@ -970,7 +962,7 @@ class RaftLog(Generic[R]):
 
         def done(_result: Any, reason: int) -> None:
             value = None if reason == FAIL_REASON.SUCCESS else _failure(reason)
-            loop.call_soon_threadsafe(_settle, future, value)
+            loop.call_soon_threadsafe(settle, future, value)
 
         def transfer() -> None:
             assert self._node is not None
@@ -1090,7 +1082,7 @@ class RaftLog(Generic[R]):
 
         def done(_result: Any, reason: int) -> None:
             value = None if reason == FAIL_REASON.SUCCESS else _failure(reason)
-            loop.call_soon_threadsafe(_settle, future, value)
+            loop.call_soon_threadsafe(settle, future, value)
 
         def change() -> None:
             node = self._node

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conditions import wait_until
 
 from signer.cli import main
 from signer.tools.line_emulator import BITS_PER_BYTE, LineEmulator
@@ -83,13 +84,6 @@ def drain(fd: int, quiet: float = 0.2) -> bytes:
             break
         out += chunk
     return bytes(out)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def is_subsequence(short: bytes, long: bytes) -> bool:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conditions import eventually
 
 from signer.client.library import SignerClient
 from signer.config import LinkConfig
@@ -107,7 +108,7 @@ async def test_client_device_vanishes_and_comes_back(signer, line):
     async with client_for(line, timeout=10) as client:
         await client.call("health")
         line.unplug("b")
-        await asyncio.sleep(0.3)
+        await eventually(lambda: not client.link.connected)
         with pytest.raises(Unreachable):
             await client.call("health", timeout=0.5, attempts=1)
         line.replug("b")

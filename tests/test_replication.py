@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+from conditions import eventually
 from raft_cluster import (
     Cluster,
     check_invariants,
@@ -141,6 +142,14 @@ async def test_barrier_makes_a_lagging_signer_see_what_was_committed(pair):
         await commit(leader, issue(n))
     await follower.barrier()  # everything committed before it is applied here
     assert pair.repos[follower.address].get_request("issue-29") is not None
+
+
+def _accepts(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 async def commit_retrying(log, command, attempts: int = 10):
@@ -305,7 +314,7 @@ async def test_force_standalone_then_a_replacement_joins(tmp_path):
         check_invariants([cluster.repos[a], cluster.repos[c]], acknowledged)
         # The fenced signer comes back with its old data: nobody talks to it, it gets nothing.
         old_b = cluster.start(b, peers=[a])
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # TODO(issue 14): wait for the refusal instead
         assert not old_b.view.has_quorum
         with pytest.raises(NoQuorum):
             await commit(old_b, issue(999))
@@ -389,7 +398,7 @@ async def test_a_peer_without_the_secret_is_not_heard(tmp_path):
         )
         intruder.start()
         try:
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5)  # TODO(issue 14): wait for the unauthenticated close
             assert cluster.logs[a].view.has_quorum is False
             assert intruder.view.has_quorum is False
         finally:
@@ -405,9 +414,7 @@ async def test_binds_to_the_link_address_only_and_needs_a_secret(tmp_path, monke
         a, b = cluster.addresses
         port = int(a.rsplit(":", 1)[1])
         raft = cluster.start(a)
-        await asyncio.sleep(0.2)
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            pass  # the link address answers ...
+        await eventually(lambda: _accepts(("127.0.0.1", port)), what="(the link address)")
         with pytest.raises(OSError), socket.create_connection(("127.0.0.2", port), timeout=2):
             pass  # ... another address of this host does not (no 0.0.0.0)
         raft.close()
@@ -453,7 +460,7 @@ async def test_recovery_from_a_backup_after_losing_both_signers(tmp_path):
         assert cluster.repos[a].get_request("issue-10") is None  # newer than the backup
         # b, with its old data (and issue-10), is not a member any more: nobody answers it
         old_b = cluster.start(b)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # TODO(issue 14): wait for the refusal instead
         assert not old_b.view.has_quorum
         status = await survivor.status()
         assert status["members"] == [a]

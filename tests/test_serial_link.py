@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conditions import eventually
 
 from signer.errors import ErrorCode, LinkDown
 from signer.link.serial_link import LinkSettings, SerialLink
@@ -38,16 +39,6 @@ class Inbox:
     @property
     def errors(self) -> list[FrameError]:
         return [event for event in self.events if isinstance(event, FrameError)]
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll `predicate` until it holds; fail the test if it does not within `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            pytest.fail(f"condition not reached within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 def message(tag: str, index: int, size: int = 200) -> dict[str, Any]:
@@ -216,14 +207,16 @@ async def test_device_absent_at_start_then_appears(
     directory = tmp_path / "later"
     inbox_a = Inbox()
     a = await links(directory / "a", inbox_a, "a")
-    await asyncio.sleep(5 * REOPEN)
+
+    def logged(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    await eventually(lambda: logged("still no device") >= 3)  # three attempts after the first
     assert not a.connected and a.stats.state == "down"
     assert not await a.wait_connected(0.05)
     with pytest.raises(LinkDown):
         await a.send("too early")
-    waiting = [r for r in caplog.records if "waiting for device" in r.getMessage()]
-    retries = [r for r in caplog.records if "still no device" in r.getMessage()]
-    assert len(waiting) == 1 and len(retries) >= 2  # one warning, however many attempts
+    assert logged("waiting for device") == 1  # one warning, however many attempts
 
     with LineEmulator(directory, baud=921600) as line:
         assert await a.wait_connected(3.0)
@@ -237,7 +230,7 @@ async def test_device_absent_at_start_then_appears(
 
 
 async def test_unplug_then_replug(pair, emulator: LineEmulator, caplog) -> None:
-    caplog.set_level(logging.INFO, LOGGER)
+    caplog.set_level(logging.DEBUG, LOGGER)
     a, inbox_a, b, inbox_b = pair
     await a.send("before")
     await eventually(lambda: inbox_b.messages == ["before"])
@@ -252,9 +245,8 @@ async def test_unplug_then_replug(pair, emulator: LineEmulator, caplog) -> None:
     def logged(text: str) -> int:
         return sum(text in r.getMessage() for r in caplog.records if r.name == LOGGER)
 
-    await eventually(lambda: logged("waiting for device") >= 1)
-    await asyncio.sleep(3 * REOPEN)  # several more attempts: still one line each
-    assert logged("lost") == 1 and logged("waiting for device") == 1
+    await eventually(lambda: logged("still no device") >= 3)  # several more attempts ...
+    assert logged("lost") == 1 and logged("waiting for device") == 1  # ... still one line each
 
     emulator.replug("b")
     assert await b.wait_connected(3.0)
@@ -276,7 +268,7 @@ async def test_a_send_waiting_when_the_port_is_lost_fails_quietly(
     emulator.stall(60.0, "b_to_a")
     pending = [asyncio.create_task(b.send(message("stuck", i, 8192))) for i in range(30)]
     await eventually(lambda: sum(task.done() for task in pending) >= 5)
-    await asyncio.sleep(0.1)
+    await eventually(lambda: b.held_back)  # the buffers are full: the others must wait
     assert not all(task.done() for task in pending)
     emulator.unplug("b")
     results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 3.0)
@@ -341,7 +333,7 @@ async def test_close_never_hangs_on_a_stalled_line(pair, emulator: LineEmulator)
     a, _, _, _ = pair
     emulator.stall(60.0)
     pending = [asyncio.create_task(a.send(message("stuck", i, 8192))) for i in range(30)]
-    await asyncio.sleep(0.2)
+    await eventually(lambda: a.held_back)
     assert not all(task.done() for task in pending), "the buffers cannot hold 240 KB"
     await asyncio.wait_for(a.close(), 2.0)
     assert not a.connected and a.stats.state == "down"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ceremony_ca import make_ceremony_ca
+from conditions import eventually
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -142,8 +143,7 @@ async def test_concurrent_same_id_signs_once(running):
     async with asyncio.timeout(20):
         while status["state"] != "done":
             status = await client.call("request_status", {"request_id": "same"})
-    await asyncio.sleep(0.2)
-    assert server.protocol.stats.coalesced + client.stats.stray_answers >= 2
+    await eventually(lambda: server.protocol.stats.coalesced + client.stats.stray_answers >= 2)
     assert server.ca.repository.counts()["certificates"] == 1
 
 

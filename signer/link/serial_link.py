@@ -190,6 +190,12 @@ class SerialLink:
     def connected(self) -> bool:
         return self._conn is not None and self._conn.alive
 
+    @property
+    def held_back(self) -> bool:
+        """Whether the port's output buffer is full, so senders wait (the line is slower than
+        what is being sent, or the peer stopped reading: a stall, RTS/CTS or XOFF)."""
+        return self._conn is not None and self._conn.alive and not self._conn.writable.is_set()
+
     async def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until the port is open; False if it is still down after `timeout` seconds."""
         loop = asyncio.get_running_loop()

@@ -266,8 +266,10 @@ def control_socket(tmp_path: Path) -> Iterator[tuple[Path, list[dict[str, Any]]]
     try:
         yield path, seen
     finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
         server.close()
         thread.join(5)
+        assert not thread.is_alive()
 
 
 def test_cluster_answers_and_refusals(

@@ -36,7 +36,7 @@ from signer.wire.protocol import (
 )
 from storage import InvalidArgument, Reason, Rejected, RepositoryError
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
 
 def request(cmd="health", args=None, rid="r1", v=1):

@@ -11,7 +11,7 @@ from signer.client.config import ClientConfig
 from signer.config import ConfigError, check_secret_file, load
 from signer.server.config import SignerConfig
 
-CONFIG = Path(__file__).resolve().parent.parent / "config"
+CONFIG = Path(__file__).resolve().parents[2] / "config"
 
 
 def write(tmp_path: Path, text: str) -> Path:
