@@ -34,7 +34,7 @@ from signer.pki.x509_signing import (
 )
 from signer.server.dispatch import Handler, RequestContext
 from signer.server.health import Section
-from signer.server.hsm import Hsm
+from signer.server.hsm import Hsm, status_problems
 from signer.server.recorder import Recorder
 from signer.wire.protocol import (
     IssuerInfo,
@@ -308,14 +308,7 @@ class CertificateAuthority:
     async def hsm_section(self) -> Section:
         labels = [issuer.key_label for issuer in self.issuers.values()]
         status = await self.hsm.run(self.hsm.status, labels)
-        errors = [
-            f"key {key['label']}: {key.get('error') or 'test signature failed'}"
-            for key in status.get("keys", [])
-            if not key.get("test_signature_ok")
-        ]
-        if not status.get("token_present"):
-            errors.insert(0, "token not present")
-        return Section(status, errors=errors)
+        return Section(status, errors=status_problems(status))
 
     async def cas_section(self) -> Section:
         now = self.clock()

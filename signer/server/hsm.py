@@ -158,6 +158,18 @@ class HsmSettings(BaseModel):
         return self.model_copy(update=update)
 
 
+def status_problems(status: dict[str, Any]) -> list[str]:
+    """What an `Hsm.status` report says is wrong, one line each, for a health section."""
+    problems = [
+        f"key {key['label']}: {key.get('error') or 'test signature failed'}"
+        for key in status.get("keys", [])
+        if not key.get("test_signature_ok")
+    ]
+    if not status.get("token_present"):
+        problems.insert(0, "token not present")
+    return problems
+
+
 class KeyNotExtractableError(HsmError):
     """Raised by the private-key methods an HSM key cannot support (export, decrypt, ECDH)."""
 

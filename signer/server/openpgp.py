@@ -60,7 +60,7 @@ from signer.pki.openpgp import (
 from signer.server.config import OpenPgpConfig
 from signer.server.dispatch import Handler, RequestContext
 from signer.server.health import Section
-from signer.server.hsm import Hsm
+from signer.server.hsm import Hsm, status_problems
 from signer.server.recorder import Recorder
 from signer.wire.protocol import (
     RequestStatusResult,
@@ -553,13 +553,7 @@ class OpenPgpService:
     async def health_section(self) -> Section:
         status = await self.hsm.run(self.hsm.status, [self.key_label])
         data: dict[str, Any] = {"key": self.key_label, "certifications": 0}
-        errors = [
-            f"key {key['label']}: {key.get('error') or 'test signature failed'}"
-            for key in status.get("keys", [])
-            if not key.get("test_signature_ok")
-        ]
-        if not status.get("token_present"):
-            errors.insert(0, "token not present")
+        errors = status_problems(status)
         data["test_signature_ok"] = not errors
         try:
             fingerprint = await self.hsm.run(self.certifier.ca_fingerprint)
