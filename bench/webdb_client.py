@@ -72,7 +72,7 @@ def start_signer(work: Path, device: Path, baud: int, hsm: dict[str, Any]) -> su
         "log_level": "WARNING",
         "repository": {"path": str(work / "repository")},
         "hsm": hsm,
-        "profiles": str(ROOT / "config" / "profiles.yaml"),
+        "profiles": "cacert",
         "issuers": {
             "class1": {"certificate": str(work / "ca" / "class1.crt"), "key": "root"},
             "class3": {"certificate": str(work / "ca" / "class3.crt"), "key": "class3"},

@@ -50,7 +50,7 @@ def signer_config(ca, device: Path, repository: Path) -> SignerConfig:
             "token_label": token.label,
             "pin_file": str(token.pin_file),
         },
-        "profiles": str(ROOT / "config" / "profiles.yaml"),
+        "profiles": "cacert",
         "issuers": {
             "class1": {"certificate": str(base / "ca" / "class1.crt"), "key": "root"},
             "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},

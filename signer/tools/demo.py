@@ -172,7 +172,7 @@ def write_signer_config(
         "log_level": "INFO",
         "repository": {"path": str(workdir / f"repository-{name}")},
         "hsm": hsm,
-        "profiles": str(CONFIG_DIR / "profiles.yaml"),
+        "profiles": "cacert",
         "issuers": {
             "class1": {"certificate": str(ca_dir / "root.crt"), "key": "cacert-root"},
             "class3": {"certificate": str(ca_dir / "class3.crt"), "key": "cacert-class3"},

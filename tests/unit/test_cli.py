@@ -352,7 +352,6 @@ def test_webdb_client_once_with_a_signer_out_of_reach_exits_3(tmp_path: Path) ->
     assert "error: unreachable: no health report from the signer on line(s)" in done.stderr
 
 
-
 # --- the WebDB host --------------------------------------------------------------------------
 
 
