@@ -52,7 +52,7 @@ from signer.tools.softhsm import find_softhsm_module, new_token  # noqa: E402
 from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
 from storage.repository import Repository  # noqa: E402
 
-PROFILE = "server"  # issued by "class3" in config/profiles/cacert.yaml; mapped to each bench CA below
+PROFILE = "server"  # class3 in CAcert's set (config/profiles/cacert.yaml); each bench CA is it
 KINDS = ("rsa-2048", "rsa-4096", "ec-p384")
 DIGEST = {"rsa-2048": "sha256", "rsa-4096": "sha256", "ec-p384": "sha384"}  # RFC 5480 pairing
 HEADLINE = "rsa-4096"

@@ -186,9 +186,10 @@ async def test_the_line_cannot_order_a_ca_ocsp_or_timestamping_certificate(runni
     signer: the line gets `operator_only`, nothing is signed or written."""
     server, client, _ = running
     before = server.ca.repository.content_digest(include_applied_index=False)
-    subject = [["C", "AU"], ["O", "Evil Inc."], ["CN", "Evil CA"]]
+    args = {"profile": profile, "csr": server_csr(),
+            "subject": [["C", "AU"], ["O", "Evil Inc."], ["CN", "Evil CA"]]}  # fmt: skip
     with pytest.raises(SignerError) as caught:
-        await client.call("sign_x509", {"profile": profile, "csr": server_csr(), "subject": subject})
+        await client.call("sign_x509", args)
     assert caught.value.code is ErrorCode.OPERATOR_ONLY
     assert caught.value.details == {"profile": profile}
     assert server.ca.repository.content_digest(include_applied_index=False) == before

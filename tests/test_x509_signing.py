@@ -323,6 +323,24 @@ def test_spkac_with_dn_lines_gives_the_subject(tmp_path: Path, env: Env) -> None
     check_clean(tmp_path, env, cert, "smime")
 
 
+def test_spkac_as_the_web_application_writes_it(tmp_path: Path, env: Env) -> None:
+    """account.php's keygen file: numbered e-mail lines, OpenSSL's long names, spaces around
+    `=`, UTF-8, `SPKAC = ...` last without a newline, and a first byte "0" (0x30, as DER)."""
+    blob = make_spkac(env.rsa, tmp_path, digest="sha256").decode().split("=", 1)[1].strip()
+    text = (
+        "0.emailAddress = bob@example.org\n1.emailAddress = bob@example.net\n"
+        f"commonName = Jürgen Example\norganizationalUnitName = IT\nSPKAC = {blob}"
+    ).encode()
+    profile = env.cacert.get("client-codesign")
+    sans = [("email", "bob@example.org"), ("email", "bob@example.net")]
+    request = IssuanceRequest(text, "client-codesign", None, sans)
+    plan = plan_certificate(request, profile, env.sub.cert, NOW)
+    assert plan.csr_format == "spkac"
+    assert [a.value for a in plan.subject] == [
+        "IT", "Jürgen Example", "bob@example.org", "bob@example.net"
+    ]  # fmt: skip
+
+
 def test_tampered_spkac_fails_its_signature(tmp_path: Path, env: Env) -> None:
     der = bytearray(spkac_der(make_spkac(env.rsa, tmp_path, challenge="abc")))
     der[der.index(b"abc")] ^= 0x01

@@ -368,6 +368,15 @@ def _verify_pkcs10(csr: x509.CertificateSigningRequest, public_key: Any) -> None
         ) from None
 
 
+def _is_utf8(data: bytes) -> bool:
+    """Text, not DER (a DER request has length octets such as 0x82 that UTF-8 never starts)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _parse_request_blob(data: object) -> tuple[_ParsedRequest, _SpkacCheck | None]:
     """Detect and parse the CSR. Returns the request and a deferred signature check."""
     if isinstance(data, bytearray | memoryview):
@@ -383,6 +392,10 @@ def _parse_request_blob(data: object) -> tuple[_ParsedRequest, _SpkacCheck | Non
         )
     if not data:
         raise _err(ErrorCode.BAD_CSR, "empty CSR")
+    if _SPKAC_LINE_RE.search(data) and _is_utf8(data):
+        # Before the DER check: a keygen file may start with "0.emailAddress", and "0" is 0x30.
+        der, fields = _spkac_text(data)
+        return _parse_spkac(der, fields)
     if data[:1] == b"\x30":
         if _looks_like_spkac_der(data):
             return _parse_spkac(data, None)
