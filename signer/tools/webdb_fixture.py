@@ -460,14 +460,16 @@ async def demo_rows(db: Database, base_dir: Path) -> dict[str, int]:
     them, with their request files under `base_dir/../csr`. Returns {label: row id}.
 
     Member 1 is assured (100 points) and owns example.org; member 3 has only a deleted
-    assurance (class 1, 180 days). Revocations are asked for with `request_revocation` once a
-    row has its certificate; OpenPGP rows with `WebApplication.openpgp_key`.
+    assurance (class 1, 180 days) and owns example.net. Revocations are asked for with
+    `request_revocation` once a row has its certificate; OpenPGP rows with
+    `WebApplication.openpgp_key`.
     """
     await create_schema(db)
     web = WebApplication(db, base_dir)
     await web.assurance(1, 100)
     await web.assurance(3, 100, deleted=True)
     domid = await web.domain(1, "example.org")
+    unassured = await web.domain(3, "example.net")
     org = Organisation("Example e.V.", "Berlin", "Berlin", "DE")
     ec_key = ec.generate_private_key(ec.SECP256R1())
     return {
@@ -481,6 +483,7 @@ async def demo_rows(db: Database, base_dir: Path) -> dict[str, int]:
         "server": await web.server_certificate(
             domid, ["www.example.org", "example.org"], rootcert=2, key=ec_key
         ),
+        "server-class1": await web.server_certificate(unassured, ["*.example.net"], rootcert=1),
         "org-client": await web.org_client_certificate(
             1, org, ["office@example.org"], "Example Office", "IT", rootcert=2
         ),
