@@ -75,7 +75,7 @@ class Sizes:
 
 
 # Short slices, many rounds: the shared VM's speed drifts by 2x within seconds.
-QUICK = Sizes(rounds=10, raw_seconds=0.2, issue_seconds=0.6, openssl_certs=5, window=32)
+QUICK = Sizes(rounds=8, raw_seconds=0.2, issue_seconds=0.6, openssl_certs=5, window=32)
 FULL = Sizes(rounds=30, raw_seconds=0.3, issue_seconds=1.0, openssl_certs=10, window=32)
 
 
