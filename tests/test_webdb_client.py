@@ -49,6 +49,7 @@ from signer.tools.webdb_fixture import (
     Organisation,
     WebApplication,
     create_schema,
+    csr_path,
     demo_rows,
     insert_row,
     make_csr,
@@ -490,6 +491,7 @@ async def test_every_real_row_variant_is_served(ca, tmp_path, database):
             two = ["Alice Example <a@example.org>", "Alice Example <a@example.net>"]
             gpg_two = await web.openpgp_key(1, openpgp_key(two), "a@example.net")
             refused = await refused_rows(web, config.base_dir)
+            await check_as_written(db, rows)
             passed = await client.process_pending()
             assert not passed.deferred, passed.deferred
             for label, (row_id, expect) in rows.items():
@@ -561,14 +563,28 @@ async def test_the_modern_set_serves_what_the_ca_b_rules_allow(ca, tmp_path):
             assert signer.repository.counts()["certificates"] == len(ids) - 1
 
 
+async def check_as_written(db: Database, rows: dict[str, tuple[int, Expect]]) -> None:
+    """What non-strict MySQL made of the PHP's INSERTs, and SQLite the same: a keygen row has an
+    empty subject, `coll_found` is 0, an organisation server row's `type=''` is 0 (MySQL) or ''
+    (SQLite), `md` has the column's default."""
+    if db.config.driver == "mysql":
+        [mode] = await db.query("SELECT @@SESSION.sql_mode AS m")
+        assert "STRICT" not in mode["m"]
+    keygen = await row(db, "emailcerts", rows["ns-keygen-deleted-assurance"][0])
+    assert keygen["subject"] == "" and keygen["coll_found"] == 0 and keygen["keytype"] == "NS"
+    assert keygen["md"] == "sha512"
+    org = await row(db, "orgdomaincerts", rows["org-server-buildsubject"][0])
+    assert org["type"] in (0, "") and org["coll_found"] == 0
+
+
 async def refused_rows(web: WebApplication, base: Path) -> dict[str, tuple[str, int, str]]:
     """Rows the web application can write that are not valid: label -> (table, id, code)."""
     garbage = await web.client_certificate(1, ["a@example.org"], rootcert=2)
-    (base / csr_name_of(web, "client", garbage)).write_bytes(
+    (base / csr_path("client", garbage)).write_bytes(
         b"-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n"
     )
     missing = await web.client_certificate(1, ["a@example.org"], rootcert=2)
-    (base / csr_name_of(web, "client", missing)).unlink()
+    (base / csr_path("client", missing)).unlink()
     weak = await web.client_certificate(1, ["a@example.org"], rootcert=2, key=rsa_1024())
     underscore = await web.server_certificate(1, ["_dmarc.example.org"], rootcert=2)
     ocsp = await web.org_server_certificate(1, ORG, ["ocsp.example.org"], rootcert=2, ocsp=True)
@@ -579,10 +595,6 @@ async def refused_rows(web: WebApplication, base: Path) -> dict[str, tuple[str, 
         "underscore-name": ("domaincerts", underscore, "bad_san"),
         "ocsp-type-8": ("orgdomaincerts", ocsp, "bad_row"),  # operator only: not offered
     }
-
-
-def csr_name_of(web: WebApplication, prefix: str, row_id: int) -> str:
-    return f"../csr/{prefix}/{row_id // 1000}/{prefix}-{row_id}.csr"
 
 
 def rsa_1024() -> Any:
