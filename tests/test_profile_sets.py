@@ -172,7 +172,7 @@ def test_cacert_set_issues_what_cacert_issues(cas: Cas, name: str, key: str) -> 
     got = [(short[a.oid], a.value) for a in cert.subject]
     assert got == sorted(subject, key=lambda pair: order[pair[0]])  # openssl's policy order
     san = ext(cert, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-    kinds = {x509.DNSName: "dns", x509.RFC822Name: "email", x509.OtherName: "xmpp"}
+    kinds: dict[type, str] = {x509.DNSName: "dns", x509.RFC822Name: "email", x509.OtherName: "xmpp"}
     issued_sans = [
         (kinds[type(n)], n.value if not isinstance(n, x509.OtherName) else n.value[2:].decode())
         for n in (san.value if san else [])

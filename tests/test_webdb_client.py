@@ -659,20 +659,20 @@ async def check_served(ca, db: Database, config, signer: Signer, label: str, row
              NameOID.ORGANIZATIONAL_UNIT_NAME: "OU", NameOID.COMMON_NAME: "CN",
              NameOID.EMAIL_ADDRESS: "emailAddress"}  # fmt: skip
     assert [(names[a.oid], a.value) for a in cert.subject] == expect.subject, label
-    san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
-    kinds = {x509.DNSName: "dns", x509.RFC822Name: "email", x509.OtherName: "xmpp"}
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    kinds: dict[type, str] = {x509.DNSName: "dns", x509.RFC822Name: "email", x509.OtherName: "xmpp"}
     issued = [(kinds[type(n)], n.value if not isinstance(n, x509.OtherName)
                else n.value[2:].decode()) for n in san]  # fmt: skip
     assert issued == expect.sans, label
     base = expect.profile.removesuffix("-class1")
-    eku = cert.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == EKU[base], label
     assert cert.signature_hash_algorithm is not None
     assert cert.signature_hash_algorithm.name == expect.digest, label
     issuer = "class3" if class3 else "class1"
-    crldp = cert.extensions.get_extension_for_oid(ExtensionOID.CRL_DISTRIBUTION_POINTS).value
-    assert [dp.full_name[0].value for dp in crldp] == [CRL_URL[issuer]], label
-    policies = cert.extensions.get_extension_for_oid(ExtensionOID.CERTIFICATE_POLICIES).value
+    crldp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [dp.full_name[0].value for dp in crldp if dp.full_name] == [CRL_URL[issuer]], label
+    policies = cert.extensions.get_extension_for_class(x509.CertificatePolicies).value
     assert [p.policy_identifier.dotted_string for p in policies] == ["1.3.6.1.4.1.18506.4.4"]
     record = signer.repository.get_certificate(
         signer.server.ca.issuers[issuer].key_id, cert.serial_number
