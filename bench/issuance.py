@@ -1,12 +1,15 @@
 """X.509 issuance, CSR to recorded certificate, against the HSM's raw rate and `openssl ca`.
 
 The measured path is the real one, in process: `CertificateAuthority.sign_x509` (plan, serial,
-signature by a SoftHSM2 key made by the ceremony, command committed through `LocalLog` into LMDB
-with sync on), driven with several requests in flight as the protocol handler runs them. Side by
-side, in the same run and for the same CA key type:
+TBS linted with the profile's pkilint lints, signature by a SoftHSM2 key made by the ceremony,
+command committed through `LocalLog` into LMDB with sync on), driven with several requests in
+flight as the protocol handler runs them. Side by side, in the same run and for the same CA key
+type:
 
 - the HSM's raw rate: one digest signed again and again through the HSM key object (the
   physical limit of this token here: nothing can issue faster than it signs);
+- the same issuance without the lint (the signature made directly, as before lint-before-sign),
+  which gives the lint's cost per certificate;
 - `openssl ca` with a file key, one process per CSR, index.txt and serial file (what CAcert's
   signer runs per request).
 
@@ -43,7 +46,9 @@ sys.path.insert(0, str(ROOT))
 from hsm_rate import hsm_raw_rate  # noqa: E402
 
 from replication.log import LocalLog  # noqa: E402
+from signer.pki.lint import lint_findings  # noqa: E402
 from signer.pki.profiles import load_profiles  # noqa: E402
+from signer.pki.x509_signing import build_certificate  # noqa: E402
 from signer.server.ca import CertificateAuthority, Issuer  # noqa: E402
 from signer.server.dispatch import RequestContext  # noqa: E402
 from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings  # noqa: E402
@@ -52,7 +57,7 @@ from signer.tools.softhsm import find_softhsm_module, new_token  # noqa: E402
 from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
 from storage.repository import Repository  # noqa: E402
 
-PROFILE = "server"  # issued by "class3" in config/profiles.yaml; mapped to each bench CA below
+PROFILE = "server"  # class3 in CAcert's set (config/profiles/cacert.yaml); each bench CA is it
 KINDS = ("rsa-2048", "rsa-4096", "ec-p384")
 DIGEST = {"rsa-2048": "sha256", "rsa-4096": "sha256", "ec-p384": "sha384"}  # RFC 5480 pairing
 HEADLINE = "rsa-4096"
@@ -70,7 +75,7 @@ class Sizes:
 
 
 # Short slices, many rounds: the shared VM's speed drifts by 2x within seconds.
-QUICK = Sizes(rounds=10, raw_seconds=0.2, issue_seconds=0.6, openssl_certs=5, window=32)
+QUICK = Sizes(rounds=8, raw_seconds=0.2, issue_seconds=0.6, openssl_certs=5, window=32)
 FULL = Sizes(rounds=30, raw_seconds=0.3, issue_seconds=1.0, openssl_certs=10, window=32)
 
 
@@ -132,17 +137,24 @@ def make_csrs(count: int) -> list[bytes]:
 class IssuanceRun:
     """A CA on one HSM key with its own LMDB repository, fed sign_x509 calls N at a time."""
 
-    def __init__(self, base: Path, kind: str, hsm: Hsm, csrs: list[bytes]) -> None:
-        self.repository = Repository(base / f"repo-{kind}")  # LMDB, sync and metasync on
+    def __init__(
+        self, base: Path, kind: str, hsm: Hsm, csrs: list[bytes], lint: bool = True
+    ) -> None:
+        suffix = "" if lint else "-nolint"
+        self.repository = Repository(base / f"repo-{kind}{suffix}")  # LMDB, sync, metasync on
         self.log = LocalLog(self.repository)
         issuer = Issuer.load("class3", base / "ca" / f"{kind}.crt", kind)
         self.ca = CertificateAuthority(
             [issuer],
-            load_profiles(ROOT / "config" / "profiles.yaml"),
+            load_profiles("cacert"),
             hsm,
             self.repository,
             self.log,
         )
+        if not lint:  # the signature made directly, without the lint (the old _build)
+            self.ca._build = lambda plan, serial, issuer: build_certificate(  # type: ignore[method-assign]
+                plan, serial, hsm.key(issuer.key_label), issuer.certificate
+            )
         self.kind = kind
         self.csrs = csrs
         self.sent = 0
@@ -211,7 +223,7 @@ new_certs_dir = $dir/newcerts
 certificate = $dir/ca.crt
 private_key = $dir/ca.key
 default_md = {digest}
-default_days = 199
+default_days = 730
 policy = policy_any
 unique_subject = no
 copy_extensions = copy
@@ -223,13 +235,13 @@ commonName = supplied
 
 [ server ]
 basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth, clientAuth
+keyUsage = critical, digitalSignature, keyAgreement
+extendedKeyUsage = clientAuth, serverAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 crlDistributionPoints = URI:http://crl.cacert.org/class3-revoke.crl
-authorityInfoAccess = OCSP;URI:http://ocsp.cacert.org/, caIssuers;URI:http://www.cacert.org/certs/class3.der
-certificatePolicies = 2.23.140.1.2.1, 1.3.6.1.4.1.18506.4.4
+authorityInfoAccess = OCSP;URI:http://ocsp.cacert.org
+certificatePolicies = 1.3.6.1.4.1.18506.4.4
 """
 
 
@@ -339,9 +351,16 @@ class Row:
     kind: str
     raw: float
     issued: float
+    unlinted: float
+    lint_alone_ms: float
     openssl: float
     per_fsync: float
     round_efficiency: list[float]
+
+    @property
+    def lint_ms(self) -> float:
+        """What the lint adds to a certificate's wall time, in flight as served."""
+        return 1000 / self.issued - 1000 / self.unlinted
 
     @property
     def efficiency(self) -> float:
@@ -361,11 +380,13 @@ async def measure(base: Path, sizes: Sizes, settings: HsmSettings, csrs: list[by
             key = hsm.key(kind)
             assert isinstance(key, HsmRsaPrivateKey | HsmEcPrivateKey)
             run = IssuanceRun(base, kind, hsm, csrs)
+            bare = IssuanceRun(base, kind, hsm, csrs, lint=False)
             openssl = OpensslCa(base, kind, csrs)
             try:
                 await run.rate(0.3, sizes.window)  # warm up: caches, LMDB file growth
+                await bare.rate(0.3, sizes.window)
                 openssl.issue()  # warm up: page cache
-                raw, issued, ossl, efficiency = Totals(), Totals(), Totals(), []
+                raw, issued, unlinted, ossl, efficiency = Totals(), Totals(), Totals(), Totals(), []
                 groups, commands = run.log.groups, run.log.commands
                 for _ in range(sizes.rounds):
                     signs, raw_seconds = hsm_raw_rate(key, sizes.raw_seconds)
@@ -374,26 +395,43 @@ async def measure(base: Path, sizes: Sizes, settings: HsmSettings, csrs: list[by
                     issued.add(count, seconds)
                     efficiency.append((count / seconds) / (signs / raw_seconds))
                     check_issued(base, kind, ders)
+                    count, seconds, _ = await bare.rate(sizes.issue_seconds, sizes.window)
+                    unlinted.add(count, seconds)
                     ossl.add(*openssl.rate(sizes.openssl_certs))
                 recorded = run.repository.counts()["certificates"]
                 if recorded != run.sent:
                     raise SystemExit(f"{kind}: {run.sent} issued but {recorded} recorded")
                 per_fsync = (run.log.commands - commands) / max(1, run.log.groups - groups)
+                lint_alone = lint_alone_ms(ders[-1])
             finally:
                 run.close()
-            rows.append(Row(kind, raw.rate, issued.rate, ossl.rate, per_fsync, efficiency))
+                bare.close()
+            rows.append(
+                Row(kind, raw.rate, issued.rate, unlinted.rate, lint_alone, ossl.rate, per_fsync,
+                    efficiency)
+            )  # fmt: skip
     return rows
+
+
+def lint_alone_ms(der: bytes, count: int = 100) -> float:
+    """The lint by itself, on one thread: pkilint's RFC 5280 lints of an issued certificate."""
+    started = time.perf_counter()
+    for _ in range(count):
+        lint_findings(der, "other")
+    return (time.perf_counter() - started) / count * 1000
 
 
 def print_table(rows: list[Row], sizes: Sizes, load: str) -> None:
     print(
-        f"\nsign_x509 in process, {sizes.window} in flight, LMDB sync on; {sizes.rounds} "
-        "interleaved rounds of HSM signing, issuance and openssl ca per key type; "
-        f"load average at start {load}\n"
+        f"\nsign_x509 in process (CAcert's server profile, linted before the HSM signs), "
+        f"{sizes.window} in flight, LMDB sync on; {sizes.rounds} interleaved rounds of HSM "
+        f"signing, issuance, issuance without the lint and openssl ca per key type; load "
+        f"average at start {load}\n"
     )
     head = (
         f"{'CA key':<9} {'HSM sign/s':>11} {'certs/s':>9} {'ms/cert':>8} {'x/HSM':>6} "
-        f"{'rounds p25-p75':>15} {'openssl ca/s':>13} {'x/openssl':>10} {'certs/fsync':>12}"
+        f"{'rounds p25-p75':>15} {'no lint/s':>10} {'lint ms':>8} {'alone ms':>9} "
+        f"{'openssl ca/s':>13} {'x/openssl':>10} {'certs/fsync':>12}"
     )
     print(head)
     print("-" * len(head))
@@ -401,10 +439,14 @@ def print_table(rows: list[Row], sizes: Sizes, load: str) -> None:
         q1, _, q3 = statistics.quantiles(r.round_efficiency, n=4)
         print(
             f"{r.kind:<9} {r.raw:>11.0f} {r.issued:>9.1f} {1000 / r.issued:>8.2f} "
-            f"{r.efficiency:>6.2f} {f'{q1:.2f}-{q3:.2f}':>15} {r.openssl:>13.1f} "
+            f"{r.efficiency:>6.2f} {f'{q1:.2f}-{q3:.2f}':>15} {r.unlinted:>10.1f} "
+            f"{r.lint_ms:>8.2f} {r.lint_alone_ms:>9.2f} {r.openssl:>13.1f} "
             f"{r.ratio:>10.2f} {r.per_fsync:>12.1f}"
         )
-    print()
+    print(
+        "lint ms: what the lint adds to a certificate's wall time as served (1000/certs/s - "
+        "1000/no lint/s); alone ms: the lint by itself on one thread\n"
+    )
 
 
 def main() -> None:
@@ -432,7 +474,7 @@ def main() -> None:
     print(
         f"RESULT certs_per_s={r.issued:.1f} hsm_sign_per_s={r.raw:.1f} "
         f"hsm_efficiency={r.efficiency:.3f} openssl_ca_certs_per_s={r.openssl:.1f} "
-        f"ratio={r.ratio:.2f}"
+        f"ratio={r.ratio:.2f} certs_per_s_without_lint={r.unlinted:.1f} lint_ms={r.lint_ms:.2f}"
     )
 
 

@@ -367,7 +367,7 @@ class Issuing:
 async def issuance(base: Path, rounds: int, seconds: float, latency_count: int) -> dict[str, Any]:
     hsm_settings, certificate = make_ca(base)
     hsm = Hsm(hsm_settings)
-    profiles = load_profiles(ROOT / "config" / "profiles.yaml")
+    profiles = load_profiles("cacert")
     issuer = Issuer.load("class3", certificate, "class3")
     csrs = make_csrs(64)
     local_repo = Repository(base / "ca-local", MAP_SIZE)

@@ -2,11 +2,14 @@
 
 The whole chain as in production, on one machine: WebDB rows in SQLite, the WebDB client
 (`signer.client.webdb`), an emulated serial cable paced at 8N1, and `signer serve` as a separate
-process with its CA keys (RSA-2048, made by the ceremony) in SoftHSM2. Half the rows are
-personal client certificates (RSA-2048 PKCS#10 PEM), half TLS server certificates (P-256). Rows
-are inserted after the client started, as the web application inserts them, so no
-`request_status` precedes them. The time runs from the start of the poll to the last row's
-certificate file and columns written.
+process with its CA keys (RSA-2048, made by the ceremony) in SoftHSM2, serving CAcert's profile
+set. The rows are the real mix, inserted as CAcert's web application inserts them
+(signer/tools/webdb_fixture.py): half personal client certificates (RSA-2048 PKCS#10 PEM, the
+member's name and two addresses), a quarter server certificates for two domains with their
+XmppAddr names (P-256), a quarter organisation certificates (client and server alternately,
+long attribute names, OU). Rows are inserted after the client started, so no `request_status`
+precedes them. The time runs from the start of the poll to the last row's certificate file and
+columns written.
 
 The bound is the line: baud / 10 bytes a second divided by the bytes one sign exchange puts on
 the wire in the busier direction (the average frames of this run, measured on the client's link).
@@ -30,13 +33,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 # The project root first: bench/replication.py must not shadow the replication package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from signer.client.webdb import WebdbClient, WebdbClientConfig, write_atomically
+from signer.client.webdb import WebdbClient, WebdbClientConfig
 from signer.config import validate
 from signer.errors import SignerError
 from signer.tools.ceremony import run_ceremony
 from signer.tools.line_emulator import LineEmulator
 from signer.tools.softhsm import find_softhsm_module, new_token
-from signer.tools.webdb_fixture import create_schema, insert_row, make_csr
+from signer.tools.webdb_fixture import Organisation, WebApplication, create_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "bench"
@@ -72,7 +75,7 @@ def start_signer(work: Path, device: Path, baud: int, hsm: dict[str, Any]) -> su
         "log_level": "WARNING",
         "repository": {"path": str(work / "repository")},
         "hsm": hsm,
-        "profiles": str(ROOT / "config" / "profiles.yaml"),
+        "profiles": "cacert",
         "issuers": {
             "class1": {"certificate": str(work / "ca" / "class1.crt"), "key": "root"},
             "class3": {"certificate": str(work / "ca" / "class3.crt"), "key": "class3"},
@@ -99,22 +102,33 @@ def client_config(work: Path, device: Path, baud: int) -> WebdbClientConfig:
     return validate(data, WebdbClientConfig, work / "webdb-client.yaml")
 
 
+ORG = Organisation("Example e.V.", "Berlin", "Berlin", "DE")
+
+
 async def insert_rows(client: WebdbClient, base: Path, count: int) -> None:
-    """Half personal client rows (RSA PEM CSRs), half server rows (P-256), CSR files written."""
-    db = client.db
-    assert db is not None
-    keys = [rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP256R1())]
+    """The real mix: 2 personal client rows, 1 server row, 1 organisation row in every 4."""
+    assert client.db is not None
+    web = WebApplication(client.db, base)
+    rsa_key, ec_key = rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP256R1())
     for i in range(count):
-        if i % 2 == 0:
-            table, prefix, csr = "emailcerts", "client", make_csr(keys[0])
-            values = {"subject": f"/CN=CAcert WoT User/emailAddress=user{i}@example.org"}
+        if i % 4 in (0, 2):
+            await web.client_certificate(
+                1, [f"u{i}@example.org", f"u{i}@example.net"], "Alice Example", rootcert=2,
+                md="sha256", key=rsa_key,
+            )  # fmt: skip
+        elif i % 4 == 1:
+            await web.server_certificate(
+                1, [f"h{i}.example.org", f"w{i}.example.org"], rootcert=2, md="sha256", key=ec_key
+            )
+        elif i % 8 == 3:
+            await web.org_client_certificate(
+                1, ORG, [f"office{i}@example.org"], "Example Office", "IT", rootcert=2,
+                md="sha256", key=rsa_key,
+            )  # fmt: skip
         else:
-            table, prefix, csr = "domaincerts", "server", make_csr(keys[1])
-            values = {"subject": f"/CN=h{i}.example.org/subjectAltName=DNS:h{i}.example.org"}
-        row_id = await insert_row(db, table, {**values, "rootcert": 2, "md": "sha256"})
-        name = f"../csr/{prefix}/{row_id // 1000}/{prefix}-{row_id}.csr"
-        write_atomically(base / name, csr)
-        await db.execute(f"UPDATE {table} SET csr_name = ? WHERE id = ?", (name, row_id))
+            await web.org_server_certificate(
+                1, ORG, [f"shop{i}.example.org"], "Web", rootcert=2, md="sha256", key=ec_key
+            )
 
 
 async def wait_ready(client: WebdbClient) -> None:
@@ -134,6 +148,9 @@ async def measure(work: Path, device: Path, baud: int, rows: int) -> dict[str, f
     async with WebdbClient(config) as client:
         assert client.db is not None
         await create_schema(client.db)
+        web = WebApplication(client.db, config.base_dir)
+        await web.assurance(1, 100)
+        await web.domain(1, "example.org")
         await client.source.start()  # today's rows are known; new ones go straight to sign_x509
         await wait_ready(client)
         await insert_rows(client, config.base_dir, 2)

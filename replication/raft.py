@@ -100,7 +100,6 @@ class _Waiter:
     future: asyncio.Future[Any]
 
 
-
 def _failure(reason: int) -> ReplicationError:
     if reason == FAIL_REASON.MISSING_LEADER:
         return NoQuorum("no leader: the cluster has no quorum")

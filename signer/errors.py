@@ -57,6 +57,7 @@ class ErrorCode(StrEnum):
     BAD_DIGEST = "bad_digest"
     FIELD_TOO_LARGE = "field_too_large"
     LINT_FAILED = "lint_failed"
+    OPERATOR_ONLY = "operator_only"
     # Revocation (signer/pki/revocation.py)
     UNKNOWN_CERTIFICATE = "unknown_certificate"
     BAD_REASON = "bad_reason"

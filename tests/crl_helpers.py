@@ -216,7 +216,7 @@ def signer_config(ceremony_ca, device: Path, repository: Path, **crl) -> Path:
             "token_label": token.label,
             "pin_file": str(token.pin_file),
         },
-        "profiles": str(ROOT / "config" / "profiles.yaml"),
+        "profiles": "cacert",
         "issuers": {
             name: {"certificate": str(base / "ca" / f"{name}.crt"), "key": key}
             for name, key in (("class1", "root"), ("class3", "class3"))

@@ -1,6 +1,8 @@
 """A private MariaDB server for the tests: Debian's mariadb-server, started as a subprocess with
 its own data directory and socket (no TCP), and ended by its PID. Not a mock: the WebDB client
-talks to it exactly as it talks to the web application's database."""
+talks to it exactly as it talks to the web application's database, which ran with a non-strict
+`sql_mode` (MySQL 5's NO_ENGINE_SUBSTITUTION: the PHP's INSERTs leave NOT NULL columns out and
+write '' into numbers, which strict mode refuses)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import pymysql
 
 STARTUP_TIMEOUT = 60.0
+SQL_MODE = "NO_ENGINE_SUBSTITUTION"  # production's: not strict
 
 
 @dataclass
@@ -80,6 +83,7 @@ def start_mariadb(directory: Path) -> MariaDB:
             "--skip-log-bin",
             "--innodb-buffer-pool-size=32M",
             "--innodb-flush-log-at-trx-commit=2",
+            f"--sql-mode={SQL_MODE}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -64,7 +64,7 @@ def authority(ca_files, tmp_path):
     repository = Repository(tmp_path / "repo")
     commit_log = LocalLog(repository)
     issuer = Issuer.load("class3", certificate, "ca")  # the server profile's issuer
-    profiles = load_profiles(ROOT / "config" / "profiles.yaml")
+    profiles = load_profiles("cacert")
     yield CertificateAuthority([issuer], profiles, hsm, repository, commit_log)
     hsm.close()
     commit_log.close()

@@ -1,4 +1,4 @@
-"""Profiles: the shipped file loads and says what it should; bad files fail loudly and precisely."""
+"""Profiles: the shipped sets load and say what they should; bad files fail loudly and precisely."""
 
 from __future__ import annotations
 
@@ -13,22 +13,24 @@ import yaml
 from signer.errors import ErrorCode, SignerError
 from signer.pki.profiles import (
     DEFAULT_PROFILES_PATH,
+    PROFILE_SETS,
     ProfileLoadError,
     load_profiles,
     parse_profiles,
 )
 
-LEGACY_PROFILES = {
+LEGACY_PROFILES = {  # CAcert's templates that the web application's rows can ask for
     "client",
     "client-org",
     "client-codesign",
     "server",
     "server-org",
-    "server-jabber",
     "ocsp",
     "timestamp",
     "subca",
 }
+OPERATOR_PROFILES = {"ocsp", "ocsp-class1", "timestamp", "subca"}
+OCSP = {"cacert": "http://ocsp.cacert.org", "modern": "http://ocsp.cacert.org/"}
 CRL = {
     "class1": "http://crl.cacert.org/revoke.crl",
     "class3": "http://crl.cacert.org/class3-revoke.crl",
@@ -80,27 +82,40 @@ def load_error(tmp_path: Path, data: Any) -> ProfileLoadError:
 # --------------------------------------------------------------------------- shipped file
 
 
-def test_shipped_profiles_load_with_the_legacy_set() -> None:
-    profiles = load_profiles()
+@pytest.mark.parametrize("set_name", sorted(PROFILE_SETS))
+def test_shipped_profiles_load_with_the_legacy_set(set_name: str) -> None:
+    profiles = load_profiles(set_name)
     assert set(profiles.names()) >= LEGACY_PROFILES
-    assert profiles.source == str(DEFAULT_PROFILES_PATH)
+    assert {f"{name}-class1" for name in LEGACY_PROFILES - {"timestamp", "subca"}} <= set(
+        profiles.names()
+    )
+    assert profiles.source == str(PROFILE_SETS[set_name])
+    assert load_profiles().source == str(DEFAULT_PROFILES_PATH) == str(PROFILE_SETS["cacert"])
+    assert {n for n in profiles.names() if profiles.get(n, "operator").channel == "operator"} == (
+        OPERATOR_PROFILES
+    )
+    assert set(profiles.names("line")) == set(profiles.names()) - OPERATOR_PROFILES
+    assert [p.name for p in profiles.offered()] == profiles.names("line")
     for name in profiles.names():
-        profile = profiles.get(name)
+        profile = profiles.get(name, "operator")
         assert profile.name == name
         assert profile.issuer in ("class1", "class3")
         assert set(profile.digests) <= {"sha256", "sha384", "sha512"}
         assert profile.keys.rsa is not None and profile.keys.rsa.min_bits >= 2048
         assert "p256" in profile.keys.ec_curves
         assert profile.validity.default_days <= profile.validity.max_days
-        if profile.kind == "ocsp":
+        if profile.ocsp_nocheck:
             assert profile.crl_urls == [] and profile.ocsp_urls == []
         else:
             assert profile.crl_urls == [CRL[profile.issuer]]
-            assert profile.ocsp_urls == ["http://ocsp.cacert.org/"]
+            assert profile.ocsp_urls == [OCSP[set_name]]
+        cabf = [p.oid for p in profile.policies if p.oid.startswith("2.23.140.")]
+        if set_name == "cacert" or profile.issuer == "class1":  # no BR claims from the root
+            assert cabf == [] and profile.kind in ("other", "ca", "ocsp"), name
 
 
-def test_shipped_profiles_have_the_expected_shape() -> None:
-    profiles = load_profiles()
+def test_shipped_modern_profiles_have_the_expected_shape() -> None:
+    profiles = load_profiles("modern")
     server = profiles.get("server")
     assert server.kind == "tls"
     assert server.extended_key_usage is not None
@@ -109,7 +124,7 @@ def test_shipped_profiles_have_the_expected_shape() -> None:
     assert server.key_usage.ec == ["digitalSignature"]
     assert server.sans.required and server.subject.cn_sources == ["san"]
     assert server.policies[0].oid == "2.23.140.1.2.1"
-    assert set(profiles.get("server-jabber").sans.allowed) == {"dns", "xmpp"}
+    assert server.sans.ignore == ["xmpp"] and profiles.get("server-org").subject.ignore == ["OU"]
     client = profiles.get("client")
     assert client.extended_key_usage is not None
     assert client.extended_key_usage.usages == ["emailProtection", "clientAuth"]
@@ -117,12 +132,12 @@ def test_shipped_profiles_have_the_expected_shape() -> None:
     assert client.key_usage.ec == ["digitalSignature", "keyAgreement"]
     codesign = profiles.get("client-codesign").extended_key_usage
     assert codesign is not None and "codeSigning" in codesign.usages
-    ocsp = profiles.get("ocsp")
+    ocsp = profiles.get("ocsp", "operator")
     assert ocsp.ocsp_nocheck and ocsp.extended_key_usage is not None
     assert ocsp.extended_key_usage.usages == ["OCSPSigning"]
-    timestamp = profiles.get("timestamp").extended_key_usage
+    timestamp = profiles.get("timestamp", "operator").extended_key_usage
     assert timestamp is not None and timestamp.usages == ["timeStamping"] and timestamp.critical
-    subca = profiles.get("subca")
+    subca = profiles.get("subca", "operator")
     assert subca.basic_constraints.ca and subca.basic_constraints.path_length == 0
     assert subca.issuer == "class1"
     assert profiles.get("server-class1").issuer == "class1"
@@ -130,7 +145,7 @@ def test_shipped_profiles_have_the_expected_shape() -> None:
 
 
 def test_tls_validity_follows_the_cabf_schedule() -> None:
-    validity = load_profiles().get("server").validity
+    validity = load_profiles("modern").get("server").validity
     at = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
     assert validity.effective_max_days(at) == 199
     assert validity.effective_max_days(dt.datetime(2027, 3, 15, tzinfo=dt.UTC)) == 99
@@ -145,6 +160,74 @@ def test_unknown_profile_is_a_signer_error() -> None:
         with pytest.raises(SignerError) as info:
             profiles.get(name)
         assert info.value.code is ErrorCode.UNKNOWN_PROFILE
+
+
+def test_shipped_cacert_profiles_have_cacerts_shape() -> None:
+    """What CAcert issues (CPS 7.1.2, server.pl, client.pl), less what docs/profiles.md says."""
+    profiles = load_profiles("cacert")
+    eku = {name: profiles.get(name).extended_key_usage for name in profiles.names("line")}
+    assert all(e is not None for e in eku.values())
+    usages = {name: e.usages for name, e in eku.items() if e is not None}
+    assert usages["client"] == ["emailProtection", "clientAuth", "msEFS"]
+    assert usages["client-org"] == usages["client"]
+    assert usages["client-codesign"] == [
+        "emailProtection", "clientAuth", "codeSigning", "msCodeInd", "msCodeCom", "msEFS",
+    ]  # fmt: skip
+    assert usages["server"] == usages["server-org"] == ["clientAuth", "serverAuth"]
+    for name in profiles.names("line"):
+        profile = profiles.get(name)
+        assert profile.kind == "other" and profile.channel == "line"
+        assert profile.key_usage.rsa == ["digitalSignature", "keyEncipherment"]
+        assert profile.key_usage.ec == ["digitalSignature", "keyAgreement"]
+        assert [p.oid for p in profile.policies] == ["1.3.6.1.4.1.18506.4.4"]
+        assert profile.ca_issuers_urls == []
+        assert not profile.basic_constraints.ca and profile.basic_constraints.critical
+    days = {n: (p.validity.default_days, p.validity.max_days) for n, p in profiles.profiles.items()}
+    assert days["client-class1"] == days["server-class1"] == (180, 730)
+    assert days["client"] == days["server"] == days["server-org"] == (730, 730)
+    assert days["client-org"] == (365, 365)
+    server = profiles.get("server")
+    assert set(server.sans.allowed) == {"dns", "xmpp"} and server.sans.allowed["dns"].wildcard
+    assert set(profiles.get("server-org").subject.attributes) == {"C", "ST", "L", "O", "OU", "CN"}
+    org = profiles.get("client-org").subject.attributes
+    assert set(org) == {"C", "ST", "L", "O", "OU", "CN", "emailAddress"}
+    assert not any(rule.required for rule in org.values())  # no organizationIdentifier anywhere
+
+
+@pytest.mark.parametrize(
+    ("authority", "edit"),
+    [
+        (
+            "CA",
+            {
+                "basic_constraints": {"ca": True},
+                "key_usage": {"rsa": ["keyCertSign"], "ec": ["keyCertSign"]},
+            },
+        ),
+        ("CA", {"kind": "ca"}),
+        ("OCSP-signing", {"extended_key_usage": {"usages": ["OCSPSigning"]}}),
+        ("OCSP-signing", {"extended_key_usage": {"usages": ["1.3.6.1.5.5.7.3.9"]}}),
+        ("OCSP-signing", {"kind": "ocsp"}),
+        ("time-stamping", {"extended_key_usage": {"usages": ["timeStamping"], "critical": True}}),
+    ],
+)
+def test_authority_profiles_must_be_operator_only(
+    tmp_path: Path, authority: str, edit: dict[str, Any]
+) -> None:
+    """The loader rule: a profile that makes a CA, an OCSP signer or a time-stamping authority
+    cannot be asked for over the line."""
+    error = load_error(tmp_path, mutated(lambda d: d["profiles"]["p"].update(edit)))
+    assert any(
+        path == "profiles.p" and f"issues {authority} certificates" in msg and "operator" in msg
+        for path, msg in error.problems
+    ), error.problems
+    fixed = mutated(lambda d: d["profiles"]["p"].update(edit, channel="operator"))
+    profiles = load_profiles(write(tmp_path, fixed))
+    with pytest.raises(SignerError) as info:
+        profiles.get("p")  # as the line asks
+    assert info.value.code is ErrorCode.OPERATOR_ONLY and authority in info.value.message
+    assert profiles.get("p", "operator").channel == "operator"
+    assert profiles.names("line") == [] and profiles.offered() == []
 
 
 def test_minimal_profile_loads_and_inherits_issuer_urls(tmp_path: Path) -> None:
@@ -268,6 +351,22 @@ def test_max_below_default_validity(tmp_path: Path) -> None:
             "pattern",
         ),
         (lambda d: d.update(version=2), "version", "1"),
+        (
+            lambda d: d["profiles"]["p"]["subject"].update(ignore=["CN"]),
+            "profiles.p.subject",
+            "ignore names allowed attributes: CN",
+        ),
+        (
+            lambda d: d["profiles"]["p"]["subject"].update(ignore=["XX"]),
+            "profiles.p.subject.ignore",
+            "unknown subject attribute 'XX'",
+        ),
+        (
+            lambda d: d["profiles"]["p"]["sans"].update(ignore=["dns"]),
+            "profiles.p.sans",
+            "ignore names allowed SAN types: dns",
+        ),
+        (lambda d: d["profiles"]["p"].update(channel="serial"), "profiles.p.channel", "line"),
     ],
 )
 def test_inconsistent_profiles_are_refused(tmp_path: Path, edit: Any, path: str, text: str) -> None:

@@ -53,7 +53,7 @@ def pair_configs(ca, tmp: Path, lines: list[LineEmulator]) -> list[SignerConfig]
             "repository": {"path": str(tmp / f"repo-{name}")},
             "hsm": {"module": token.store.module, "token_label": token.label,
                     "pin_file": str(token.pin_file)},
-            "profiles": str(ROOT / "config" / "profiles.yaml"),
+            "profiles": "cacert",
             "issuers": {
                 "class1": {"certificate": str(base / "ca" / "class1.crt"), "key": "root"},
                 "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from ceremony_ca import make_ceremony_ca
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from signer.client.crl_refresh import BadCrl, CrlRefresher
 from signer.client.webdb import (
@@ -38,18 +39,22 @@ from signer.client.webdb import (
     publish_crl,
     split_subject,
 )
+from signer.client.webdb.rows import spkac_subject
 from signer.config import ConfigError, load
 from signer.link.serial_link import LinkSettings
 from signer.server.config import SignerConfig
 from signer.server.process import SignerServer
 from signer.tools.line_emulator import LineEmulator
 from signer.tools.webdb_fixture import (
+    Organisation,
+    WebApplication,
     create_schema,
+    csr_path,
     demo_rows,
     insert_row,
     make_csr,
-    openpgp_row,
     request_revocation,
+    spkac_request,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,21 +66,24 @@ FAST = 921600
 
 @pytest.fixture(scope="module")
 def ca(softhsm_token_factory, tmp_path_factory):
-    """The ceremony on a fresh SoftHSM2 token: RSA-2048 class 1 root, P-256 class 3."""
+    """The ceremony on a fresh SoftHSM2 token: RSA keys like CAcert's (class 1 and class 3; an
+    EC class 3 would sign with its curve's digest only, and the rows ask for SHA-512)."""
     token = softhsm_token_factory()
     base = tmp_path_factory.mktemp("ca")
-    make_ceremony_ca(token, base, openpgp_kind="ec-p256")
+    make_ceremony_ca(token, base, class3_kind="rsa-2048", openpgp_kind="ec-p256")
     return base, token
 
 
-def signer_config(ca, device: Path, directory: Path, baud: int) -> SignerConfig:
+def signer_config(
+    ca, device: Path, directory: Path, baud: int, profiles: str = "cacert"
+) -> SignerConfig:
     base, token = ca
     text = {
         "link": {"device": str(device), "baudrate": baud, "reopen_interval": 0.1},
         "repository": {"path": str(directory / "repo")},
         "hsm": {"module": token.store.module, "token_label": token.label,
                 "pin_file": str(token.pin_file)},
-        "profiles": str(ROOT / "config" / "profiles.yaml"),
+        "profiles": profiles,
         "issuers": {
             "class1": {"certificate": str(base / "ca" / "class1.crt"), "key": "root"},
             "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
@@ -90,11 +98,12 @@ def signer_config(ca, device: Path, directory: Path, baud: int) -> SignerConfig:
 class Signer:
     """An in-process signer with one or two lines, each an emulated cable."""
 
-    def __init__(self, ca, directory: Path, baud: int, lines: int = 1):
+    def __init__(self, ca, directory: Path, baud: int, lines: int = 1, profiles: str = "cacert"):
         self.cables = [LineEmulator(directory / f"line{i}", baud=baud) for i in range(lines)]
         for cable in self.cables:
             cable.start()
-        self.server = SignerServer(signer_config(ca, self.cables[0].end_a, directory, baud))
+        config = signer_config(ca, self.cables[0].end_a, directory, baud, profiles)
+        self.server = SignerServer(config)
         for i, cable in enumerate(self.cables[1:], start=2):
             settings = LinkSettings(device=str(cable.end_a), baudrate=baud, reopen_interval=0.1)
             self.server.add_line(settings, f"signer-line{i}")
@@ -162,21 +171,23 @@ def even_hex(number: int) -> str:
     return digits if len(digits) % 2 == 0 else "0" + digits
 
 
-def openpgp_key(email: str) -> bytes:
+def openpgp_key(uids: list[str]) -> bytes:
+    """A member's key with these user IDs (`Name <address>`), as gpg.php keeps it: armored."""
     key = pgpy.PGPKey.new(pgpy.constants.PubKeyAlgorithm.RSAEncryptOrSign, 2048)
-    uid = pgpy.PGPUID.new("Alice Example", email=email)
-    key.add_uid(
-        uid,
-        usage={pgpy.constants.KeyFlags.Sign},
-        hashes=[pgpy.constants.HashAlgorithm.SHA256],
-    )
-    return bytes(key.pubkey)
+    for text in uids:
+        name, _, address = text.partition(" <")
+        key.add_uid(
+            pgpy.PGPUID.new(name, email=address.rstrip(">")),
+            usage={pgpy.constants.KeyFlags.Sign},
+            hashes=[pgpy.constants.HashAlgorithm.SHA256],
+        )
+    return str(key.pubkey).encode()
 
 
 # --- the pure parts --------------------------------------------------------------------------
 
 
-def test_subject_split_and_profile_mapping():
+def test_subjects_as_the_web_application_writes_them():
     subject, sans = split_subject(
         "/CN=jabber.example.org/OU=http://www.CAcert.org/O=A\\/B"
         "/subjectAltName=DNS:jabber.example.org"
@@ -188,41 +199,78 @@ def test_subject_split_and_profile_mapping():
         ["dns", "a.org"],
         ["dns", "b.org"],
     ]
-    for bad in (
-        "CN=x",
-        "/CN",
-        "/CN=x/subjectAltName=X400:y",
-        "/subjectAltName=otherName:1.2;UTF8:x",
-    ):
+    # account.php's organisation names (long), its older org server shape (commonName, SANs in
+    # one comma list), its renewal's bare SAN and the SSO item's spaces.
+    org = split_subject(
+        "/organizationalUnitName=IT/organizationName=Example e.V./localityName=Berlin"
+        "/stateOrProvinceName=Berlin/countryName=DE/commonName=a.example.org"
+        "/subjectAltName=DNS:a.example.org,DNS:b.example.org/subjectAltName=c.example.org"
+        "/emailAddress = 0123"
+    )
+    assert org == (
+        [["OU", "IT"], ["O", "Example e.V."], ["L", "Berlin"], ["ST", "Berlin"], ["C", "DE"],
+         ["CN", "a.example.org"], ["emailAddress", "0123"]],
+        [["dns", "a.example.org"], ["dns", "b.example.org"], ["dns", "c.example.org"]],
+    )  # fmt: skip
+    for bad in ("CN=x", "/CN", "/CN=x/subjectAltName=X400:y", "/subjectAltName=otherName:1;UTF8:x"):
         with pytest.raises(RowError):
             split_subject(bad)
+    keygen = spkac_request(
+        [
+            "emailAddress = a@example.org",
+            "emailAddress = b@example.org",
+            "commonName = CAcert WoT User",
+            "organizationalUnitName = IT",
+        ]
+    )
+    assert keygen.startswith(b"0.emailAddress = a@example.org\n1.emailAddress = b@")
+    assert spkac_subject(keygen) == [["emailAddress", "a@example.org"],
+                                     ["emailAddress", "b@example.org"],
+                                     ["CN", "CAcert WoT User"], ["OU", "IT"]]  # fmt: skip
 
+
+def test_rows_to_requests():
     t = X509_TABLES
-    cases = [
-        (t["emailcerts"], {"rootcert": 2, "codesign": 0}, [], "client"),
-        (t["emailcerts"], {"rootcert": 1, "codesign": 1}, [], "client-codesign-class1"),
-        (t["domaincerts"], {"rootcert": 2}, [["dns", "a.org"]], "server"),
-        (t["domaincerts"], {"rootcert": 1}, [["xmpp", "a.org"]], "server-jabber-class1"),
-        (t["orgdomaincerts"], {"rootcert": 2, "type": 8}, [], "ocsp"),
-        (t["orgdomaincerts"], {"rootcert": 2}, [["dns", "a.org"]], "server-org"),
-        (t["orgemailcerts"], {"rootcert": 1}, [], "client-org-class1"),
+    cases = [  # client.pl's template choice; XmppAddr chooses nothing
+        (t["emailcerts"], {"rootcert": 2, "codesign": 0}, "client"),
+        (t["emailcerts"], {"rootcert": 1, "codesign": 1}, "client-codesign-class1"),
+        (t["domaincerts"], {"rootcert": 2, "type": None}, "server"),
+        (t["domaincerts"], {"rootcert": 1, "type": 0}, "server-class1"),
+        (t["orgdomaincerts"], {"rootcert": 2, "type": 8}, "ocsp"),
+        (t["orgdomaincerts"], {"rootcert": 2, "type": ""}, "server-org"),  # type='' on SQLite
+        (t["orgemailcerts"], {"rootcert": 1}, "client-org-class1"),
+        (t["orgemailcerts"], {"rootcert": 2, "codesign": 1}, "client-codesign"),
+        (t["emailcerts"], {"rootcert": 2, "type": 9}, "timestamp"),
     ]
-    for table, fields, sans, profile in cases:
-        assert profile_for(table, fields, sans) == profile
+    for table, fields, profile in cases:
+        assert profile_for(table, fields) == profile
     with pytest.raises(RowError):
-        profile_for(t["emailcerts"], {"rootcert": 3}, [])
+        profile_for(t["emailcerts"], {"rootcert": 3})
 
     rules = ValidityConfig()
-    personal = {"subject": "/CN=Bob/emailAddress=bob@example.org", "rootcert": 1, "md": "SHA512"}
-    plan = plan_x509(t["emailcerts"], personal, 10, rules)
-    assert plan.validity_days == 180 and plan.digest == "sha512"
-    assert plan.subject == [["emailAddress", "bob@example.org"]]  # a name CN is dropped
+    personal = {"subject": "/CN=Bob Example/emailAddress=bob@example.org", "rootcert": 2,
+                "md": "sha512"}  # fmt: skip
+    plan = plan_x509(t["emailcerts"], personal, b"-", 10, rules)
+    assert plan.validity_days == 180 and plan.digest == "sha512"  # points, not the rootcert
+    assert plan.subject == [["CN", "Bob Example"], ["emailAddress", "bob@example.org"]]
     assert plan.sans == [["email", "bob@example.org"]]
-    assert plan_x509(t["emailcerts"], personal, 50, rules).validity_days == 730
-    assert plan_x509(t["emailcerts"], {**personal, "rootcert": 2}, None, rules).validity_days == 730
-    org = {"subject": "/CN=a.org/O=A/C=DE/subjectAltName=DNS:a.org", "rootcert": 2}
-    assert plan_x509(t["orgdomaincerts"], org, None, rules).validity_days == 730
-    assert plan_x509(t["orgemailcerts"], org, None, rules).validity_days == 365
+    assert plan_x509(t["emailcerts"], personal, b"-", 50, rules).validity_days == 730
+    sha1 = {**personal, "md": "sha1"}  # the signer never signs with SHA-1: SHA-256 instead
+    assert plan_x509(t["emailcerts"], sha1, b"-", 50, rules).digest == "sha256"
+    assert plan_x509(t["emailcerts"], {**personal, "md": ""}, b"-", 50, rules).digest is None
+    keygen = {"subject": "", "rootcert": 1, "md": "sha512"}
+    request = spkac_request(["emailAddress = bob@example.org", "commonName = CAcert WoT User"])
+    plan = plan_x509(t["emailcerts"], keygen, request, None, rules)
+    assert plan.subject == [["emailAddress", "bob@example.org"], ["CN", "CAcert WoT User"]]
+    assert plan.sans == [["email", "bob@example.org"]] and plan.validity_days == 180
+    with pytest.raises(RowError):
+        plan_x509(t["emailcerts"], keygen, b"-----BEGIN CERTIFICATE REQUEST-----", None, rules)
+    old_org = {"subject": "/organizationName=A/commonName=a.org/commonName=b.org/subjectAltName="
+               "DNS:b.org", "rootcert": 2}  # fmt: skip
+    plan = plan_x509(t["orgdomaincerts"], old_org, b"-", None, rules)
+    assert plan.sans == [["dns", "a.org"], ["dns", "b.org"]]  # every CN host is a DNS SAN
+    assert plan.validity_days == 730
+    assert plan_x509(t["orgemailcerts"], old_org, b"-", None, rules).validity_days == 365
 
 
 def test_health_alerts():
@@ -298,6 +346,125 @@ async def test_a_pass_without_a_signer_names_the_lines_that_did_not_answer(tmp_p
 # --- end to end ------------------------------------------------------------------------------
 
 
+E = ExtendedKeyUsageOID
+MS_EFS = x509.ObjectIdentifier("1.3.6.1.4.1.311.10.3.4")
+EKU = {  # docs/profiles.md, the cacert set
+    "client": [E.EMAIL_PROTECTION, E.CLIENT_AUTH, MS_EFS],
+    "client-org": [E.EMAIL_PROTECTION, E.CLIENT_AUTH, MS_EFS],
+    "client-codesign": [E.EMAIL_PROTECTION, E.CLIENT_AUTH, E.CODE_SIGNING,
+                        x509.ObjectIdentifier("1.3.6.1.4.1.311.2.1.21"),
+                        x509.ObjectIdentifier("1.3.6.1.4.1.311.2.1.22"), MS_EFS],
+    "server": [E.CLIENT_AUTH, E.SERVER_AUTH],
+    "server-org": [E.CLIENT_AUTH, E.SERVER_AUTH],
+}  # fmt: skip
+CRL_URL = {"class1": "http://crl.cacert.org/revoke.crl",
+           "class3": "http://crl.cacert.org/class3-revoke.crl"}  # fmt: skip
+ORG = Organisation("Example e.V.", "Berlin", "Berlin", "DE")
+ORG_NAMES = [("C", "DE"), ("ST", "Berlin"), ("L", "Berlin"), ("O", "Example e.V.")]
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a row must become: the profile table's fields (docs/profiles.md)."""
+
+    table: str
+    profile: str
+    days: int
+    subject: list[tuple[str, str]]  # in the certificate's order
+    sans: list[tuple[str, str]]
+    digest: str = "sha512"  # the DDL's default for `md`
+
+
+async def real_rows(web: WebApplication) -> dict[str, tuple[int, Expect]]:
+    """Every variant of issue 16, inserted as the PHP inserts it. Members: 1 assured (100
+    points), 2 unassured, 3 with only a deleted assurance; domains example.org (1), example.net
+    (2)."""
+    await web.assurance(1, 60)
+    await web.assurance(1, 40)
+    await web.assurance(3, 100, deleted=True)
+    org_dom, net_dom = await web.domain(1, "example.org"), await web.domain(2, "example.net")
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    wot = [("CN", "CAcert WoT User")]
+    rows = {
+        "ms-wot-class1": (
+            await web.client_certificate(1, ["a@example.org"], keytype="MS", rootcert=1),
+            Expect("emailcerts", "client-class1", 730, [*wot, ("emailAddress", "a@example.org")],
+                   [("email", "a@example.org")]),
+        ),
+        "vi-name-two-addresses-class3": (
+            await web.client_certificate(1, ["a@example.org", "a@example.net"], "Alice Example",
+                                         keytype="VI", rootcert=2, md="sha256", key=p256),
+            Expect("emailcerts", "client", 730,
+                   [("CN", "Alice Example"), ("emailAddress", "a@example.org"),
+                    ("emailAddress", "a@example.net")],
+                   [("email", "a@example.org"), ("email", "a@example.net")], "sha256"),
+        ),
+        "ns-keygen-deleted-assurance": (
+            await web.client_certificate(3, ["c@example.org", "c2@example.org"], keytype="NS"),
+            Expect("emailcerts", "client-class1", 180,
+                   [*wot, ("emailAddress", "c@example.org"), ("emailAddress", "c2@example.org")],
+                   [("email", "c@example.org"), ("email", "c2@example.org")]),
+        ),
+        "codesign-md5": (
+            await web.client_certificate(1, ["a@example.org"], "Alice Example", rootcert=2,
+                                         codesign=1, md="md5"),
+            Expect("emailcerts", "client-codesign", 730,
+                   [("CN", "Alice Example"), ("emailAddress", "a@example.org")],
+                   [("email", "a@example.org")], "sha256"),
+        ),
+        "server-two-domains-xmpp": (
+            await web.server_certificate(org_dom, ["www.example.org", "example.org"], rootcert=2,
+                                         md="sha1", key=p256),
+            Expect("domaincerts", "server", 730, [("CN", "www.example.org")],
+                   [("dns", "www.example.org"), ("xmpp", "www.example.org"),
+                    ("dns", "example.org"), ("xmpp", "example.org")], "sha256"),
+        ),
+        "server-unassured-class1": (
+            await web.server_certificate(net_dom, ["*.example.net"], rootcert=1),
+            Expect("domaincerts", "server-class1", 180, [("CN", "*.example.net")],
+                   [("dns", "*.example.net")]),  # no XmppAddr for a wildcard
+        ),
+        "org-client-ms": (
+            await web.org_client_certificate(1, ORG, ["office@example.org", "it@example.org"],
+                                             "Example Office", "IT", rootcert=2),
+            Expect("orgemailcerts", "client-org", 365,
+                   [*ORG_NAMES, ("OU", "IT"), ("CN", "Example Office"),
+                    ("emailAddress", "office@example.org"), ("emailAddress", "it@example.org")],
+                   [("email", "office@example.org"), ("email", "it@example.org")]),
+        ),
+        "org-client-ns-keygen": (
+            await web.org_client_certificate(1, ORG, ["office@example.org"], ou="Sales",
+                                             keytype="NS", rootcert=1, md="sha512"),
+            Expect("orgemailcerts", "client-org-class1", 365,
+                   [*ORG_NAMES, ("OU", "Sales"), ("emailAddress", "office@example.org")],
+                   [("email", "office@example.org")]),
+        ),
+        "org-codesign": (
+            await web.org_client_certificate(1, ORG, ["dev@example.org"], "Example Dev",
+                                             rootcert=2, codesign=1),
+            Expect("orgemailcerts", "client-codesign", 365,
+                   [*ORG_NAMES, ("CN", "Example Dev"), ("emailAddress", "dev@example.org")],
+                   [("email", "dev@example.org")]),
+        ),
+        "org-server-buildsubject": (
+            await web.org_server_certificate(1, ORG, ["shop.example.org", "example.org"], "Web",
+                                             rootcert=2, key=p256),
+            Expect("orgdomaincerts", "server-org", 730,
+                   [*ORG_NAMES, ("OU", "Web"), ("CN", "shop.example.org")],
+                   [("dns", "shop.example.org"), ("xmpp", "shop.example.org"),
+                    ("dns", "example.org"), ("xmpp", "example.org")]),
+        ),
+        "org-server-older-shape": (
+            await web.org_server_certificate(1, ORG, ["api.example.org", "www.example.org"],
+                                             rootcert=1, xmpp=False),
+            Expect("orgdomaincerts", "server-org-class1", 730,
+                   [*ORG_NAMES, ("CN", "api.example.org")],
+                   [("dns", "api.example.org"), ("dns", "www.example.org")]),
+        ),
+    }  # fmt: skip
+    return rows
+
+
 @pytest.fixture(params=["sqlite", "mariadb"])
 def database(request, tmp_path) -> dict[str, Any]:
     if request.param == "sqlite":
@@ -308,39 +475,209 @@ def database(request, tmp_path) -> dict[str, Any]:
     return {"driver": "mysql", "socket": str(server.socket), "user": "root", "database": name}
 
 
-async def test_rows_to_certificates_revocations_and_crls(ca, tmp_path, database):
+async def test_every_real_row_variant_is_served(ca, tmp_path, database):
+    """Issue 16: the rows CAcert's web application writes (its schema, its INSERTs, non-strict
+    MariaDB and SQLite), served end to end, read back the way its pages read them."""
     async with Signer(ca, tmp_path, FAST) as signer:
         config = client_config(tmp_path, database, signer.lines())
         async with WebdbClient(config) as client:
             db = client.db
             assert db is not None
-            ids = await demo_rows(db, config.base_dir)
-            gpg_id = await openpgp_row(db, config.base_dir, openpgp_key("alice@example.org"),
-                                       "alice@example.org")  # fmt: skip
+            await create_schema(db)
+            web = WebApplication(db, config.base_dir)
+            rows = await real_rows(web)
+            gpg_one = await web.openpgp_key(1, openpgp_key(["Alice Example <a@example.org>"]),
+                                            "a@example.org")  # fmt: skip
+            two = ["Alice Example <a@example.org>", "Alice Example <a@example.net>"]
+            gpg_two = await web.openpgp_key(1, openpgp_key(two), "a@example.net")
+            refused = await refused_rows(web, config.base_dir)
+            await check_as_written(db, rows)
             passed = await client.process_pending()
-            assert not passed.deferred
-            await check_issued(ca, db, config, ids, signer)
-            await check_openpgp(db, config, gpg_id, signer, passed)
+            assert not passed.deferred, passed.deferred
+            for label, (row_id, expect) in rows.items():
+                await check_served(ca, db, config, signer, label, row_id, expect)
+            await check_openpgp(db, config, gpg_one, signer, passed, two[:1])
+            await check_openpgp(db, config, gpg_two, signer, passed, two)
+            codes = {label: passed.failed.get(f"{table}:{i}:sign") for label, (table, i, _)
+                     in refused.items()}  # fmt: skip
+            assert codes == {label: code for label, (_, _, code) in refused.items()}
+            for _ in range(3):  # refusals are never retried past 3 warnings
+                await client.process_pending()
+            for table, row_id, _ in refused.values():
+                assert (await row(db, table, row_id))["warning"] == 3
+            assert await client.source.pending() == []
+            assert signer.repository.counts()["certificates"] == len(rows)
 
-            for label in ("server", "client"):
-                table = "domaincerts" if label == "server" else "emailcerts"
-                await request_revocation(db, table, ids[label])
+            revoke = ["ms-wot-class1", "server-two-domains-xmpp", "org-client-ms"]
+            for label in revoke:
+                row_id, expect = rows[label]
+                await request_revocation(db, expect.table, row_id)
+                assert await page_status(db, expect.table, row_id) == "Revoked"  # pending
             revoked = await client.process_pending()
             assert sorted(revoked.done) == sorted(
-                [f"domaincerts:{ids['server']}:revoke", f"emailcerts:{ids['client']}:revoke"]
+                f"{rows[label][1].table}:{rows[label][0]}:revoke" for label in revoke
             )
-            for label, table in (("server", "domaincerts"), ("client", "emailcerts")):
-                fields = await row(db, table, ids[label])
+            for label in revoke:
+                row_id, expect = rows[label]
+                fields = await row(db, expect.table, row_id)
                 assert str(fields["revoked"]) not in (REVOCATION_SENTINEL, "0000-00-00 00:00:00")
-                serial = int(fields["serial"], 16)
-                issuer = signer.server.ca.issuers["class3"].key_id
-                assert signer.repository.get_certificate(issuer, serial)["revocation"] is not None
+                assert await page_status(db, expect.table, row_id) == "Revoked"
+                name = "class1" if expect.profile.endswith("-class1") else "class3"
+                issuer = signer.server.ca.issuers[name].key_id
+                record = signer.repository.get_certificate(issuer, int(fields["serial"], 16))
+                assert record["revocation"] is not None
             assert not (await client.process_pending()).done  # nothing is pending any more
-            await check_crls(ca, client, config, ids, signer)
+            await check_crls(ca, client, config, {"server": rows[revoke[1]][0]}, signer)
             everything = await client.run_once()  # requests, CRLs, health: the demo's pass
             assert everything.requests.done == [] and everything.alerts == []
             assert everything.crls == {"class1": "unchanged", "class3": "unchanged"}
             assert everything.unanswered_lines == []
+
+
+async def test_the_modern_set_serves_what_the_ca_b_rules_allow(ca, tmp_path):
+    """The CA/B aligned set on the same rows: the names the BRs forbid are left out (XmppAddr,
+    an organisation server's OU, a member's name as an S/MIME CN), TLS validity is capped by
+    the BR schedule, and the organisation client row is refused: the web application has no
+    organizationIdentifier (docs/profiles.md)."""
+    async with Signer(ca, tmp_path, FAST, profiles="modern") as signer:
+        config = client_config(tmp_path, sqlite_db(tmp_path), signer.lines())
+        async with WebdbClient(config) as client:
+            ids = await demo_rows(client.db, config.base_dir)
+            report = await client.process_pending()
+            assert report.failed == {f"orgemailcerts:{ids['org-client']}:sign": "bad_subject"}
+            assert len(report.done) == len(ids) - 1
+            certs = {}
+            for label, table in (("client", "emailcerts"), ("server", "domaincerts"),
+                                 ("org-server", "orgdomaincerts")):  # fmt: skip
+                name = (await row(client.db, table, ids[label]))["crt_name"]
+                pem = (config.base_dir / name).read_bytes()
+                certs[label] = x509.load_pem_x509_certificate(pem)
+            assert certs["client"].subject.get_attributes_for_oid(NameOID.COMMON_NAME) == []
+            for label in ("server", "org-server"):
+                cert = certs[label]
+                sans = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+                assert all(isinstance(n, x509.DNSName) for n in sans.value)
+                assert cert.not_valid_after_utc - cert.not_valid_before_utc <= timedelta(days=199)
+            org_subject = certs["org-server"].subject
+            assert org_subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME) == []
+            assert signer.repository.counts()["certificates"] == len(ids) - 1
+
+
+async def check_as_written(db: Database, rows: dict[str, tuple[int, Expect]]) -> None:
+    """What non-strict MySQL made of the PHP's INSERTs, and SQLite the same: a keygen row has an
+    empty subject, `coll_found` is 0, an organisation server row's `type=''` is 0 (MySQL) or ''
+    (SQLite), `md` has the column's default."""
+    if db.config.driver == "mysql":
+        [mode] = await db.query("SELECT @@SESSION.sql_mode AS m")
+        assert "STRICT" not in mode["m"]
+    keygen = await row(db, "emailcerts", rows["ns-keygen-deleted-assurance"][0])
+    assert keygen["subject"] == "" and keygen["coll_found"] == 0 and keygen["keytype"] == "NS"
+    assert keygen["md"] == "sha512"
+    org = await row(db, "orgdomaincerts", rows["org-server-buildsubject"][0])
+    assert org["type"] in (0, "") and org["coll_found"] == 0
+
+
+async def refused_rows(web: WebApplication, base: Path) -> dict[str, tuple[str, int, str]]:
+    """Rows the web application can write that are not valid: label -> (table, id, code)."""
+    garbage = await web.client_certificate(1, ["a@example.org"], rootcert=2)
+    (base / csr_path("client", garbage)).write_bytes(
+        b"-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n"
+    )
+    missing = await web.client_certificate(1, ["a@example.org"], rootcert=2)
+    (base / csr_path("client", missing)).unlink()
+    weak = await web.client_certificate(1, ["a@example.org"], rootcert=2, key=rsa_1024())
+    underscore = await web.server_certificate(1, ["_dmarc.example.org"], rootcert=2)
+    ocsp = await web.org_server_certificate(1, ORG, ["ocsp.example.org"], rootcert=2, ocsp=True)
+    return {
+        "garbage-csr": ("emailcerts", garbage, "bad_csr"),
+        "missing-csr": ("emailcerts", missing, "bad_row"),
+        "weak-key": ("emailcerts", weak, "weak_key"),
+        "underscore-name": ("domaincerts", underscore, "bad_san"),
+        "ocsp-type-8": ("orgdomaincerts", ocsp, "bad_row"),  # operator only: not offered
+    }
+
+
+def rsa_1024() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(65537, 1024)
+
+
+async def page_status(db: Database, table: str, row_id: int) -> str:
+    """pages/account/5.php's status (the same logic on 12, 18 and 22): from UNIX_TIMESTAMP of
+    `expire` and `revoked`, as the page selects them (on SQLite the same arithmetic here)."""
+    if db.config.driver == "mysql":
+        [found] = await db.query(
+            f"SELECT UNIX_TIMESTAMP(`expire`) - UNIX_TIMESTAMP() AS timeleft, "
+            f"UNIX_TIMESTAMP(`expire`) AS expired, UNIX_TIMESTAMP(`revoked`) AS revoked "
+            f"FROM `{table}` WHERE id = ?",
+            (row_id,),
+        )
+        keys = ("timeleft", "expired", "revoked")
+        timeleft, expired, revoked = (int(found[k] or 0) for k in keys)
+    else:
+        fields = await row(db, table, row_id)
+        expired, revoked = (_unix(str(fields[k])) for k in ("expire", "revoked"))
+        timeleft = expired - int(datetime.now(UTC).timestamp())
+    verified = "Valid" if timeleft > 0 else "Expired" if timeleft < 0 else ""
+    if expired == 0:
+        verified = "Pending"
+    if revoked > 0:
+        verified = "Revoked"
+    return verified
+
+
+def _unix(text: str) -> int:
+    if text.startswith("0000-00-00"):
+        return 0
+    return int(datetime.strptime(text, "%Y-%m-%d %H:%M:%S").astimezone().timestamp())
+
+
+async def check_served(ca, db: Database, config, signer: Signer, label: str, row_id: int,
+                       expect: Expect) -> None:  # fmt: skip
+    """As the pages read it: `crt_name` (the file), `serial` (what `openssl x509 -serial`
+    prints), `expire` (notAfter), the status; and the certificate against the profile table."""
+    fields = await row(db, expect.table, row_id)
+    prefix = X509_TABLES[expect.table].prefix
+    assert fields["crt_name"] == f"../crt/{prefix}/{row_id // 1000}/{prefix}-{row_id}.crt", label
+    assert fields["warning"] == 0, label
+    path = config.base_dir / fields["crt_name"]
+    class3 = not expect.profile.endswith("-class1")
+    check = openssl_verify(ca, path, class3)
+    assert check.returncode == 0, f"{label}: {check.stdout}{check.stderr}"
+    serial = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", str(path)],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert serial.strip() == f"serial={fields['serial']}", label
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    assert str(fields["expire"]) == db_time(cert.not_valid_after_utc), label
+    assert str(fields["modified"]) != "0000-00-00 00:00:00"
+    assert await page_status(db, expect.table, row_id) == "Valid", label
+    length = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert abs(length - timedelta(days=expect.days)) <= timedelta(minutes=2), label
+    names = {NameOID.COUNTRY_NAME: "C", NameOID.STATE_OR_PROVINCE_NAME: "ST",
+             NameOID.LOCALITY_NAME: "L", NameOID.ORGANIZATION_NAME: "O",
+             NameOID.ORGANIZATIONAL_UNIT_NAME: "OU", NameOID.COMMON_NAME: "CN",
+             NameOID.EMAIL_ADDRESS: "emailAddress"}  # fmt: skip
+    assert [(names[a.oid], a.value) for a in cert.subject] == expect.subject, label
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    kinds: dict[type, str] = {x509.DNSName: "dns", x509.RFC822Name: "email", x509.OtherName: "xmpp"}
+    issued = [(kinds[type(n)], n.value if not isinstance(n, x509.OtherName)
+               else n.value[2:].decode()) for n in san]  # fmt: skip
+    assert issued == expect.sans, label
+    base = expect.profile.removesuffix("-class1")
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == EKU[base], label
+    assert cert.signature_hash_algorithm is not None
+    assert cert.signature_hash_algorithm.name == expect.digest, label
+    issuer = "class3" if class3 else "class1"
+    crldp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [dp.full_name[0].value for dp in crldp if dp.full_name] == [CRL_URL[issuer]], label
+    policies = cert.extensions.get_extension_for_class(x509.CertificatePolicies).value
+    assert [p.policy_identifier.dotted_string for p in policies] == ["1.3.6.1.4.1.18506.4.4"]
+    record = signer.repository.get_certificate(
+        signer.server.ca.issuers[issuer].key_id, cert.serial_number
+    )
+    assert record["profile"] == expect.profile, label
 
 
 async def check_crls(ca, client: WebdbClient, config, ids: dict[str, int], signer) -> None:
@@ -358,65 +695,43 @@ async def check_crls(ca, client: WebdbClient, config, ids: dict[str, int], signe
         capture_output=True, text=True,
     )  # fmt: skip
     assert "verify OK" in check.stdout + check.stderr, check.stderr
-    for label, table in (("server", "domaincerts"), ("client", "emailcerts")):
-        serial = (await row(client.db, table, ids[label]))["serial"]
-        assert f"Serial Number: {serial}" in check.stdout
+    serial = (await row(client.db, "domaincerts", ids["server"]))["serial"]
+    assert f"Serial Number: {serial}" in check.stdout
     assert (await client.refresh_crls()) == {"class1": "unchanged", "class3": "unchanged"}
 
 
-async def check_issued(ca, db: Database, config, ids: dict[str, int], signer: Signer) -> None:
-    expect = {  # label: (table, class3, validity days, SAN types)
-        "client": ("emailcerts", True, 730, {"email"}),
-        "client-class1-spkac": ("emailcerts", False, 180, {"email"}),
-        "codesign": ("emailcerts", True, 730, {"email"}),
-        "server": ("domaincerts", True, 199, {"dns"}),
-        "jabber": ("domaincerts", True, 730, {"dns", "xmpp"}),
-        "org-client": ("orgemailcerts", True, 365, {"email"}),
-        "org-server": ("orgdomaincerts", True, 199, {"dns"}),
-    }
-    assert signer.repository.counts()["certificates"] == len(expect)
-    for label, (table, class3, days, san_types) in expect.items():
-        fields = await row(db, table, ids[label])
-        prefix = X509_TABLES[table].prefix
-        assert fields["crt_name"] == f"../crt/{prefix}/0/{prefix}-{ids[label]}.crt"
-        assert fields["warning"] == 0
-        path = config.base_dir / fields["crt_name"]
-        check = openssl_verify(ca, path, class3)
-        assert check.returncode == 0, f"{label}: {check.stdout}{check.stderr}"
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-        assert fields["serial"] == even_hex(cert.serial_number)
-        assert str(fields["expire"]) == db_time(cert.not_valid_after_utc)
-        assert str(fields["modified"]) != "0000-00-00 00:00:00"
-        length = cert.not_valid_after_utc - cert.not_valid_before_utc
-        assert abs(length - timedelta(days=days)) <= timedelta(days=1), label
-        sans = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
-        kinds = {
-            {"DNSName": "dns", "RFC822Name": "email", "OtherName": "xmpp"}[type(n).__name__]
-            for n in sans
-        }
-        assert kinds == san_types, label
-
-
-async def check_openpgp(db: Database, config, gpg_id: int, signer: Signer, passed) -> None:
+async def check_openpgp(
+    db: Database, config, gpg_id: int, signer: Signer, passed, uids: list[str]
+) -> None:
+    """Every user ID the web application left in the key is certified by the CA (gpg says)."""
     fields = await row(db, "gpg", gpg_id)
     assert f"gpg:{gpg_id}:sign" in passed.done, passed
     assert fields["crt"] == f"../crt/gpg/0/gpg-{gpg_id}.crt" and fields["warning"] == 0
     service = signer.server.openpgp
     ca_key = await service.hsm.run(service.certifier.export_ca_public_key)
-    home = config.base_dir.parent / "gnupg"
+    home = config.base_dir.parent / f"gnupg-{gpg_id}"
     home.mkdir(mode=0o700)
     (home / "ca.gpg").write_bytes(ca_key)
     env = {**os.environ, "GNUPGHOME": str(home)}
-    for key in (home / "ca.gpg", config.base_dir / fields["crt"]):
-        subprocess.run(["gpg", "--batch", "--import", str(key)], env=env, check=True,
-                       capture_output=True)  # fmt: skip
-    sigs = subprocess.run(["gpg", "--batch", "--with-colons", "--check-sigs", "alice@example.org"],
-                          env=env, capture_output=True, text=True)  # fmt: skip
-    # gpg started an agent for this home: end it (only ours, by its home).
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
+    try:
+        for key in (home / "ca.gpg", config.base_dir / fields["crt"]):
+            subprocess.run(["gpg", "--batch", "--import", str(key)], env=env, check=True,
+                           capture_output=True)  # fmt: skip
+        sigs = subprocess.run(
+            ["gpg", "--batch", "--with-colons", "--check-sigs", uids[0].split("<")[1][:-1]],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+    finally:  # gpg started an agent for this home: end it (only ours, by its home).
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
     ca_id = service.certifier.ca_fingerprint().hex().upper()[-16:]
-    good = [line for line in sigs.stdout.splitlines() if line.startswith("sig:!:")]
-    assert any(line.split(":")[4] == ca_id for line in good), sigs.stdout + sigs.stderr
+    certified, current = [], None
+    for line in sigs.stdout.splitlines():
+        parts = line.split(":")
+        if parts[0] == "uid":
+            current = parts[9]
+        elif line.startswith("sig:!:") and parts[4] == ca_id:
+            certified.append(current)
+    assert sorted(certified) == sorted(uids), sigs.stdout + sigs.stderr  # gpg orders them
     assert str(fields["expire"]) > str(fields["issued"]) > "0000-00-00 00:00:00"
 
 
@@ -538,15 +853,15 @@ async def test_poisonous_rows_get_warnings_and_the_rest_is_served(ca, tmp_path):
                 "garbage-csr": {"subject": server, "csr_name": str(garbage)},
                 "refused-by-profile": {"subject": server + "/O=Not Allowed", "csr_name": "req.csr"},
                 "bad-rootcert": {"subject": server, "csr_name": "req.csr", "rootcert": 7},
-                "md5": {"subject": server, "csr_name": "req.csr", "md": "md5"},
             }
             bad_ids = {}
             for label, values in bad.items():
                 bad_ids[label] = await insert_row(db, "domaincerts", {"rootcert": 2, **values})
             good = [
                 await insert_row(db, "domaincerts",
-                                 {"subject": server, "csr_name": "req.csr", "rootcert": 2})
-                for _ in range(2)
+                                 {"subject": server, "csr_name": "req.csr", "rootcert": 2,
+                                  "md": md})
+                for md in ("sha256", "md5")  # MD5: never signed with; SHA-256 instead
             ]  # fmt: skip
             first = await client.process_pending()
             assert sorted(first.done) == sorted(f"domaincerts:{i}:sign" for i in good)
@@ -556,7 +871,6 @@ async def test_poisonous_rows_get_warnings_and_the_rest_is_served(ca, tmp_path):
                 "garbage-csr": "bad_csr",
                 "refused-by-profile": "forbidden_subject_attribute",
                 "bad-rootcert": "bad_row",
-                "md5": "bad_digest",
             }
             for i in bad_ids.values():
                 assert (await row(db, "domaincerts", i))["warning"] == 1
@@ -566,6 +880,9 @@ async def test_poisonous_rows_get_warnings_and_the_rest_is_served(ca, tmp_path):
                 assert (await row(db, "domaincerts", i))["warning"] == 3  # then no longer picked
             assert await client.source.pending() == []
             assert signer.repository.counts()["certificates"] == 2
+            md5 = await row(db, "domaincerts", good[1])
+            cert = x509.load_pem_x509_certificate((config.base_dir / md5["crt_name"]).read_bytes())
+            assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
 
 
 async def test_killed_between_answer_and_write_back_issues_once(ca, tmp_path):

@@ -51,7 +51,7 @@ def signer_config(ca, device: Path, repository: Path) -> SignerConfig:
             "token_label": token.label,
             "pin_file": str(token.pin_file),
         },
-        "profiles": str(ROOT / "config" / "profiles.yaml"),
+        "profiles": "cacert",
         "issuers": {
             "class1": {"certificate": str(base / "ca" / "class1.crt"), "key": "root"},
             "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
@@ -178,6 +178,23 @@ async def test_refusals_write_nothing(running):
     assert server.ca.repository.content_digest(include_applied_index=False) == before
 
 
+@pytest.mark.parametrize("profile", ["subca", "ocsp", "ocsp-class1", "timestamp"])
+async def test_the_line_cannot_order_a_ca_ocsp_or_timestamping_certificate(running, profile):
+    """Issue 11's attack: anyone on the line asks `sign_x509` with profile `subca` (or the OCSP
+    or time-stamping one) and any CSR, and would get a CA:TRUE certificate under the root (or
+    an OCSP signer with ocsp-nocheck, or a TSA). Such profiles are for an operator at the
+    signer: the line gets `operator_only`, nothing is signed or written."""
+    server, client, _ = running
+    before = server.ca.repository.content_digest(include_applied_index=False)
+    args = {"profile": profile, "csr": server_csr(),
+            "subject": [["C", "AU"], ["O", "Evil Inc."], ["CN", "Evil CA"]]}  # fmt: skip
+    with pytest.raises(SignerError) as caught:
+        await client.call("sign_x509", args)
+    assert caught.value.code is ErrorCode.OPERATOR_ONLY
+    assert caught.value.details == {"profile": profile}
+    assert server.ca.repository.content_digest(include_applied_index=False) == before
+
+
 async def test_revoke_is_idempotent_and_checked(running):
     server, client, _ = running
     args = {"profile": "server", "csr": server_csr(), "sans": [["dns", "www.example.org"]]}
@@ -207,7 +224,8 @@ async def test_issuers_profiles_and_health(running, ca):
     issuers = await client.call("list_issuers")
     assert {i["name"] for i in issuers["issuers"]} == {"class1", "class3"}
     profiles = {p["name"]: p for p in (await client.call("list_profiles"))["profiles"]}
-    assert "server-jabber" in profiles and "xmpp" in profiles["server-jabber"]["san_types"]
+    assert {"dns", "xmpp"} <= set(profiles["server"]["san_types"])  # CAcert's set: XmppAddr
+    assert not {"subca", "ocsp", "ocsp-class1", "timestamp"} & set(profiles)  # operator only
     health = await client.call("health")
     assert health["status"] == "ok", health["warnings"]
     sections = health["sections"]

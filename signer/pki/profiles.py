@@ -1,9 +1,12 @@
 """Certificate profiles: what the signer may put into a certificate, loaded from YAML.
 
-A profile is policy, so it lives in a reviewed file (config/profiles.yaml), not in code. Loading
-is strict (unknown keys, wrong types and unsafe settings such as an MD5 digest are refused with
-the file, the key path and the expectation) because a silently ignored typo in a CA profile
-becomes a mis-issued certificate. Everything here is pure data; x509_signing.py applies it.
+A profile is policy, so it lives in a reviewed file, not in code: the signer ships two sets,
+`config/profiles/cacert.yaml` (CAcert's issuance as it is) and `config/profiles/modern.yaml`
+(CA/B Forum aligned), and the operator names one in the signer's config (docs/profiles.md).
+Loading is strict (unknown keys, wrong types and unsafe settings such as an MD5 digest are
+refused with the file, the key path and the expectation) because a silently ignored typo in a
+CA profile becomes a mis-issued certificate. Everything here is pure data; x509_signing.py
+applies it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from pydantic import (
 
 from signer.errors import ErrorCode, SignerError
 
-DEFAULT_PROFILES_PATH = Path(__file__).resolve().parents[2] / "config" / "profiles.yaml"
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "config" / "profiles"
+# The shipped sets, by the name a signer config may give instead of a path.
+PROFILE_SETS = {"cacert": PROFILES_DIR / "cacert.yaml", "modern": PROFILES_DIR / "modern.yaml"}
+DEFAULT_PROFILES_PATH = PROFILE_SETS["cacert"]
 
 # Subject attributes the signer knows, by the short name used in profiles and requests:
 # (dotted OID, default upper bound on the value length). The bounds are RFC 5280 Appendix A
@@ -55,7 +61,35 @@ SUBJECT_ATTRIBUTES: dict[str, tuple[str, int]] = {
     "DC": ("0.9.2342.19200300.100.1.25", 63),
 }
 
+# OpenSSL's long names (what the web application writes: `organizationalUnitName=...`) and a few
+# other spellings OpenSSL accepts, to the short names above.
+ATTRIBUTE_ALIASES: dict[str, str] = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "S": "ST",
+    "countryName": "C",
+    "Email": "emailAddress",
+    "givenName": "GN",
+    "G": "GN",
+    "surname": "SN",
+    "streetAddress": "street",
+    "domainComponent": "DC",
+}
+
+
+def short_attribute_name(name: str) -> str | None:
+    """The short name of a subject attribute given by its short or OpenSSL long name."""
+    name = name.strip()
+    if name in SUBJECT_ATTRIBUTES:
+        return name
+    return ATTRIBUTE_ALIASES.get(name)
+
+
 SanType = Literal["dns", "email", "ip", "uri", "xmpp"]
+Channel = Literal["line", "operator"]
 ProfileKind = Literal["tls", "smime", "ocsp", "ca", "other"]
 Curve = Literal["p256", "p384", "p521"]
 KeyUsageName = Literal[
@@ -79,7 +113,12 @@ EKU_NAMES: dict[str, str] = {
     "emailProtection": "1.3.6.1.5.5.7.3.4",
     "timeStamping": "1.3.6.1.5.5.7.3.8",
     "OCSPSigning": "1.3.6.1.5.5.7.3.9",
+    # Microsoft's: encrypting file system, individual and commercial code signing (CAcert's CPS).
+    "msEFS": "1.3.6.1.4.1.311.10.3.4",
+    "msCodeInd": "1.3.6.1.4.1.311.2.1.21",
+    "msCodeCom": "1.3.6.1.4.1.311.2.1.22",
 }
+
 _OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _HTTP_URL_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[\x21-\x7e]*)?$")
 
@@ -100,10 +139,12 @@ class AttributeRule(_Model):
 
 
 class SubjectRules(_Model):
-    """Which subject attributes may appear; unlisted ones are refused unless drop_unlisted."""
+    """Which subject attributes may appear; unlisted ones are refused unless drop_unlisted (or
+    named in `ignore`, which leaves out just those)."""
 
     attributes: dict[str, AttributeRule]
     drop_unlisted: bool = False
+    ignore: list[str] = []
     require_one_of: list[list[str]] = []
     allow_empty: bool = False
     # Reorder attributes into the CA/B Forum BR 7.1.4.2 order (required for TLS certificates);
@@ -112,8 +153,19 @@ class SubjectRules(_Model):
     # Where a CN value may come from: "san" (equal to one of the SANs; the CN is then written in
     # the SAN's canonical form) and/or "O" (equal to an organizationName). Empty: any value.
     cn_sources: list[Literal["san", "O"]] = []
+    # What happens to a CN that is none of its cn_sources: refused, or left out (a mailbox-
+    # validated S/MIME profile drops a member's name that the web application puts there).
+    unmatched_cn: Literal["refuse", "drop"] = "refuse"
     # S/MIME BR, RFC 5280 4.1.2.6: every emailAddress attribute must also be an rfc822Name SAN.
     email_must_be_san: bool = True
+
+    @field_validator("ignore")
+    @classmethod
+    def _known_ignored(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in SUBJECT_ATTRIBUTES:
+                raise ValueError(f"ignore: unknown subject attribute {name!r}")
+        return value
 
     @field_validator("attributes")
     @classmethod
@@ -147,6 +199,8 @@ class SubjectRules(_Model):
                     )
         if "O" in self.cn_sources and "O" not in self.attributes:
             raise ValueError("cn_sources contains 'O' but O is not an allowed attribute")
+        if overlap := sorted(set(self.ignore) & set(self.attributes)):
+            raise ValueError(f"ignore names allowed attributes: {', '.join(overlap)}")
         return self
 
     def max_length(self, name: str) -> int:
@@ -162,6 +216,9 @@ class SanTypeRule(_Model):
 
 class SanRules(_Model):
     allowed: dict[SanType, SanTypeRule] = {}
+    # SAN types left out without a word (the CA/B TLS profile: XmppAddr, which the BRs prohibit
+    # and the web application puts into every server request).
+    ignore: list[SanType] = []
     max_total: int = Field(100, ge=0, le=1000)
     required: bool = False
     # Take the SANs of the CSR's extensionRequest when the request gives none.
@@ -176,6 +233,8 @@ class SanRules(_Model):
                 raise ValueError(f"allowed.{name}.allow_non_public applies to ip only")
         if self.required and not self.allowed:
             raise ValueError("required is true but no SAN type is allowed")
+        if overlap := sorted(set(self.ignore) & set(self.allowed)):
+            raise ValueError(f"ignore names allowed SAN types: {', '.join(overlap)}")
         return self
 
 
@@ -334,6 +393,10 @@ class Profile(_Model):
     name: str
     kind: ProfileKind
     description: str = ""
+    # Who may ask for it: `line` (the WebDB over the serial line) or `operator` (only at the
+    # signer itself). A CA, OCSP-signing or time-stamping profile must be `operator`: the line is
+    # trusted for attributes, not for authority.
+    channel: Channel = "line"
     issuer: str
     subject: SubjectRules
     sans: SanRules = SanRules()
@@ -385,7 +448,25 @@ class Profile(_Model):
             raise ValueError(
                 "subject.allow_empty needs sans.required (RFC 5280: an empty subject needs a SAN)"
             )
+        if self.channel != "operator" and (authority := self.authority()):
+            raise ValueError(
+                f"channel: a profile that issues {authority} certificates can only be issued by "
+                "an operator at the signer; expected channel: operator"
+            )
         return self
+
+    def authority(self) -> str | None:
+        """What authority the certificate confers beyond its subject: a CA, an OCSP signer or a
+        time-stamping authority (None for an end-entity certificate)."""
+        if self.basic_constraints.ca or self.kind == "ca":
+            return "CA"
+        eku = self.extended_key_usage
+        usages = {EKU_NAMES.get(u, u) for u in eku.usages} if eku else set()
+        if self.ocsp_nocheck or self.kind == "ocsp" or EKU_NAMES["OCSPSigning"] in usages:
+            return "OCSP-signing"
+        if EKU_NAMES["timeStamping"] in usages:
+            return "time-stamping"
+        return None
 
     def digest_allowed(self, digest: str) -> bool:
         return digest in self.digests
@@ -440,16 +521,18 @@ class ProfileSet(_Model):
         object.__setattr__(self, "profiles", resolved)
         return self
 
-    def get(self, name: object) -> Profile:
-        """The profile called `name`, or UNKNOWN_PROFILE (the name comes from the wire)."""
+    def get(self, name: object, channel: Channel = "line") -> Profile:
+        """The profile called `name` as `channel` may use it: UNKNOWN_PROFILE, or OPERATOR_ONLY
+        for an operator profile asked for over the line (the name comes from the wire)."""
         profile = self.profiles.get(name) if isinstance(name, str) else None
         if profile is None:
             shown = name if isinstance(name, str) else type(name).__name__
             raise SignerError(
                 ErrorCode.UNKNOWN_PROFILE,
                 f"unknown certificate profile {str(shown)[:64]!r}",
-                details={"known": sorted(self.profiles)},
+                details={"known": self.names(channel)},
             )
+        check_channel(profile, channel)
         return profile
 
     def __getitem__(self, name: object) -> Profile:
@@ -458,8 +541,25 @@ class ProfileSet(_Model):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self.profiles
 
-    def names(self) -> list[str]:
-        return sorted(self.profiles)
+    def names(self, channel: Channel = "operator") -> list[str]:
+        """The profile names `channel` may use (the operator may use all)."""
+        return sorted(n for n, p in self.profiles.items() if channel == "operator" or
+                      p.channel == "line")  # fmt: skip
+
+    def offered(self) -> list[Profile]:
+        """The profiles offered over the line (`list_profiles`): operator profiles are not."""
+        return [self.profiles[name] for name in self.names("line")]
+
+
+def check_channel(profile: Profile, channel: Channel) -> None:
+    """OPERATOR_ONLY when a profile for the operator is asked for over the line."""
+    if profile.channel == "operator" and channel != "operator":
+        raise SignerError(
+            ErrorCode.OPERATOR_ONLY,
+            f"profile {profile.name} issues {profile.authority() or 'operator-only'} certificates:"
+            " only an operator at the signer may issue it, never a request over the line",
+            details={"profile": profile.name},
+        )
 
 
 class ProfileLoadError(ValueError):
@@ -601,9 +701,14 @@ def parse_profiles(text: str | bytes, source: str = "<memory>") -> ProfileSet:
         raise ProfileLoadError(source, problems) from None
 
 
+def profiles_path(choice: str | Path) -> Path:
+    """A shipped set's file by its name (`cacert`, `modern`), or the path given."""
+    return PROFILE_SETS.get(str(choice), Path(choice))
+
+
 def load_profiles(path: str | Path = DEFAULT_PROFILES_PATH) -> ProfileSet:
-    """Load a profiles file (config/profiles.yaml by default)."""
-    path = Path(path)
+    """Load a profiles file by path or shipped set name (CAcert's set by default)."""
+    path = profiles_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

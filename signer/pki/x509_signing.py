@@ -16,7 +16,6 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
-import functools
 import ipaddress
 import math
 import re
@@ -34,7 +33,14 @@ from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
 
 from signer.errors import ErrorCode, SignerError
 from signer.pki.der import der_header
-from signer.pki.profiles import EKU_NAMES, SUBJECT_ATTRIBUTES, Profile
+from signer.pki.profiles import (
+    EKU_NAMES,
+    SUBJECT_ATTRIBUTES,
+    Channel,
+    Profile,
+    check_channel,
+    short_attribute_name,
+)
 
 # Bounds applied before any parsing, so hostile input costs nothing.
 MAX_CSR_BYTES = 64 * 1024
@@ -47,7 +53,8 @@ SAN_TYPES: tuple[str, ...] = ("dns", "email", "ip", "uri", "xmpp")
 ID_ON_XMPPADDR = ObjectIdentifier("1.3.6.1.5.5.7.8.5")
 ID_PKIX_OCSP_NOCHECK = ObjectIdentifier("1.3.6.1.5.5.7.48.1.5")
 
-_HASHES: dict[str, hashes.HashAlgorithm] = {
+SignatureHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+_HASHES: dict[str, SignatureHash] = {
     "sha256": hashes.SHA256(),
     "sha384": hashes.SHA384(),
     "sha512": hashes.SHA512(),
@@ -84,6 +91,7 @@ _ORG_ID_RE = re.compile(r"^[A-Z]{3}[A-Z]{2}(?:\+[A-Z0-9]{1,3})?(?:-\S.*)?$")
 _ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _HTML_ENTITY_RE = re.compile(r"&(?:[A-Za-z][A-Za-z0-9]*|#[0-9]+|#[xX][0-9A-Fa-f]+);")
 _PEM_BEGIN_RE = re.compile(rb"-----BEGIN ((?:NEW )?)CERTIFICATE REQUEST-----")
+_SPKAC_LINE_RE = re.compile(rb"(?m)^[ \t]*SPKAC[ \t]*=")
 _IP_CHARS_RE = re.compile(r"^[0-9A-Fa-f.:]+$")
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[\x21-\x7e]+$")
 _XMPP_LOCAL_FORBIDDEN = frozenset("\"&'/:<>@")
@@ -121,6 +129,7 @@ class CertificatePlan:
     """Every decision about a certificate except its serial; the input of build_certificate."""
 
     profile: str
+    kind: str  # the profile's kind: which lints apply (signer/pki/lint.py)
     issuer: str
     issuer_subject: x509.Name
     subject: x509.Name
@@ -268,7 +277,8 @@ def _verify_spkac(public_key: Any, algo: str, hash_name: str, data: bytes, sig: 
 
 
 def _spkac_text(data: bytes) -> tuple[bytes, list[tuple[str, str]]]:
-    """SPKAC=<base64> plus optional key=value lines (openssl ca -spkac style DN fields)."""
+    """SPKAC=<base64> plus optional `name = value` lines: the `openssl ca -spkac` input the web
+    application writes (`0.emailAddress = a@b`, `commonName = ...`, long or short names)."""
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
@@ -292,8 +302,9 @@ def _spkac_text(data: bytes) -> tuple[bytes, list[tuple[str, str]]]:
         # openssl allows "0.CN=..." to repeat a field; the prefix is only for uniqueness.
         if "." in key and key.split(".", 1)[0].isdigit():
             key = key.split(".", 1)[1]
-        if key in SUBJECT_ATTRIBUTES:
-            fields.append((key, value.strip()))
+        short = short_attribute_name(key)
+        if short is not None:
+            fields.append((short, value.strip()))
     if not blob:
         raise _err(ErrorCode.BAD_CSR, "empty SPKAC= value")
     try:
@@ -357,6 +368,15 @@ def _verify_pkcs10(csr: x509.CertificateSigningRequest, public_key: Any) -> None
         ) from None
 
 
+def _is_utf8(data: bytes) -> bool:
+    """Text, not DER (a DER request has length octets such as 0x82 that UTF-8 never starts)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _parse_request_blob(data: object) -> tuple[_ParsedRequest, _SpkacCheck | None]:
     """Detect and parse the CSR. Returns the request and a deferred signature check."""
     if isinstance(data, bytearray | memoryview):
@@ -372,6 +392,10 @@ def _parse_request_blob(data: object) -> tuple[_ParsedRequest, _SpkacCheck | Non
         )
     if not data:
         raise _err(ErrorCode.BAD_CSR, "empty CSR")
+    if _SPKAC_LINE_RE.search(data) and _is_utf8(data):
+        # Before the DER check: a keygen file may start with "0.emailAddress", and "0" is 0x30.
+        der, fields = _spkac_text(data)
+        return _parse_spkac(der, fields)
     if data[:1] == b"\x30":
         if _looks_like_spkac_der(data):
             return _parse_spkac(data, None)
@@ -390,7 +414,7 @@ def _parse_request_blob(data: object) -> tuple[_ParsedRequest, _SpkacCheck | Non
         except (binascii.Error, ValueError):
             raise _err(ErrorCode.BAD_CSR, "PEM body is not valid base64") from None
         return _load_pkcs10(der), None
-    if b"SPKAC=" in data:
+    if _SPKAC_LINE_RE.search(data):
         der, fields = _spkac_text(data)
         return _parse_spkac(der, fields)
     raise _err(ErrorCode.BAD_CSR, "CSR is neither PKCS#10 (DER or PEM) nor SPKAC")
@@ -459,7 +483,7 @@ def _check_key(public_key: Any, profile: Profile) -> str:
 # --------------------------------------------------------------------------- names
 
 
-def _dns_ok(name: str, wildcard: bool) -> bool:
+def dns_name_ok(name: str, wildcard: bool) -> bool:
     """RFC 1035/5280 preferred name syntax (LDH labels, A-labels for IDNs), >= 2 labels."""
     if not name or len(name) > 253 or not name.isascii():
         return False
@@ -490,7 +514,7 @@ def _email_ok(value: str) -> bool:
     return (
         0 < len(local) <= 64
         and bool(_EMAIL_LOCAL_RE.match(local))
-        and _dns_ok(domain.lower(), False)
+        and dns_name_ok(domain.lower(), False)
     )
 
 
@@ -516,7 +540,7 @@ def _check_san(kind: str, value: str, rule: Any) -> str:
         name = value.lower()
         if name.startswith("*.") and not rule.wildcard:
             raise bad("wildcards are not allowed in this profile")
-        if not _dns_ok(name, rule.wildcard):
+        if not dns_name_ok(name, rule.wildcard):
             raise bad("not a valid DNS name (LDH labels, A-labels for IDNs, at least two labels)")
         return name
     if kind == "email":
@@ -547,7 +571,7 @@ def _check_san(kind: str, value: str, rule: Any) -> str:
                     raise bad("bad IPv6 literal") from None
             else:
                 host = host.split(":", 1)[0]
-                if not _dns_ok(host.lower(), False):
+                if not dns_name_ok(host.lower(), False):
                     try:
                         ipaddress.IPv4Address(host)
                     except ValueError:
@@ -557,7 +581,7 @@ def _check_san(kind: str, value: str, rule: Any) -> str:
         local, _, domain = value.rpartition("@")
         if "/" in domain:
             raise bad("resource parts are not allowed")
-        if not _dns_ok(domain.lower(), False):
+        if not dns_name_ok(domain.lower(), False):
             raise bad("domain part is not a valid DNS name")
         if "@" in value and (
             not local
@@ -639,12 +663,15 @@ def _resolve_subject(raw: object, profile: Profile, from_csr: bool) -> list[tupl
                 ErrorCode.BAD_SUBJECT, f"subject entry {_short(item)} is not a (name, value)"
             )
         name, value = item
+        name = short_attribute_name(name) or name
         if name not in SUBJECT_ATTRIBUTES and not from_csr:
             raise _err(
                 ErrorCode.BAD_SUBJECT,
                 f"unknown subject attribute {_short(name)}",
                 attribute=_short(name),
             )
+        if name in rules.ignore:
+            continue
         if name not in rules.attributes:
             if rules.drop_unlisted:
                 continue
@@ -711,6 +738,8 @@ def _resolve_sans(raw: object, profile: Profile) -> list[tuple[str, str]]:
                 ErrorCode.BAD_SAN,
                 f"unknown SAN type {_short(kind)}; expected one of {', '.join(SAN_TYPES)}",
             )
+        if kind in rules.ignore:
+            continue
         rule = rules.allowed.get(kind)
         if rule is None:
             raise _err(
@@ -834,6 +863,10 @@ def _apply_cn_rule(
             match = next((by_key[c] for c in candidates if c in by_key), None)
             if "san" in rules.cn_sources and match is not None:
                 value = match
+            elif rules.unmatched_cn == "drop" and not (
+                "O" in rules.cn_sources and value in organizations
+            ):
+                continue
             elif not ("O" in rules.cn_sources and value in organizations):
                 sources = " or ".join(
                     "one of the SANs" if s == "san" else "an organizationName"
@@ -1095,9 +1128,18 @@ def _check_validity(
 
 
 def plan_certificate(
-    request: IssuanceRequest, profile: Profile, issuer_cert: x509.Certificate, now: dt.datetime
+    request: IssuanceRequest,
+    profile: Profile,
+    issuer_cert: x509.Certificate,
+    now: dt.datetime,
+    channel: Channel = "line",
 ) -> CertificatePlan:
-    """Validate the request against the profile and decide every field but the serial."""
+    """Validate the request against the profile and decide every field but the serial.
+
+    `channel` is who asks: the line (the default) may not use an operator profile (a CA, OCSP
+    or time-stamping certificate); only the operator's own tools pass "operator".
+    """
+    check_channel(profile, channel)
     if request.profile != profile.name:
         raise _err(
             ErrorCode.UNKNOWN_PROFILE,
@@ -1173,6 +1215,7 @@ def plan_certificate(
         )
     return CertificatePlan(
         profile=profile.name,
+        kind=profile.kind,
         issuer=profile.issuer,
         issuer_subject=issuer.subject,
         subject=name,
@@ -1187,19 +1230,15 @@ def plan_certificate(
     )
 
 
-def build_certificate(
-    plan: CertificatePlan, serial: int, issuer_key: Any, issuer_cert: x509.Certificate
-) -> bytes:
-    """Assemble and sign the planned certificate; returns DER.
-
-    RSA issuers sign PKCS#1 v1.5 and EC issuers ECDSA, with the planned digest; any object
-    registered as a cryptography private key works (HSM-backed keys included).
-    """
+def certificate_builder(
+    plan: CertificatePlan, serial: int, issuer_cert: x509.Certificate
+) -> x509.CertificateBuilder:
+    """The planned certificate with its serial, ready to sign (one TBS for every signer)."""
     if not isinstance(serial, int) or isinstance(serial, bool) or not 0 < serial < 2**159:
         raise ValueError("serial must be an integer with 0 < serial < 2**159")
     if issuer_cert.subject != plan.issuer_subject:
         raise ValueError("issuer certificate differs from the one the plan was made for")
-    builder = x509.CertificateBuilder(
+    return x509.CertificateBuilder(
         issuer_name=issuer_cert.subject,
         subject_name=plan.subject,
         public_key=plan.public_key,
@@ -1208,110 +1247,24 @@ def build_certificate(
         not_valid_after=plan.not_after,
         extensions=list(plan.extensions),
     )
+
+
+def signature_hash(plan: CertificatePlan, issuer_key: Any) -> SignatureHash | None:
+    """The planned digest, or None for EdDSA issuers (which hash by themselves)."""
     if isinstance(issuer_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
-        algorithm = None
-    else:
-        algorithm = _HASHES[plan.digest]
-    certificate = builder.sign(issuer_key, algorithm)  # type: ignore[arg-type]
-    return certificate.public_bytes(serialization.Encoding.DER)
+        return None
+    return _HASHES[plan.digest]
 
 
-# --------------------------------------------------------------------------- linting
+def build_certificate(
+    plan: CertificatePlan, serial: int, issuer_key: Any, issuer_cert: x509.Certificate
+) -> bytes:
+    """Assemble and sign the planned certificate, without linting; returns DER.
 
-
-@dataclass(frozen=True)
-class LintFinding:
-    severity: str
-    code: str
-    path: str
-    message: str | None
-
-    def __str__(self) -> str:
-        text = f"{self.severity} {self.code} at {self.path}"
-        return f"{text}: {self.message}" if self.message else text
-
-
-LINT_KINDS = ("tls", "smime", "ocsp", "ca", "other")
-_LINT_ALIASES = {"server": "tls", "serverauth": "tls", "email": "smime", "pkix": "other"}
-
-
-@functools.lru_cache(maxsize=32)
-def _lint_validator(kind: str, variant: Any) -> Any:
-    from pkilint.cabf import serverauth, smime
-    from pkilint.pkix import certificate, extension, name
-
-    if kind == "tls" or kind == "ocsp":
-        return certificate.create_pkix_certificate_validator_container(
-            serverauth.create_decoding_validators(), serverauth.create_validators(variant)
-        )
-    if kind == "smime":
-        level, generation = variant
-        return certificate.create_pkix_certificate_validator_container(
-            smime.create_decoding_validators(),
-            smime.create_subscriber_validators(level, generation),
-        )
-    return certificate.create_pkix_certificate_validator_container(
-        certificate.create_decoding_validators(
-            name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS
-        ),
-        [
-            certificate.create_issuer_validator_container([]),
-            certificate.create_validity_validator_container(),
-            certificate.create_subject_validator_container([]),
-            certificate.create_extensions_validator_container([]),
-            certificate.create_spki_validator_container([]),
-        ],
-    )
-
-
-def lint_findings(der: bytes, profile_kind: str) -> list[LintFinding]:
-    """All pkilint findings (any severity) for a certificate of the given profile kind.
-
-    Every kind gets the RFC 5280 lints; "tls" adds the CA/B Forum TLS BR subscriber lints (type
-    from the reserved policy OID), "ocsp" the TLS BR OCSP responder lints, "smime" the S/MIME BR
-    lints (validation level and generation from the reserved policy OID).
+    RSA issuers sign PKCS#1 v1.5 and EC issuers ECDSA, with the planned digest; any object
+    registered as a cryptography private key works (HSM-backed keys included). The signer itself
+    issues through signer/pki/lint.py's `sign_after_lint`, which lints the same TBS first.
     """
-    from pkilint import finding_filter, loader
-    from pkilint.cabf import serverauth, smime
-    from pkilint.cabf.serverauth import serverauth_constants
-
-    profile_kind = _LINT_ALIASES.get(profile_kind, profile_kind)
-    if profile_kind not in LINT_KINDS:
-        raise ValueError(f"unknown profile kind {profile_kind!r}; expected one of {LINT_KINDS}")
-    document = loader.RFC5280CertificateDocumentLoader().load_der_document(der)
-    filters: list[Any] = []
-    if profile_kind == "tls":
-        variant: Any = serverauth.determine_certificate_type(document)
-        filters = serverauth.create_serverauth_finding_filters(variant)
-    elif profile_kind == "ocsp":
-        variant = serverauth_constants.CertificateType.OCSP_RESPONDER
-        filters = serverauth.create_serverauth_finding_filters(variant)
-    elif profile_kind == "smime":
-        variant = smime.guess_validation_level_and_generation(document)
-    else:
-        variant = None
-    validator = _lint_validator(
-        profile_kind if profile_kind in ("tls", "ocsp", "smime") else "pkix", variant
-    )
-    results = validator.validate(document.root)
-    if filters:
-        results, _ = finding_filter.filter_results(filters, results)
-    findings = []
-    for result in results:
-        for description in result.finding_descriptions:
-            findings.append(
-                LintFinding(
-                    severity=str(description.finding.severity),
-                    code=description.finding.code,
-                    path=result.node.path,
-                    message=description.message,
-                )
-            )
-    return findings
-
-
-def lint_certificate(der: bytes, profile_kind: str) -> list[str]:
-    """The error-level pkilint findings (ERROR and FATAL) as text; empty means clean."""
-    return [
-        str(f) for f in lint_findings(der, profile_kind) if f.severity.upper() in ("ERROR", "FATAL")
-    ]
+    builder = certificate_builder(plan, serial, issuer_cert)
+    certificate = builder.sign(issuer_key, signature_hash(plan, issuer_key))
+    return certificate.public_bytes(serialization.Encoding.DER)

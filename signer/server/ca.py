@@ -23,12 +23,12 @@ from replication.log import Log
 from signer.clock import utcnow
 from signer.errors import ErrorCode, SignerError
 from signer.pki.der import serial_hex
+from signer.pki.lint import sign_after_lint
 from signer.pki.profiles import ProfileSet
 from signer.pki.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
 from signer.pki.x509_signing import (
     CertificatePlan,
     IssuanceRequest,
-    build_certificate,
     new_serial,
     plan_certificate,
 )
@@ -188,10 +188,10 @@ class CertificateAuthority:
         return self._issued_result(issued)  # the id was recorded first by a concurrent copy
 
     def _build(self, plan: CertificatePlan, serial: int, issuer: Issuer) -> bytes:
-        """Runs in a builder thread: key lookup (cached by the Hsm), TBS, HSM signature, DER.
+        """Runs in a builder thread: key lookup (cached by the Hsm), TBS, lint, HSM signature, DER.
         Only the signature holds PKCS11_LOCK; one trip off the event loop per certificate."""
         key = self.hsm.key(issuer.key_label)
-        return build_certificate(plan, serial, key, issuer.certificate)
+        return sign_after_lint(plan, serial, key, issuer.certificate)
 
     def _fresh_serial(self, issuer: Issuer) -> int:
         while True:
@@ -274,7 +274,7 @@ class CertificateAuthority:
 
     async def list_profiles(self, _args: Any, _ctx: RequestContext) -> ListProfilesResult:
         infos, now = [], self.clock()
-        for profile in self.profiles.profiles.values():
+        for profile in self.profiles.offered():  # operator profiles are not offered to the line
             infos.append(
                 ProfileInfo(
                     name=profile.name,

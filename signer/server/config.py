@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from replication.settings import ReplicationSettings
 from signer.config import LinkConfig, Section, resolve
+from signer.pki.profiles import PROFILE_SETS
 from signer.server.hsm import HsmSettings
 
 
@@ -104,13 +105,25 @@ class SignerConfig(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     repository: RepositoryConfig | None = None
     hsm: HsmSettings | None = None
-    profiles: Path | None = None
+    profiles: Path | None = Field(
+        default=None,
+        description="the profile set: `cacert` (CAcert's issuance), `modern` (CA/B Forum "
+        "aligned), or the path of a profiles file (docs/profiles.md)",
+    )
     issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
     openpgp: OpenPgpConfig | None = None
     crl: CrlConfig = Field(default_factory=CrlConfig)
     replication: ReplicationSettings | None = None  # Raft between the signers
 
-    _resolve = field_validator("profiles")(resolve)
+    @field_validator("profiles")
+    @classmethod
+    def _profile_set(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """A shipped set by name, else a path relative to the config file."""
+        if value is None:
+            return None
+        if str(value) in PROFILE_SETS:
+            return PROFILE_SETS[str(value)]
+        return resolve(value, info)
 
     @model_validator(mode="after")
     def _openpgp_needs(self) -> SignerConfig:

@@ -5,7 +5,8 @@ A SoftHSM2 token stands in for the HSM, the key ceremony runs on it with the shi
 real baud rate), and a signer process serves one end. On the other end, first the client library
 talks to it directly (health, issuing under the shipped profiles, revoking, asking for the
 outcome of an earlier request), then the WebDB client does the whole job from a WebDB on SQLite:
-rows of every kind to certificates, an OpenPGP certification, a revocation, CRLs published.
+rows of every kind, as CAcert's web application writes them, to certificates under CAcert's
+profile set, an OpenPGP certification, a revocation, CRLs published.
 Everything lives in one working directory, kept afterwards for a look.
 """
 
@@ -172,7 +173,7 @@ def write_signer_config(
         "log_level": "INFO",
         "repository": {"path": str(workdir / f"repository-{name}")},
         "hsm": hsm,
-        "profiles": str(CONFIG_DIR / "profiles.yaml"),
+        "profiles": "cacert",
         "issuers": {
             "class1": {"certificate": str(ca_dir / "root.crt"), "key": "cacert-root"},
             "class3": {"certificate": str(ca_dir / "class3.crt"), "key": "cacert-class3"},
@@ -223,7 +224,8 @@ async def drive(workdir: Path, device: Path, baud: int, ca_dir: Path, say: Say) 
 
 
 async def issue(client: SignerClient, workdir: Path, ca_dir: Path, say: Say) -> dict[str, Any]:
-    """A TLS server certificate and an S/MIME one, sent as the WebDB sends them."""
+    """A server certificate and a client one under CAcert's profiles, sent as the WebDB sends
+    them."""
     requests: dict[str, tuple[str, dict[str, Any]]] = {
         "server": (
             "demo:domaincerts:1:sign",
@@ -238,9 +240,9 @@ async def issue(client: SignerClient, workdir: Path, ca_dir: Path, say: Say) -> 
             {
                 "profile": "client",
                 "csr": csr(rsa.generate_private_key(65537, 2048), "ignored"),
-                "subject": [["CN", "alice@example.org"]],
+                "subject": [["CN", "CAcert WoT User"], ["emailAddress", "alice@example.org"]],
                 "sans": [["email", "alice@example.org"]],
-                "validity_days": 365,
+                "validity_days": 730,
             },
         ),
     }
@@ -410,13 +412,15 @@ async def written_rows(db: Any) -> list[str]:
 
 
 def user_openpgp_key() -> bytes:
-    """A member's OpenPGP public key (made here with PGPy; members make theirs with gpg)."""
+    """A member's OpenPGP public key with the two user IDs the web application accepted (made
+    here with PGPy; members make theirs with gpg): both get certified."""
     import pgpy
     from pgpy.constants import HashAlgorithm, KeyFlags, PubKeyAlgorithm
 
     key = pgpy.PGPKey.new(PubKeyAlgorithm.RSAEncryptOrSign, 2048)
-    uid = pgpy.PGPUID.new("Alice Example", email="alice@example.org")
-    key.add_uid(uid, usage={KeyFlags.Sign, KeyFlags.Certify}, hashes=[HashAlgorithm.SHA256])
+    for address in ("alice@example.org", "alice@example.net"):
+        uid = pgpy.PGPUID.new("Alice Example", email=address)
+        key.add_uid(uid, usage={KeyFlags.Sign, KeyFlags.Certify}, hashes=[HashAlgorithm.SHA256])
     return bytes(key.pubkey)
 
 

@@ -57,8 +57,6 @@ class Dialect:
     """Everything that differs between SQLite and MariaDB/MySQL, in one place."""
 
     placeholder: str
-    id_column: str
-    table_suffix: str
     connect: Callable[[DatabaseConfig], Connection]
     ping_before_use: bool  # a server restart or wait_timeout may have closed the connection
 
@@ -68,14 +66,8 @@ class Dialect:
 
 
 DIALECTS = {
-    "sqlite": Dialect("?", "INTEGER PRIMARY KEY AUTOINCREMENT", "", _connect_sqlite, False),
-    "mysql": Dialect(
-        "%s",
-        "INT NOT NULL AUTO_INCREMENT PRIMARY KEY",
-        " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
-        _connect_mysql,
-        True,
-    ),
+    "sqlite": Dialect("?", _connect_sqlite, False),
+    "mysql": Dialect("%s", _connect_mysql, True),
 }
 
 

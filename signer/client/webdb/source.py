@@ -27,7 +27,6 @@ from signer.client.webdb.rows import (
     Table,
     armor_openpgp,
     crt_name,
-    is_class3,
     openpgp_uids,
     plan_x509,
     revoke_arguments,
@@ -37,6 +36,10 @@ from signer.errors import ClientFailure, SignerError
 from signer.wire.protocol import MAX_CSR, MAX_OPENPGP_KEY
 
 log = logging.getLogger(__name__)
+
+# A notary row that is not deleted: `deleted` keeps the zero date (MySQL also compares it
+# with 0, as the PHP does; SQLite keeps the text).
+_LIVE = "({0}deleted = 0 OR {0}deleted = '0000-00-00 00:00:00')"
 
 Failure = SignerError | ClientFailure  # a refusal by the signer, or what the client saw itself
 
@@ -73,7 +76,8 @@ class WebdbSource:
         self.db = db
         self.config = config
         self.zone = config.zone()
-        self.max_days: dict[str, int] = {}  # profile → maximum validity, from list_profiles
+        # profile → maximum validity, from list_profiles: the profiles the line may use
+        self.max_days: dict[str, int] = {}
         self._watermark: dict[str, int] | None = None
         self._points_failed = False
 
@@ -127,13 +131,19 @@ class WebdbSource:
             return revoke_arguments(row)
         if job.command == "sign_openpgp":
             key = self._read(str(row.get("csr") or ""), MAX_OPENPGP_KEY, "OpenPGP key")
-            return {"public_key": key, "uids": openpgp_uids(row)}
+            return {"public_key": key, "uids": openpgp_uids(key)}
         spec = X509_TABLES[table]
+        csr = self._read(str(row.get("csr_name") or ""), MAX_CSR, "CSR")
         points = None if spec.org else await self._points(spec, row)
-        plan = plan_x509(spec, row, points, self.config.validity)
+        plan = plan_x509(spec, row, csr, points, self.config.validity)
+        if self.max_days and plan.profile not in self.max_days:
+            raise RowError(
+                f"profile {plan.profile} is not offered over the line (an OCSP or time-stamping "
+                "certificate is issued by an operator at the signer)"
+            )
         args: dict[str, Any] = {
             "profile": plan.profile,
-            "csr": self._read(str(row.get("csr_name") or ""), MAX_CSR, "CSR"),
+            "csr": csr,
             "subject": plan.subject,
             "validity_days": min(plan.validity_days, self.max_days.get(plan.profile, 36500)),
         }
@@ -163,23 +173,25 @@ class WebdbSource:
         return path if path.is_absolute() else self.config.base_dir / path
 
     async def _points(self, table: Table, row: dict[str, Any]) -> int | None:
-        """Assurance points of the member (class 3 needs >= 50, the web application checks)."""
-        if is_class3(row) or self._points_failed:
+        """The member's assurance points as client.pl counts them: deleted assurances do not
+        count (`deleted` is the zero date until an assurance is deleted)."""
+        if self._points_failed:
             return None
         if table.name == "emailcerts":
-            sql = "SELECT COALESCE(SUM(points), 0) AS p FROM notary WHERE `to` = ?"
+            live = _LIVE.format("")
+            sql = f"SELECT COALESCE(SUM(points), 0) AS p FROM notary WHERE `to` = ? AND {live}"
             key = row.get("memid")
         else:
             sql = (
                 "SELECT COALESCE(SUM(n.points), 0) AS p FROM notary n "
-                "JOIN domains d ON n.`to` = d.memid WHERE d.id = ?"
+                f"JOIN domains d ON n.`to` = d.memid WHERE d.id = ? AND {_LIVE.format('n.')}"
             )
             key = row.get("domid")
         try:
             rows = await self.db.query(sql, (key,))
         except Exception as exc:
             self._points_failed = True
-            log.warning("cannot read assurance points (%s): class 1 rows get %d days", exc,
+            log.warning("cannot read assurance points (%s): personal rows get %d days", exc,
                         self.config.validity.personal_days)  # fmt: skip
             return None
         return int(rows[0]["p"] or 0) if rows else 0
