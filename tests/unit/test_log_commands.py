@@ -11,8 +11,12 @@ import pytest
 
 from storage import (
     COMMAND_TYPES,
+    BeginImport,
     CertifyOpenpgp,
     Command,
+    FinishImport,
+    ImportedCertificate,
+    ImportX509,
     Invalid,
     Issued,
     IssueX509,
@@ -123,6 +127,73 @@ PINNED: list[tuple[Command, str]] = [
         SetMeta(name="cluster", expected=None, value=b"\x81\xa1a\x01"),
         "84a26f70a87365745f6d657461a46e616d65a7636c7573746572a86578706563746564c0a576616c75"
         "65c40481a16101",
+    ),
+    (
+        BeginImport(
+            import_id="ab12",
+            issuer=ISSUER,
+            batches=2,
+            certificates=3,
+            revoked=1,
+            listed=1,
+            crl_number=0x1234,
+            crl_time=1_710_000_000,
+            removed_before=None,
+            started_at=1_710_000_100,
+            source="index.txt",
+        ),
+        "8ca26f70ac626567696e5f696d706f7274a9696d706f72745f6964a461623132a6697373756572c414"
+        "000102030405060708090a0b0c0d0e0f10111213a76261746368657302ac6365727469666963617465"
+        "7303a77265766f6b656401a66c697374656401aa63726c5f6e756d626572c414000000000000000000"
+        "0000000000000000001234a863726c5f74696d65ce65ec8780ae72656d6f7665645f6265666f7265c0"
+        "aa737461727465645f6174ce65ec87e4a6736f75726365a9696e6465782e747874",
+    ),
+    (
+        ImportX509(
+            import_id="ab12",
+            issuer=ISSUER,
+            batch=1,
+            certificates=(
+                ImportedCertificate(
+                    1,
+                    None,
+                    1_731_536_000,
+                    b"/CN=a",
+                    b"unknown",
+                    "V",
+                    None,
+                    None,
+                    None,
+                    None,
+                    False,
+                    None,
+                ),
+                ImportedCertificate(
+                    2,
+                    1_700_000_000,
+                    1_731_536_000,
+                    b"/CN=b",
+                    b"unknown",
+                    "R",
+                    1_710_000_000,
+                    1,
+                    None,
+                    b"\x30\x01",
+                    True,
+                    b"\x30\x03der",
+                ),
+            ),
+        ),
+        "85a26f70ab696d706f72745f78353039a9696d706f72745f6964a461623132a6697373756572c41400"
+        "0102030405060708090a0b0c0d0e0f10111213a5626174636801ac636572746966696361746573929c"
+        "c4140000000000000000000000000000000000000001c0ce67352480c4052f434e3d61c407756e6b6e"
+        "6f776ea156c0c0c0c0c2c09cc4140000000000000000000000000000000000000002ce6553f100ce67"
+        "352480c4052f434e3d62c407756e6b6e6f776ea152ce65ec878001c0c4023001c3c4053003646572",
+    ),
+    (
+        FinishImport(import_id="ab12", issuer=ISSUER),
+        "83a26f70ad66696e6973685f696d706f7274a9696d706f72745f6964a461623132a6697373756572c4"
+        "14000102030405060708090a0b0c0d0e0f10111213",
     ),
 ]
 
