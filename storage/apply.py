@@ -226,6 +226,12 @@ def _apply_certify(w: Writer, index: int, c: CertifyOpenpgp) -> Result:
     return result
 
 
+def _apply_publish(w: Writer, index: int, c: PublishCrl) -> Result:
+    """No CRL of an issuer while its history is imported (its membership is being built)."""
+    refused = importing(w, c.issuer)
+    return refused if refused is not None else apply_publish_crl(w, index, c)
+
+
 def _apply_noop(w: Writer, index: int, c: Noop) -> Result:
     return Done()
 
@@ -244,7 +250,7 @@ _HANDLERS: dict[type[Any], Callable[[Writer, int, Any], Result]] = {
     IssueX509: _apply_issue,
     RevokeX509: _apply_revoke,
     RecordCrl: apply_record_crl,
-    PublishCrl: apply_publish_crl,
+    PublishCrl: _apply_publish,
     CertifyOpenpgp: _apply_certify,
     Noop: _apply_noop,
     SetMeta: _apply_set_meta,

@@ -23,7 +23,6 @@ from storage.layout import (
     cert_key,
     crl_expiry_key,
     crl_history_key,
-    import_meta_key,
     revseq_key,
     serial_bytes,
     serial_int,
@@ -160,8 +159,6 @@ def _publish_rejection(w: Writer, c: PublishCrl, last: tuple[int, Any] | None) -
     if last is not None and c.crl_number <= last[0]:
         message = f"crl_number {c.crl_number} is not greater than the last published {last[0]}"
         return Rejected(Reason.CRL_NUMBER_NOT_NEWER, message)
-    if w.txn.get(import_meta_key(c.issuer), db=w.dbs["meta"]) is not None and last is None:
-        return Rejected(Reason.IMPORT_CONFLICT, "the import into this issuer is not finished")
     previous_seq, previous_entries = (0, 0)
     if last is not None:
         previous_seq, previous_entries = last[1]["revocation_seq"], last[1]["entries"]

@@ -146,10 +146,16 @@ def apply_begin_import(w: Writer, index: int, c: BeginImport) -> ImportProgress 
         refused = _same_import(state, c.import_id)
         return refused if refused is not None else _progress(state, fresh=False)
     counters = w.issuer_counters(c.issuer)
-    if counters["certificates"] or last_crl_history(w.txn, w.dbs, c.issuer) is not None:
+    if counters["certificates"]:
         return _conflict(
-            f"the issuer already has {counters['certificates']} certificate(s) or a published "
-            "CRL: history is imported before the issuer's first certificate"
+            f"the issuer already has {counters['certificates']} certificate(s): history is "
+            "imported before the issuer's first certificate"
+        )
+    published = _last_number(w, c.issuer)
+    if published is not None and published >= c.crl_number:
+        return _conflict(
+            f"the issuer's CRL {published} was published already: the earlier CA's last "
+            f"({c.crl_number}) must be above it, or CRL numbers would go back"
         )
     state = ImportState(
         c.import_id,
@@ -173,6 +179,18 @@ def apply_begin_import(w: Writer, index: int, c: BeginImport) -> ImportProgress 
     )
     _put_state(w, state)
     return _progress(state, fresh=True)
+
+
+def _last_number(w: Writer, issuer: bytes) -> int | None:
+    """The highest CRL number the issuer has, published with history or recorded (None)."""
+    numbers = []
+    last = last_crl_history(w.txn, w.dbs, issuer)
+    if last is not None:
+        numbers.append(last[0])
+    stored = w.get("crls", issuer)
+    if stored is not None:
+        numbers.append(serial_int(stored["crl_number"]))
+    return max(numbers, default=None)
 
 
 def apply_import_x509(w: Writer, index: int, c: ImportX509) -> ImportProgress | Rejected:
