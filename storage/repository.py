@@ -161,8 +161,8 @@ class Repository:
         except lmdb.Error as exc:
             raise _storage_error(f"opening repository {self.path} to read", exc) from exc
         try:
+            dbs = {name: env.open_db(name.encode(), create=False) for name in DB_NAMES}
             with env.begin() as txn:
-                dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in DB_NAMES}
                 version = unpack(_get(txn, META_SCHEMA_VERSION, dbs["meta"]))
         except (lmdb.Error, RepositoryError) as exc:
             env.close()
