@@ -184,13 +184,23 @@ def test_nothing_else_writes_to_an_issuer_while_its_import_runs(repo: Repository
     records = history(30)
     log = import_log(records, 10)
     issue = IssueX509("i1", b"d", ISSUER, 2**127 + 1, b"c", "p", NOW, NOW + 9, NOW)
-    revoke = RevokeX509("r1", b"d", ISSUER, 1, None, NOW, None, encode_crl_entry(1, NOW, None, None))
+    revoke = RevokeX509(
+        "r1", b"d", ISSUER, 1, None, NOW, None, encode_crl_entry(1, NOW, None, None)
+    )
     applied(repo, log[:2])
     refused = applied(repo, [issue, revoke])
     assert [r.reason for r in refused] == [Reason.IMPORT_CONFLICT] * 2
     applied(repo, log[2:])
-    issued, revoked, again = applied(repo, [issue, revoke, RevokeX509(
-        "r2", b"d", ISSUER, 3, None, NOW, None, encode_crl_entry(3, NOW, None, None))])
+    issued, revoked, again = applied(
+        repo,
+        [
+            issue,
+            revoke,
+            RevokeX509(
+                "r2", b"d", ISSUER, 3, None, NOW, None, encode_crl_entry(3, NOW, None, None)
+            ),
+        ],
+    )
     assert issued.status == "issued" and isinstance(revoked, Revoked)
     assert isinstance(again, AlreadyRevoked) and again.request_id is None  # revoked by the import
     assert repo.get_request("r1").result.serial == 1
@@ -264,7 +274,8 @@ from pathlib import Path
 from storage import FinishImport, Repository, RepositoryError, encode
 issuer = bytes(range(20))
 with Repository(Path(sys.argv[1]), readonly=True) as reader:
-    print([c.serial for c in reader.iter_certificates(issuer)], reader.import_state(issuer).finished)
+    serials = [c.serial for c in reader.iter_certificates(issuer)]
+    print(serials, reader.import_state(issuer).finished)
     try:
         reader.apply(reader.last_applied_index() + 1, encode(FinishImport("x", issuer)))
     except RepositoryError as exc:
