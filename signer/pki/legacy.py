@@ -166,12 +166,12 @@ def parse_revocation(text: str) -> tuple[int, int | None, int | None]:
         if not argument:
             raise LegacyError(f"{name} without the compromise time")
         return revoked_at, KEY_TIME[folded], parse_generalized_time(argument)
-    if argument:
-        raise LegacyError(f"reason {name[:40]!r} takes no argument")
     if folded == "removefromcrl":
         raise LegacyError("removeFromCRL belongs to delta CRLs: mark the certificate V instead")
     if folded == "holdinstruction":
         raise LegacyError("holdInstruction codes are not supported: use certificateHold")
+    if argument:
+        raise LegacyError(f"reason {name[:40]!r} takes no argument")
     if folded not in _REASONS_FOLDED:
         raise LegacyError(f"unknown revocation reason {name[:40]!r}")
     return revoked_at, _REASONS_FOLDED[folded], None

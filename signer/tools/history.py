@@ -195,7 +195,7 @@ def plan_imports(
     for read in inputs.values():
         problems += _check_ranges(read, now)
     if problems:
-        raise BadHistory(problems)
+        raise BadHistory(sorted(problems, key=lambda p: (p.source, p.line)))
     plans = []
     for name, read in inputs.items():
         if read.records:
