@@ -468,3 +468,202 @@ def test_webdb_rows_join_the_index(legacy: LegacyCa, migrated: tuple, tmp_path: 
     with pytest.raises(BadHistory) as bad:
         plan_imports(issuers(migrated), {}, rows)
     assert [p.line for p in bad.value.problems] == [2, 3, 5]
+
+
+# --- interrupted and resumed -------------------------------------------------------------------
+
+
+def synthetic_history(directory: Path, count: int, first_serial: int = 1) -> Path:
+    """An index.txt of `count` certificates with sequential serials: a third revoked, some of
+    them after their certificate expired; crlnumber 0x500."""
+    directory.mkdir(parents=True)
+    with open(directory / "index.txt", "w") as index:
+        for n in range(count):
+            serial = first_serial + n
+            expiry = "180101000000Z" if n % 7 == 0 else "301231235959Z"
+            if n % 3 == 0:
+                reason = ("", ",keyCompromise", ",superseded")[n % 9 // 3]
+                index.write(f"R\t{expiry}\t240101000000Z{reason}\t{serial:04X}\tunknown\t"
+                            f"/CN=member {n}/emailAddress=member{n}@example.org\n")  # fmt: skip
+            else:
+                index.write(f"V\t{expiry}\t\t{serial:04X}\tunknown\t"
+                            f"/CN=member {n}/emailAddress=member{n}@example.org\n")  # fmt: skip
+    (directory / "crlnumber").write_text("0500\n")
+    return directory
+
+
+def same_records(one: Repository, two: Repository, key_id: bytes) -> None:
+    assert [c._replace(import_id=None) for c in one.iter_certificates(key_id)] == [
+        c._replace(import_id=None) for c in two.iter_certificates(key_id)
+    ]
+    assert list(one.iter_revoked(key_id)) == list(two.iter_revoked(key_id))
+    assert list(one.iter_crl_blocks(key_id)) == list(two.iter_crl_blocks(key_id))
+    assert list(one.iter_crl_expiry(key_id)) == list(two.iter_crl_expiry(key_id))
+    assert one.counts()["issuers"] == two.counts()["issuers"]
+
+
+async def test_an_interrupted_import_continues_without_duplicates(
+    migrated: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Ctrl-C while batches are in flight: the signer completes what it has, the same command
+    continues after the last batch in; the result is the import done in one go."""
+    from replication.log import LocalLog
+    from signer.server.ca import Issuer
+    from signer.server.control import ControlServer
+    from signer.server.importer import ImportService
+    from signer.tools import history
+
+    ca = issuers(migrated)["class3"]
+    [plan] = plan_imports({"class3": ca}, {"class3": synthetic_history(tmp_path / "h", 12000)})
+    assert plan.batches > 20
+    repository = Repository(tmp_path / "repo", 1 << 30)
+    commit_log = LocalLog(repository)
+    service = ImportService([Issuer("class3", ca.certificate, "class3", ca.key_id)], repository,
+                            commit_log, None)  # fmt: skip
+    control = ControlServer(None, tmp_path / "control.sock")
+    control.add(*service.control())
+    await control.start()
+    update = history.Meter.update
+
+    def ctrl_c(meter: history.Meter, done: int, force: bool = False) -> None:
+        if done >= 3000:
+            raise KeyboardInterrupt
+        update(meter, done, force)
+
+    def interrupted() -> str:
+        try:
+            history.run_import(plan, control.path, progress=lambda _: None)
+        except KeyboardInterrupt:
+            return "interrupted"
+        return "finished"
+
+    lines: list[str] = []
+    try:
+        monkeypatch.setattr(history.Meter, "update", ctrl_c)
+        assert await asyncio.to_thread(interrupted) == "interrupted"
+        monkeypatch.setattr(history.Meter, "update", update)
+        state = repository.import_state(ca.key_id)
+        assert not state.finished and 0 < state.applied_batches < plan.batches
+        result = await asyncio.to_thread(history.run_import, plan, control.path, lines.append)
+        assert not result["already_finished"]
+        assert any("continues after batch" in line for line in lines), lines
+        again = await asyncio.to_thread(history.run_import, plan, control.path, lines.append)
+        assert again["already_finished"]  # a third run changes nothing
+        once = Repository(tmp_path / "once", 1 << 30)
+        try:
+            commands = [plan.begin(0), *(plan.batch(n) for n in range(1, plan.batches + 1)),
+                        plan.finish()]  # fmt: skip
+            once.apply_batch(list(enumerate(commands, start=1)))
+            same_records(repository, once, ca.key_id)
+        finally:
+            once.close()
+        assert repository.check_consistency().ok
+        assert repository.counts()["issuers"][ca.key_id]["certificates"] == 12000
+    finally:
+        await control.close()
+        await asyncio.to_thread(commit_log.close)
+        repository.close()
+
+
+async def test_a_signer_killed_during_an_import_continues_it(migrated: tuple, tmp_path: Path):
+    """The signer process dies (SIGKILL) with batches in flight; after its restart the same
+    `signer import` continues after the last batch its repository holds."""
+    hist = synthetic_history(tmp_path / "h", 150_000, first_serial=0x100000)
+    with LineEmulator(tmp_path / "line", baud=None) as line:
+        config_path = signer_yaml(migrated, tmp_path / "signer", line.end_a)
+        socket = load(config_path, SignerConfig).control_path()
+        command = ["import", "--config", str(config_path), "--history", f"class3={hist}"]
+        serve = await _serve(config_path, socket)
+        importer = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "signer", *command, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            while True:
+                state = (await asyncio.to_thread(control_call, socket, {"cmd": "import_status"}))[
+                    "issuers"
+                ]["class3"]["import"]
+                if state is not None and state["applied_batches"] >= 30:
+                    break
+                await asyncio.sleep(0.01)
+            serve.kill()
+            await serve.wait()
+            assert state["finished_index"] is None
+            _, stderr = await importer.communicate()
+            assert importer.returncode == 3, stderr.decode()  # the signer could not be reached
+            serve = await _serve(config_path, socket)
+            done = await signer_cli(*command)
+            assert done.returncode == 0, done.stderr
+            assert "continues after batch" in done.stdout
+            status = await asyncio.to_thread(control_call, socket, {"cmd": "import_status"})
+            finished = status["issuers"]["class3"]
+            assert finished["import"]["applied_certificates"] == 150_000
+            assert finished["certificates"] == 150_000 and finished["crl_number"] == 0x500
+        finally:
+            if serve.returncode is None:
+                serve.terminate()
+                await serve.wait()
+            if importer.returncode is None:
+                importer.kill()
+                await importer.wait()
+    with Repository(tmp_path / "signer" / "repo", 1 << 30) as repository:
+        assert repository.check_consistency().ok
+
+
+async def _serve(config_path: Path, socket: Path) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "signer", "serve", "--config", str(config_path), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(600):
+        try:
+            await asyncio.to_thread(control_call, socket, {"cmd": "import_status"}, 2)
+            return process
+        except Exception:
+            await asyncio.sleep(0.05)
+    process.kill()
+    raise AssertionError("the signer did not start")
+
+
+# --- a replicated pair -------------------------------------------------------------------------
+
+
+async def test_both_signers_of_a_pair_end_identical(
+    legacy: LegacyCa, migrated: tuple, tmp_path: Path
+):
+    from raft_cluster import FAST, free_ports, wait_for
+
+    from replication.settings import ReplicationSettings
+
+    sections = ReplicationSettings.local_pair(tmp_path, tuple(free_ports(2)), **FAST)
+    with (
+        LineEmulator(tmp_path / "line-a", baud=None) as line_a,
+        LineEmulator(tmp_path / "line-b", baud=None) as line_b,
+    ):
+        paths = [
+            signer_yaml(migrated, tmp_path / name, line.end_a, replication=section)
+            for name, line, section in zip("ab", (line_a, line_b), sections, strict=True)
+        ]
+        servers = [SignerServer(load(path, SignerConfig)) for path in paths]
+        try:
+            for server in servers:
+                await server.start()
+            hist = synthetic_history(tmp_path / "h", 20_000, first_serial=0x5000)
+            done = await signer_cli("import", "--config", str(paths[1]), "--history",
+                                    f"class3={hist}", "--history",
+                                    f"class1={legacy.directory('class1')}")  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            repos = [server.ca.repository for server in servers]
+            await wait_for(
+                lambda: repos[0].content_digest() == repos[1].content_digest(), 20, "same data"
+            )
+            for repo in repos:
+                key_id = servers[0].ca.issuers["class3"].key_id
+                assert repo.import_state(key_id).finished
+                assert (
+                    repo.last_crl_history(key_id)["crl_number"] == 0x500
+                )  # the first after: crlnumber
+                assert repo.check_consistency().ok
+        finally:
+            for server in servers:
+                await server.stop()

@@ -779,7 +779,10 @@ def _stream(plan: IssuerPlan, path: Path, first: int, meter: Meter) -> None:
     reader = sock.makefile("rb")
     try:
         for number in range(first, plan.batches + 1):
-            line = reader.readline()
+            try:
+                line = reader.readline()
+            except OSError as exc:
+                raise ControlUnreachable(f"the signer went away at batch {number}: {exc}") from None
             if not line:
                 raise ControlUnreachable(f"the signer closed the import at batch {number}")
             answer = json.loads(line)
