@@ -256,7 +256,8 @@ async def _webdb_revokes_an_old_certificate(server, client, line, tmp: Path) -> 
             rows[serial] = await insert_row(db, "emailcerts", {
                 "memid": 1, "serial": serial, "rootcert": 2, "md": "sha256",
                 "subject": "/CN=member/emailAddress=member@example.org",
-                "csr_name": "../csr/client/0/client-1.csr", "crt_name": "../crt/client/0/client-1.crt",
+                "csr_name": "../csr/client/0/client-1.csr",
+                "crt_name": "../crt/client/0/client-1.crt",
                 "created": db_time(utcnow()), "expire": "2028-12-03 16:46:50"})  # fmt: skip
             await request_revocation(db, "emailcerts", rows[serial])
         report = await webdb.process_pending()
