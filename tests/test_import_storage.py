@@ -242,7 +242,7 @@ def publish(issuer: bytes, number: int):
 )
 def test_a_bad_imported_record_is_malformed(change: dict, words: str, repo: Repository) -> None:
     good = record(7)
-    bad = ImportedCertificate(**{**{f: getattr(good, f) for f in good.__slots__}, **change})
+    bad = good._replace(**change)
     result = applied(repo, [ImportX509("imp-1", ISSUER, 1, (bad,))])[0]
     assert result.reason is Reason.MALFORMED and words in result.message
 

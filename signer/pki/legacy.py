@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from signer.pki.der import serial_hex
 
@@ -41,6 +42,8 @@ _REASONS_FOLDED = {name.lower(): code for name, code in REASONS.items()}
 KEY_TIME = {"keytime": 1, "cakeytime": 2}  # keyCompromise / cACompromise with invalidityDate
 KEY_TIME_NAMES = {1: "keyTime", 2: "CAkeyTime"}
 STATUSES = ("V", "R", "E")
+_STATUS = {status.encode(): status for status in STATUSES}
+UNKNOWN = b"unknown"  # index.txt's file name column, nearly always
 
 # The WebDB: datetimes as MySQL prints them; the two that are not times.
 WEBDB_NO_TIME = ("", "NULL", "0000-00-00 00:00:00")
@@ -69,8 +72,7 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-@dataclass(frozen=True)
-class LegacyRecord:
+class LegacyRecord(NamedTuple):
     """One certificate of the earlier signer, as its database describes it."""
 
     line: int  # where it was read (0: not read from a file)
@@ -80,7 +82,7 @@ class LegacyRecord:
     revoked_at: int | None = None
     reason: int | None = None  # RFC 5280 code; 0 is an explicit "unspecified"
     invalidity_date: int | None = None
-    file: bytes = b"unknown"
+    file: bytes = UNKNOWN
     subject: bytes = b""
 
     @property
@@ -93,17 +95,39 @@ class LegacyRecord:
 
 def parse_asn1_time(text: str) -> int:
     """`YYMMDDHHMMSSZ` (UTCTime, 1950-2049) or `YYYYMMDDHHMMSSZ` (GeneralizedTime), as openssl
-    writes them in index.txt, to Unix seconds."""
-    if len(text) == 13 and text.endswith("Z") and text[:12].isdigit():
-        year = int(text[:2])
-        year += 1900 if year >= 50 else 2000
-        rest = text[2:12]
-    elif len(text) == 15 and text.endswith("Z") and text[:14].isdigit():
-        year, rest = int(text[:4]), text[4:14]
+    writes them in index.txt, to Unix seconds. (A million lines: one int() per time, and each
+    day's midnight computed once.)"""
+    size = len(text)
+    if size == 13 and text[12] == "Z" and text[:12].isdigit():
+        value = int(text[:12])
+        day = value // 1_000_000
+        day += 19_000_000 if day >= 500_000 else 20_000_000  # YYMMDD -> YYYYMMDD
+    elif size == 15 and text[14] == "Z" and text[:14].isdigit():
+        value = int(text[:14])
+        day = value // 1_000_000
     else:
         raise LegacyError(f"time {text[:40]!r} is not YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ")
-    month, day, hour, minute, second = (int(rest[i : i + 2]) for i in range(0, 10, 2))
-    return _timestamp(text, year, month, day, hour, minute, second)
+    hour, rest = divmod(value % 1_000_000, 10_000)
+    minute, second = divmod(rest, 100)
+    midnight = _MIDNIGHTS.get(day)
+    if midnight is None:
+        midnight = _MIDNIGHTS[day] = _midnight(day)
+    if midnight < 0 or hour > 23 or minute > 59 or second > 59:
+        raise LegacyError(f"time {text[:40]!r} is out of range")
+    return midnight + 3600 * hour + 60 * minute + second
+
+
+_MIDNIGHTS: dict[int, int] = {}  # YYYYMMDD -> Unix seconds at 00:00 UTC
+
+
+def _midnight(day: int) -> int:
+    """Negative for a day that does not exist or lies before 1970 (the repository keeps Unix
+    seconds from 0): both are out of range."""
+    try:
+        moment = datetime(day // 10_000, day // 100 % 100, day % 100, tzinfo=UTC)
+    except ValueError:
+        return -1
+    return int(moment.timestamp())
 
 
 def _timestamp(text: str, *fields: int) -> int:
@@ -232,9 +256,9 @@ def _index_record(number: int, line: bytes) -> LegacyRecord:
     if len(fields) != 6:
         raise LegacyError(f"{len(fields)} tab-separated fields, index.txt lines have 6")
     status_raw, expiry, revocation, serial, file, subject = fields
-    status = status_raw.decode("ascii", "replace")
-    if status not in STATUSES:
-        raise LegacyError(f"status {status[:8]!r} is not V, R or E")
+    status = _STATUS.get(status_raw)
+    if status is None:
+        raise LegacyError(f"status {status_raw[:8].decode('ascii', 'replace')!r} is not V, R or E")
     not_after = parse_asn1_time(expiry.decode("ascii", "replace"))
     revoked_at = reason = invalidity = None
     if status == "R":
@@ -249,7 +273,7 @@ def _index_record(number: int, line: bytes) -> LegacyRecord:
         revoked_at,
         reason,
         invalidity,
-        file,
+        UNKNOWN if file == UNKNOWN else file,  # one object for the usual value
         subject,
     )
 

@@ -14,6 +14,7 @@ runs again. Export writes the same layout back from the repository. docs/migrati
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import json
 import os
@@ -58,9 +59,9 @@ Progress = Callable[[str], None]
 DEFAULT_ROOTCERTS = {1: "class1", 2: "class3"}  # the WebDB's rootcert -> issuer name
 FUTURE_TOLERANCE = 300  # seconds a revocation time may lie ahead of this host's clock
 FIRST_IMPORTED_CRL = 1  # without crlnumber or a CRL: as if the ceremony's CRL 1 were the last
-RECORD_OVERHEAD = 96  # msgpack bytes of a record besides its variable fields (a safe bound)
+RECORD_OVERHEAD = 80  # msgpack bytes of a record besides its variable fields (at most 73)
 CRL_ENTRY_BOUND = 96  # the largest CRL entry: serial, time, reason, invalidity date
-ENTRY_OVERHEAD = 256  # an import_x509 entry besides its records
+ENTRY_OVERHEAD = 200  # an import_x509 entry besides its records (at most ~170)
 POOL_THRESHOLD = 2000  # certificate files checked in worker processes beyond this
 POOL_CHUNK = 1000
 INDEX = "index.txt"
@@ -159,7 +160,8 @@ class _Input:
     """What was read for one issuer, before deciding."""
 
     records: dict[int, LegacyRecord] = field(default_factory=dict)
-    where: dict[int, str] = field(default_factory=dict)  # serial -> "file:line"
+    index: str = INDEX  # the file records come from, unless `elsewhere` names another
+    elsewhere: dict[int, str] = field(default_factory=dict)  # serial -> file (WebDB rows)
     certificates: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)
     next_serial: int | None = None
     crl_number_file: int | None = None
@@ -181,6 +183,24 @@ def plan_imports(
 ) -> list[IssuerPlan]:
     """Read and check everything, decide every record; raises BadHistory with every problem
     found (nothing is sent to the signer then)."""
+    collecting = gc.isenabled()
+    gc.disable()  # millions of small tuples and no cycles: the collector would only rescan them
+    try:
+        return _plan(issuers, histories, webdb_rows, rootcerts, grace_days, now, progress)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _plan(
+    issuers: dict[str, IssuerCa],
+    histories: dict[str, Path],
+    webdb_rows: Path | None,
+    rootcerts: dict[int, str] | None,
+    grace_days: float,
+    now: int | None,
+    progress: Progress,
+) -> list[IssuerPlan]:
     now = int(time.time()) if now is None else now
     problems: list[Problem] = []
     inputs: dict[str, _Input] = {}
@@ -223,9 +243,10 @@ def _read_openssl(
     read.sources.append(
         f"{index} ({len(records):,} records, sha256 {hashlib.sha256(data).hexdigest()[:16]})"
     )
+    read.index = str(index)
     for record in records:
         read.records[record.serial] = record
-        read.where[record.serial] = f"{index}:{record.line}"
+
     progress(
         f"{issuer.name}: {index}: {len(records):,} records ({time.perf_counter() - started:.1f} s)"
     )
@@ -314,7 +335,7 @@ def _read_certificates(
             ]
     problems = []
     for serial, not_before, not_after, der, error in results:
-        where = read.where[serial]
+        where = _where(read, serial)
         if error is not None:
             problems.append(_at(where, f"certificate {serial_hex(serial)}: {error}"))
             continue
@@ -406,12 +427,12 @@ def _read_webdb(
             )
             continue
         known = read.records.get(serial)
-        if known is not None and not read.where[serial].startswith(str(path)):
+        if known is not None and serial not in read.elsewhere:
             if known.revoked != row.record.revoked:
                 disagree[name] = disagree.get(name, 0) + 1
             continue
         read.records[serial] = row.record
-        read.where[serial] = f"{path}:{row.record.line}"
+        read.elsewhere[serial] = str(path)
         read.counts["from_webdb"] = read.counts.get("from_webdb", 0) + 1
     for name, read in inputs.items():
         if name in disagree:
@@ -433,7 +454,6 @@ def _check_ranges(read: _Input, now: int) -> list[Problem]:
     the certificate's notBefore) and records too large for one log entry."""
     problems = []
     for serial, record in read.records.items():
-        where = read.where[serial]
         known = read.certificates.get(serial)
         size = len(record.subject) + len(record.file) + (0 if known is None else len(known[2]))
         if (
@@ -442,32 +462,31 @@ def _check_ranges(read: _Input, now: int) -> list[Problem]:
             or ENTRY_OVERHEAD + RECORD_OVERHEAD + CRL_ENTRY_BOUND + size > MAX_IMPORT_ENTRY_BYTES
         ):
             message = f"certificate {serial_hex(serial)} is too large to import ({size} bytes)"
-            problems.append(_at(where, message))
+            problems.append(_at(_where(read, serial), message))
             continue
-        if record.revoked_at is not None and record.revoked_at > now + FUTURE_TOLERANCE:
-            problems.append(
-                _at(where, f"revocation time {asn1_time(record.revoked_at)} lies in the future")
-            )
-        if record.invalidity_date is not None and record.invalidity_date > now + FUTURE_TOLERANCE:
-            problems.append(
-                _at(
-                    where, f"compromise time {asn1_time(record.invalidity_date)} lies in the future"
-                )
-            )
+        late = now + FUTURE_TOLERANCE
+        messages = []
+        if record.revoked_at is not None and record.revoked_at > late:
+            messages.append(f"revocation time {asn1_time(record.revoked_at)} lies in the future")
+        if record.invalidity_date is not None and record.invalidity_date > late:
+            when = asn1_time(record.invalidity_date)
+            messages.append(f"compromise time {when} lies in the future")
         if known is not None and record.revoked_at is not None and record.revoked_at < known[0]:
-            problems.append(
-                _at(
-                    where,
-                    f"revoked at {asn1_time(record.revoked_at)}, before the "
-                    f"certificate's notBefore {asn1_time(known[0])}",
-                )
+            messages.append(
+                f"revoked at {asn1_time(record.revoked_at)}, before the certificate's "
+                f"notBefore {asn1_time(known[0])}"
             )
+        problems += [_at(_where(read, serial), message) for message in messages]
     return problems
 
 
-def _at(where: str, message: str) -> Problem:
-    source, _, line = where.rpartition(":")
-    return Problem(source, int(line), message)
+def _where(read: _Input, serial: int) -> tuple[str, int]:
+    """(file, line) a record was read from."""
+    return read.elsewhere.get(serial, read.index), read.records[serial].line
+
+
+def _at(where: tuple[str, int], message: str) -> Problem:
+    return Problem(where[0], where[1], message)
 
 
 # --------------------------------------------------------------------------- deciding
