@@ -274,3 +274,35 @@ def test_a_recorded_result_is_stored_as_the_earlier_version_stored_it():
         "6674657202a96973737565645f617403a5696e64657804"
     )
     assert from_record(stored) == issued
+
+
+def test_the_fast_check_of_imported_records_accepts_only_what_the_full_one_accepts():
+    """Imports decode millions of records through a fast path; anything it takes, the
+    detailed rules take the same way (so replicas never depend on which path ran)."""
+    import random
+
+    from storage.commands import _imported, _imported_fast
+
+    rng = random.Random(5)
+    good = [
+        [b"\0" * 19 + b"\x07", None, 10, b"/CN=a", b"unknown", "V", None, None, None, None,
+         False, None],
+        [b"\0" * 19 + b"\x08", 5, 10, b"", b"", "R", 7, 1, 3, b"\x30\x01", True, b"\x30"],
+    ]  # fmt: skip
+    odd = [None, True, False, 0, -1, 1, 2**63, 11, 8, 7, b"", b"x", b"\0" * 20, b"\xff" * 20,
+           "R", "V", "E", "X", "", [], b"y" * 5000]  # fmt: skip
+    taken = 0
+    for _ in range(20000):
+        item = list(rng.choice(good))
+        for _ in range(rng.randint(1, 3)):
+            item[rng.randrange(len(item))] = rng.choice(odd)
+        fast = _imported_fast(item)
+        try:
+            slow = _imported("x", item)
+        except Invalid:
+            assert fast is None, item
+            continue
+        assert fast in (None, slow), item
+        taken += fast is not None
+    assert taken > 100  # the sample did exercise the fast path
+    assert all(_imported_fast(item) == _imported("x", item) for item in good)
