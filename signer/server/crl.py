@@ -446,14 +446,13 @@ class CrlService:
         return crl
 
     def _next_number(self, key_id: bytes) -> int:
-        """After the last one published (or imported: the earlier CA's numbers go on), and after
-        one recorded without history (the ceremony's)."""
+        """After the last one published (or imported: the earlier CA's numbers go on); the
+        first after one recorded without history (the ceremony's)."""
         last = self.repository.last_crl_history(key_id)
-        recorded = self.repository.latest_crl(key_id)
-        after_recorded = 0 if recorded is None else recorded["crl_number"] + 1
         if last is not None:
-            return max(int(last["crl_number"]) + 1, after_recorded)
-        return max(FIRST_CRL_NUMBER, after_recorded)
+            return int(last["crl_number"]) + 1
+        recorded = self.repository.latest_crl(key_id)  # one recorded without history
+        return max(FIRST_CRL_NUMBER, 0 if recorded is None else recorded["crl_number"] + 1)
 
     def _draft(self, state: _IssuerCrls, number: int, now: int) -> tuple[CrlDraft, bytes]:
         draft = draft_crl(self.repository, state.crl_issuer, state.key_id, number, now, self.config)
