@@ -6,8 +6,8 @@ signer's own code on a real LMDB repository, the revocations brought in by an im
 `signer import` takes over an earlier CA's history): the issuer's first CRL after the import
 (its membership was built as the import applied) and the steady state (the next CRL after 10
 new revocations), each in a fresh subprocess for its peak RSS. openssl reads an index.txt with
-the same entries. Then, at 100k entries, the bytes on the line to refresh after 1, 10 and 100 new revocations (delta
-answers, framed as on the wire) against a full chunked transfer. Run:
+the same entries. Then, at 100k entries, the bytes on the line to refresh after 1, 10 and 100
+new revocations (delta answers, framed as on the wire) against a full chunked transfer. Run:
 
     python bench/crl.py [--quick]      # --quick: openssl at 10k and 100k only (1M extrapolated)
 """
