@@ -910,7 +910,7 @@ class _Ceremony:
             self.ensure_certificate(cert_spec)
         created = sum(1 for item in self.result.items if item.status != "exists")
         self.progress(
-            f"ceremony: done, {created} item(s) created or repaired, "
+            f"ceremony: done, {created} item(s) created, imported or repaired, "
             f"{len(self.result.items) - created} already existed"
         )
         return self.result
