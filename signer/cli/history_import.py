@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for plan in plans:
             result = history.run_import(plan, socket, progress)
-            if not args.no_crl:
+            if result["crl_due"] and not args.no_crl:
                 result["first_crl"] = history.publish_first_crl(plan, socket)
                 _show_crl(result["first_crl"], progress)
             results.append(result)

@@ -733,7 +733,12 @@ def run_import(
         )
     if state is not None and state["finished_index"] is not None:
         progress(f"{name}: import {plan.import_id} was finished before: nothing to do")
-        return {"issuer": name, "import_id": plan.import_id, "already_finished": True}
+        return {
+            "issuer": name,
+            "import_id": plan.import_id,
+            "already_finished": True,
+            "crl_due": bool(status["crl_imported"]),  # its first CRL is not made yet
+        }
     if state is None:
         started_at = int(time.time()) if now is None else now
         _commit(path, plan.begin(started_at))
@@ -767,6 +772,7 @@ def run_import(
         "seconds": round(seconds, 3),
         "records_per_s": round(rate, 1),
         "finished_index": finished.get("index"),
+        "crl_due": True,
     }
 
 
