@@ -175,9 +175,9 @@ def call(path: Path, request: dict[str, Any], timeout: float = 120.0) -> dict[st
         sock.settimeout(timeout)
         sock.connect(str(path))
         sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
+        data = bytearray()  # an answer may carry a CRL of tens of megabytes
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            chunk = sock.recv(1 << 20)
             if not chunk:
                 break
             data += chunk
