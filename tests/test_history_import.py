@@ -668,3 +668,19 @@ async def test_both_signers_of_a_pair_end_identical(
         finally:
             for server in servers:
                 await server.stop()
+
+
+def test_many_certificate_files_are_checked_in_worker_processes(
+    legacy: LegacyCa, migrated: tuple, monkeypatch: pytest.MonkeyPatch
+):
+    """Beyond POOL_THRESHOLD files the checks run in a process pool: the same decisions."""
+    from signer.tools import history
+
+    histories = {name: legacy.directory(name) for name in ("class1", "class3")}
+    alone = plan_imports(issuers(migrated), histories)
+    monkeypatch.setattr(history, "POOL_THRESHOLD", 5)
+    monkeypatch.setattr(history, "POOL_CHUNK", 4)
+    pooled = plan_imports(issuers(migrated), histories)
+    assert [p.records for p in pooled] == [p.records for p in alone]
+    assert [p.import_id for p in pooled] == [p.import_id for p in alone]
+    assert all(p.counts["with_certificate"] == len(legacy.issued[p.issuer.name]) for p in pooled)

@@ -353,3 +353,35 @@ async def test_the_first_crl_after_an_import_continues_it(repo: Repository) -> N
         assert repo.check_consistency().ok
     finally:
         await asyncio.to_thread(commit_log.close)
+
+
+def test_batches_stay_under_32_kib_whatever_the_records() -> None:
+    """`signer import` cuts batches by a size bound computed from the fields; every entry,
+    encoded, stays within the bound the repository enforces."""
+    import random
+
+    from signer.tools.history import batch_bounds
+
+    rng = random.Random(3)
+    records = []
+    for n in range(1, 3000):
+        revoked = rng.random() < 0.4
+        base = record(n * 7919 + 2**126 * (n % 2), revoked=revoked)
+        records.append(
+            base._replace(
+                subject=b"s" * rng.choice([0, 40, 300, 4096]),
+                file=b"f" * rng.choice([0, 7, 1024]),
+                not_before=rng.choice([None, NOW - 10**8]),
+                invalidity_date=rng.choice([None, NOW - 10**6]) if revoked else None,
+                der=rng.choice([None, b"\x30" * rng.randint(1, 12000)]),
+            )
+        )
+    records.sort(key=lambda r: r.serial)
+    bounds = batch_bounds(records)
+    assert bounds[0] == 0 and bounds[-1] == len(records)
+    sizes = [
+        len(encode(ImportX509("f" * 64, ISSUER, 2**31, tuple(records[a:b]))))
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
+    assert max(sizes) <= MAX_IMPORT_ENTRY_BYTES
+    assert sum(sizes) / len(sizes) > MAX_IMPORT_ENTRY_BYTES / 2  # and they are not tiny

@@ -27,16 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from signer.cli.history_import import _issuers
     from signer.config import ConfigError, load
     from signer.server.config import SignerConfig
-    from signer.tools.history import ControlFailed, export_history
+    from signer.tools.history import ControlFailed, export_history, issuer_cas
     from storage import Repository, RepositoryError
 
     config = load(args.config, SignerConfig)
     if config.repository is None:
         raise ConfigError(f"{args.config}: no repository section")
-    issuers = _issuers(config)
+    issuers = issuer_cas(config)
     unknown = sorted(set(args.issuer) - set(issuers))
     if unknown:
         raise ConfigError(f"no issuer(s) {', '.join(unknown)}; known: {', '.join(issuers)}")

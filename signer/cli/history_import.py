@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from signer.tools import history
 
     config = load(args.config, SignerConfig)
-    issuers = _issuers(config)
+    issuers = history.issuer_cas(config)
     histories = {name: Path(path) for name, path in _pairs(args.history, "--history")}
     rootcerts = {int(n): name for n, name in _pairs(args.rootcert, "--rootcert", number=True)}
     if not histories and args.webdb_rows is None:
@@ -110,23 +110,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"ok": True, "plans": summaries, "imports": results})
     return EXIT_OK
-
-
-def _issuers(config: Any) -> dict[str, Any]:
-    from cryptography import x509
-
-    from signer.tools.history import IssuerCa
-
-    issuers = {}
-    for name, issuer in config.issuers.items():
-        try:
-            certificate = x509.load_pem_x509_certificate(issuer.certificate.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"issuer {name}: cannot read {issuer.certificate}: {exc}") from None
-        issuers[name] = IssuerCa(name, certificate)
-    if not issuers:
-        raise ConfigError("the signer's YAML has no issuers")
-    return issuers
 
 
 def _pairs(values: list[str], option: str, number: bool = False) -> list[tuple[str, str]]:

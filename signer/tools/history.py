@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from signer.config import ConfigError
 from signer.pki.der import serial_hex
 from signer.pki.legacy import (
     LegacyError,
@@ -44,6 +45,7 @@ from signer.pki.legacy import (
     parse_webdb_rows,
 )
 from signer.pki.revocation import encode_crl_entry
+from signer.server.config import SignerConfig
 from storage import (
     MAX_IMPORT_ENTRY_BYTES,
     BeginImport,
@@ -87,6 +89,20 @@ class IssuerCa:
     @property
     def key_id(self) -> bytes:
         return x509.SubjectKeyIdentifier.from_public_key(self.certificate.public_key()).digest
+
+
+def issuer_cas(config: SignerConfig) -> dict[str, IssuerCa]:
+    """The issuers of the signer's configuration, their certificates read."""
+    issuers = {}
+    for name, issuer in config.issuers.items():
+        try:
+            certificate = x509.load_pem_x509_certificate(issuer.certificate.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"issuer {name}: cannot read {issuer.certificate}: {exc}") from None
+        issuers[name] = IssuerCa(name, certificate)
+    if not issuers:
+        raise ConfigError("the signer's configuration has no issuers")
+    return issuers
 
 
 # --------------------------------------------------------------------------- the plan
