@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -381,7 +382,7 @@ def test_batches_stay_under_32_kib_whatever_the_records() -> None:
     assert bounds[0] == 0 and bounds[-1] == len(records)
     sizes = [
         len(encode(ImportX509("f" * 64, ISSUER, 2**31, tuple(records[a:b]))))
-        for a, b in zip(bounds, bounds[1:], strict=False)
+        for a, b in itertools.pairwise(bounds)
     ]
     assert max(sizes) <= MAX_IMPORT_ENTRY_BYTES
     assert sum(sizes) / len(sizes) > MAX_IMPORT_ENTRY_BYTES / 2  # and they are not tiny
