@@ -111,8 +111,8 @@ class SignerConfig(Section):
     replication: ReplicationSettings | None = None  # Raft between the signers
     control_socket: Path | None = Field(
         default=None,
-        description="the operator's UNIX socket (signer import, signer cluster); default: "
-        "replication's, else control.sock next to the repository",
+        description="a standalone signer's operator socket (signer import); default: "
+        "control.sock in the repository directory (with replication: replication.control_socket)",
     )
 
     _resolve = field_validator("profiles", "control_socket")(resolve)
@@ -150,7 +150,7 @@ class SignerConfig(Section):
         if self.control_socket is not None:
             return self.control_socket
         if self.repository is not None:
-            return self.repository.path.parent / "control.sock"
+            return self.repository.path / "control.sock"  # one per repository
         return None
 
     def issuing(self) -> bool:

@@ -1,7 +1,7 @@
 """The operator's UNIX socket: `signer cluster ...` and `signer import` talk to the running signer.
 
 The socket lives on the signer host only (mode 0600; in the journal directory with replication,
-else next to the repository): not on the serial line (the WebDB side must never change the
+else in the repository directory): not on the serial line (the WebDB side must never change the
 cluster or import history) and not on the network. One request per connection, one JSON line
 each way:
 
