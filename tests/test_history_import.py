@@ -684,3 +684,31 @@ def test_many_certificate_files_are_checked_in_worker_processes(
     assert [p.records for p in pooled] == [p.records for p in alone]
     assert [p.import_id for p in pooled] == [p.import_id for p in alone]
     assert all(p.counts["with_certificate"] == len(legacy.issued[p.issuer.name]) for p in pooled)
+
+
+async def test_webdb_rows_alone_continue_above_the_signers_own_crl(
+    legacy: LegacyCa, migrated: tuple, tmp_path: Path
+):
+    """Without the old crlnumber (WebDB rows only), the imported CRL is numbered above the
+    empty CRL the new signer published at its first start, so numbers never go back."""
+    rows = tmp_path / "rows.tsv"
+    rows.write_text(
+        "serial\trootcert\texpire\trevoked\n"
+        "3000\t2\t2029-01-01 00:00:00\t0000-00-00 00:00:00\n"
+        "3001\t2\t2029-01-01 00:00:00\t2024-05-06 07:08:09\n"
+    )
+    with LineEmulator(tmp_path / "line", baud=None) as line:
+        config_path = signer_yaml(migrated, tmp_path / "signer", line.end_a)
+        server = SignerServer(load(config_path, SignerConfig))
+        await server.start()
+        try:
+            done = await signer_cli("import", "--config", str(config_path), "--webdb-rows",
+                                    str(rows))  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert "the imported CRL takes number 3" in done.stdout
+            assert "first CRL after the import: number 4, 1 entries" in done.stdout
+            key_id = server.ca.issuers["class3"].key_id
+            assert {e.serial_number for e in x509.load_der_x509_crl(
+                server.ca.repository.latest_crl(key_id)["der"])} == {0x3001}  # fmt: skip
+        finally:
+            await server.stop()

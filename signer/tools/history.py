@@ -66,6 +66,9 @@ CRL_ENTRY_BOUND = 96  # the largest CRL entry: serial, time, reason, invalidity 
 ENTRY_OVERHEAD = 200  # an import_x509 entry besides its records (at most ~170)
 POOL_THRESHOLD = 2000  # certificate files checked in worker processes beyond this
 POOL_CHUNK = 1000
+TRANSIENT = frozenset({"not_committed", "no_quorum", "busy", "clock_behind"})
+RETRIES = 5  # a batch refused for a transient reason: the import continues by itself
+RETRY_SECONDS = 2.0
 INDEX = "index.txt"
 CERTS_DIR = "newcerts"
 CRL_FILES = ("crl.pem", "crl.der")
@@ -129,7 +132,9 @@ class IssuerPlan:
     def batches(self) -> int:
         return len(self.bounds) - 1
 
-    def begin(self, started_at: int) -> BeginImport:
+    def begin(self, started_at: int, after: int | None = None) -> BeginImport:
+        """The command that starts the import; `after`: the signer's last CRL number, which the
+        imported one must pass (a new signer published an empty CRL 2 at its first start)."""
         return BeginImport(
             import_id=self.import_id,
             issuer=self.issuer.key_id,
@@ -137,7 +142,7 @@ class IssuerPlan:
             certificates=len(self.records),
             revoked=self.counts["revoked"],
             listed=self.counts["listed"],
-            crl_number=self.crl_number,
+            crl_number=self.crl_number if after is None else max(self.crl_number, after + 1),
             crl_time=self.crl_time,
             removed_before=self.removed_before,
             started_at=started_at,
@@ -757,7 +762,13 @@ def run_import(
         }
     if state is None:
         started_at = int(time.time()) if now is None else now
-        _commit(path, plan.begin(started_at))
+        begin = plan.begin(started_at, after=status["crl_number"])
+        if begin.crl_number != plan.crl_number:
+            progress(
+                f"{name}: the signer's CRL {status['crl_number']} is above the earlier CA's last "
+                f"({plan.crl_number}): the imported CRL takes number {begin.crl_number}"
+            )
+        _commit(path, begin)
         applied, done = 0, 0
         progress(
             f"{name}: import {plan.import_id} begun: {len(plan.records):,} certificates "
@@ -771,8 +782,19 @@ def run_import(
         )
     meter = Meter(name, len(plan.records), done, out)
     started = time.monotonic()
-    if applied < plan.batches:
-        _stream(plan, path, applied + 1, meter)
+    for attempt in range(1, RETRIES + 1):
+        if applied >= plan.batches:
+            break
+        try:
+            _stream(plan, path, applied + 1, meter)
+            break
+        except ControlFailed as exc:  # the pair lost its leader for a moment, say
+            if exc.code not in TRANSIENT or attempt == RETRIES:
+                raise
+            progress(f"{name}: {exc.code}: {exc.message}; continuing in {RETRY_SECONDS} s")
+            time.sleep(RETRY_SECONDS)
+            now_state = control_call(path, {"cmd": "import_status"})["issuers"][name]["import"]
+            applied = now_state["applied_batches"]
     rate = meter.close()
     finished = _commit(path, plan.finish())
     seconds = time.monotonic() - started
