@@ -111,7 +111,9 @@ def parse_asn1_time(text: str) -> int:
     minute, second = divmod(rest, 100)
     midnight = _MIDNIGHTS.get(day)
     if midnight is None:
-        midnight = _MIDNIGHTS[day] = _midnight(day)
+        midnight = _midnight(day)
+        if midnight >= 0:
+            _MIDNIGHTS[day] = midnight  # valid days only: a few thousand in any history
     if midnight < 0 or hour > 23 or minute > 59 or second > 59:
         raise LegacyError(f"time {text[:40]!r} is out of range")
     return midnight + 3600 * hour + 60 * minute + second
@@ -134,10 +136,12 @@ def _timestamp(text: str, *fields: int) -> int:
     """Unix seconds of (year, month, day, hour, minute, second) UTC; LegacyError if no such."""
     year, month, day, hour, minute, second = fields
     try:
-        moment = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+        moment = int(datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp())
     except ValueError:
-        raise LegacyError(f"time {text[:40]!r} is out of range") from None
-    return int(moment.timestamp())
+        moment = -1
+    if moment < 0:  # no such time, or before 1970 (the repository keeps Unix seconds from 0)
+        raise LegacyError(f"time {text[:40]!r} is out of range")
+    return moment
 
 
 def asn1_time(moment: int) -> str:
