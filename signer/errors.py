@@ -84,6 +84,8 @@ class ErrorCode(StrEnum):
     NO_QUORUM = "no_quorum"
     NOT_COMMITTED = "not_committed"
     CLOCK_BEHIND = "clock_behind"
+    # Imports of an earlier CA's history (signer/server/importer.py; control socket only)
+    IMPORT_CONFLICT = "import_conflict"
 
 
 class SignerError(Exception):

@@ -7,8 +7,15 @@ typed result; see docs/repository.md.
 from storage.check import ConsistencyReport
 from storage.commands import (
     COMMAND_TYPES,
+    IMPORT_OPS,
+    MAX_IMPORT_ENTRY_BYTES,
+    BeginImport,
     CertifyOpenpgp,
     Command,
+    FinishImport,
+    ImportCommand,
+    ImportedCertificate,
+    ImportX509,
     Invalid,
     IssueX509,
     Noop,
@@ -21,8 +28,9 @@ from storage.commands import (
 )
 from storage.crl import crl_block_rows
 from storage.errors import InvalidArgument, RepositoryError
+from storage.imports import ImportState
 from storage.layout import serial_bytes
-from storage.repository import DEFAULT_MAP_SIZE, Repository, RevokedEntry
+from storage.repository import DEFAULT_MAP_SIZE, CertificateRecord, Repository, RevokedEntry
 from storage.results import (
     AlreadyRevoked,
     Certified,
@@ -30,6 +38,7 @@ from storage.results import (
     CrlRecorded,
     Done,
     Duplicate,
+    ImportProgress,
     Issued,
     MetaSet,
     Reason,
@@ -46,9 +55,13 @@ from storage.schema import MIGRATIONS, SCHEMA_VERSION
 __all__ = [
     "COMMAND_TYPES",
     "DEFAULT_MAP_SIZE",
+    "IMPORT_OPS",
+    "MAX_IMPORT_ENTRY_BYTES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "AlreadyRevoked",
+    "BeginImport",
+    "CertificateRecord",
     "Certified",
     "CertifyOpenpgp",
     "Command",
@@ -57,6 +70,12 @@ __all__ = [
     "CrlRecorded",
     "Done",
     "Duplicate",
+    "FinishImport",
+    "ImportCommand",
+    "ImportProgress",
+    "ImportState",
+    "ImportX509",
+    "ImportedCertificate",
     "Invalid",
     "InvalidArgument",
     "IssueX509",

@@ -11,8 +11,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from storage.commands import (
+    BeginImport,
     CertifyOpenpgp,
     Command,
+    FinishImport,
+    ImportX509,
     Invalid,
     IssueX509,
     Noop,
@@ -25,6 +28,7 @@ from storage.commands import (
     encode,
 )
 from storage.crl import apply_publish_crl, apply_record_crl
+from storage.imports import apply_begin_import, apply_finish_import, apply_import_x509, importing
 from storage.layout import cert_key, openpgp_key, revseq_key, serial_bytes
 from storage.results import (
     AlreadyRevoked,
@@ -131,6 +135,9 @@ def _apply_issue(w: Writer, index: int, c: IssueX509) -> Result:
     known = _known_request(w, c)
     if known is not None:
         return known
+    refused = importing(w, c.issuer)
+    if refused is not None:
+        return refused
     key = cert_key(c.issuer, c.serial)
     if w.has("certs", key):
         message = f"serial {c.serial:#x} is already used by another certificate of this issuer"
@@ -162,7 +169,8 @@ def _apply_issue(w: Writer, index: int, c: IssueX509) -> Result:
 
 
 def revocation_of(issuer: bytes, serial: int, entry: list[Any], kind: type[_R]) -> _R:
-    """The public view of a `revoked` value (see `_revoked_value` for the positions)."""
+    """The public view of a `revoked` value (see `_revoked_value` for the positions); an
+    imported revocation has no request id (None)."""
     seq, revoked_at, reason, invalidity_date, _not_after, request_id, _crl_entry = entry
     return kind(request_id, issuer, serial, seq, reason, revoked_at, invalidity_date)
 
@@ -176,6 +184,9 @@ def _apply_revoke(w: Writer, index: int, c: RevokeX509) -> Result:
     known = _known_request(w, c)
     if known is not None:
         return known
+    refused = importing(w, c.issuer)
+    if refused is not None:
+        return refused
     key = cert_key(c.issuer, c.serial)
     cert = w.get("certs", key)
     if cert is None:
@@ -215,6 +226,12 @@ def _apply_certify(w: Writer, index: int, c: CertifyOpenpgp) -> Result:
     return result
 
 
+def _apply_publish(w: Writer, index: int, c: PublishCrl) -> Result:
+    """No CRL of an issuer while its history is imported (its membership is being built)."""
+    refused = importing(w, c.issuer)
+    return refused if refused is not None else apply_publish_crl(w, index, c)
+
+
 def _apply_noop(w: Writer, index: int, c: Noop) -> Result:
     return Done()
 
@@ -233,8 +250,11 @@ _HANDLERS: dict[type[Any], Callable[[Writer, int, Any], Result]] = {
     IssueX509: _apply_issue,
     RevokeX509: _apply_revoke,
     RecordCrl: apply_record_crl,
-    PublishCrl: apply_publish_crl,
+    PublishCrl: _apply_publish,
     CertifyOpenpgp: _apply_certify,
     Noop: _apply_noop,
     SetMeta: _apply_set_meta,
+    BeginImport: apply_begin_import,
+    ImportX509: apply_import_x509,
+    FinishImport: apply_finish_import,
 }

@@ -11,6 +11,7 @@ import lmdb
 
 from storage.crl import crl_block_rows, last_crl_history
 from storage.layout import (
+    IMPORT_META_PREFIX,
     ISSUER_SIZE,
     META_APPLIED_INDEX,
     META_SCHEMA_VERSION,
@@ -18,6 +19,7 @@ from storage.layout import (
     Dbs,
     cert_key,
     crl_expiry_key,
+    import_meta_key,
     new_counters,
     openpgp_key,
     revseq_key,
@@ -51,10 +53,12 @@ class ConsistencyReport:
 class Checker:
     """Cross-checks every index against the records in one read transaction.
 
-    Rules: each certificate's request is an issue_x509 request naming it; each issue_x509,
-    revoke_x509 and certify_openpgp request names an existing record made by it; a certificate is
-    revoked iff it has a `revoked` entry with the same seq; each revocation has its `revseq` entry
-    and vice versa; per-issuer counters equal what the records count. Memory stays O(issuers).
+    Rules: each certificate's request is an issue_x509 request naming it (an imported one: its
+    issuer's recorded import); each issue_x509, revoke_x509 and certify_openpgp request names an
+    existing record made by it; a certificate is revoked iff it has a `revoked` entry with the
+    same seq (revoked by no request only if imported); each revocation has its `revseq` entry
+    and vice versa; per-issuer counters and import counts equal what the records count. Memory
+    stays O(issuers).
     """
 
     def __init__(self, txn: lmdb.Transaction, dbs: Dbs):
@@ -62,6 +66,7 @@ class Checker:
         self.dbs = dbs
         self.report = ConsistencyReport()
         self.tally: dict[bytes, dict[str, int]] = {}
+        self.imported: dict[bytes, int] = {}  # issuer -> imported certificates seen
 
     def run(self) -> ConsistencyReport:
         steps = (
@@ -75,6 +80,7 @@ class Checker:
             self._crl_members,
             self._crl_history,
             self._counters,
+            self._imports,
         )
         for step in steps:
             try:
@@ -118,6 +124,10 @@ class Checker:
                 continue
             issuer, serial = key[:ISSUER_SIZE], serial_int(key[ISSUER_SIZE:])
             self._issuer(issuer)["certificates"] += 1
+            if "import_id" in cert:
+                self._imported_cert(label, issuer, cert)
+                self._cert_revocation(label, key, cert)
+                continue
             request = self._get("requests", cert["request_id"].encode("utf-8"))
             if request is None or request["op"] != "issue_x509":
                 self.report.add(f"{label}: its request {cert['request_id']!r} is not recorded")
@@ -126,6 +136,12 @@ class Checker:
             ):
                 self.report.add(f"{label}: request {cert['request_id']!r} names another cert")
             self._cert_revocation(label, key, cert)
+
+    def _imported_cert(self, label: str, issuer: bytes, cert: dict[str, Any]) -> None:
+        self.imported[issuer] = self.imported.get(issuer, 0) + 1
+        state = self._get("meta", import_meta_key(issuer))
+        if state is None or state["import_id"] != cert["import_id"]:
+            self.report.add(f"{label}: its import {cert['import_id']!r} is not recorded")
 
     def _cert_revocation(self, label: str, key: bytes, cert: dict[str, Any]) -> None:
         revoked = self._get("revoked", key)
@@ -151,6 +167,10 @@ class Checker:
                 self.report.add(f"{label}: no such certificate")
             if self._get("revseq", revseq_key(issuer, seq)) != serial_raw:
                 self.report.add(f"{label}: revseq {seq} does not point back to it")
+            if request_id is None:
+                if "import_id" not in (self._get("certs", key) or {}):
+                    self.report.add(f"{label}: revoked by no request, but not imported")
+                continue
             request = self._get("requests", request_id.encode("utf-8"))
             if request is None or request["op"] != "revoke_x509":
                 self.report.add(f"{label}: its request {request_id!r} is not recorded")
@@ -264,6 +284,23 @@ class Checker:
                 self.report.add(
                     f"issuers {issuer.hex()}: counters {stored.get(issuer)} but records "
                     f"give {expected}"
+                )
+
+    def _imports(self) -> None:
+        """Each import's counts are what its records show."""
+        prefix = IMPORT_META_PREFIX.encode()
+        cursor = self.txn.cursor(self.dbs["meta"])
+        if not cursor.set_range(prefix):
+            return
+        for key, raw in cursor:
+            if not bytes(key).startswith(prefix):
+                return
+            issuer = bytes.fromhex(bytes(key[len(prefix) :]).decode())
+            state = unpack(raw)
+            if self.imported.get(issuer, 0) != state["applied_certificates"]:
+                self.report.add(
+                    f"meta {bytes(key).decode()}: {state['applied_certificates']} imported, "
+                    f"{self.imported.get(issuer, 0)} certificates of the import found"
                 )
 
 

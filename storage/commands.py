@@ -18,11 +18,18 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
-from storage.layout import RESERVED_META, SERIAL_SIZE, pack, serial_bytes, serial_int
+from storage.layout import (
+    IMPORT_META_PREFIX,
+    RESERVED_META,
+    SERIAL_SIZE,
+    pack,
+    serial_bytes,
+    serial_int,
+)
 from storage.results import Reason
 
 SERIAL_LIMIT = 2**159  # exclusive; RFC 5280 allows 20 octets, positive
@@ -37,6 +44,12 @@ FINGERPRINT_SIZES = (20, 32)  # OpenPGP v4 (SHA-1) and v5/v6 (SHA-256)
 CRL_REASONS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10})  # RFC 5280 CRLReason; 7 is unused
 MAX_META_NAME_BYTES = 64
 MAX_META_BYTES = 1 << 20
+MAX_IMPORT_ENTRY_BYTES = 32 * 1024  # an import batch, encoded: small log entries only
+MAX_IMPORT_ID_BYTES = 64
+MAX_SUBJECT_BYTES = 4096
+MAX_FILE_BYTES = 1024
+BATCH_LIMIT = 2**32
+IMPORT_STATUSES = ("V", "R", "E")  # openssl ca's index.txt: valid, revoked, marked expired
 
 
 # --------------------------------------------------------------------------- the commands
@@ -138,13 +151,100 @@ class SetMeta:
     value: bytes
 
 
-Command = IssueX509 | RevokeX509 | RecordCrl | PublishCrl | CertifyOpenpgp | Noop | SetMeta
+class ImportedCertificate(NamedTuple):
+    """One certificate of an earlier CA's history (openssl ca's index.txt, the WebDB), with
+    everything decided: its CRL entry encoded, whether the imported CRL lists it. A tuple:
+    an import builds and decodes millions of them."""
+
+    serial: int
+    not_before: int | None  # None: only the index was there, not the certificate
+    not_after: int
+    subject: bytes  # as the earlier CA wrote it (openssl's one-line form), byte for byte
+    file: bytes  # index.txt's file name column (usually b"unknown")
+    status: str  # "V", "R" or "E" as index.txt says
+    revoked_at: int | None
+    reason: int | None  # 0: an explicit "unspecified" (left out of the CRL entry)
+    invalidity_date: int | None
+    crl_entry: bytes | None  # for a revoked one
+    listed: bool  # on the imported CRL: revoked and not expired before its cut
+    der: bytes | None  # the certificate, when its file was imported
+
+
+@dataclass(frozen=True)
+class BeginImport:
+    """An import of an issuer's history starts: what it will bring and the CRL it continues.
+
+    The issuer must have no certificate and no published CRL yet. `crl_number` is the earlier
+    CA's last CRL number; `crl_time` the thisUpdate of the CRL the import stands for (its
+    entries: the revocations marked `listed`); `removed_before` what that CRL's retention let go
+    (docs/crl.md §3)."""
+
+    op: ClassVar[str] = "begin_import"
+    import_id: str  # names the input: the same input resumes the same import
+    issuer: bytes
+    batches: int
+    certificates: int
+    revoked: int
+    listed: int
+    crl_number: int
+    crl_time: int
+    removed_before: int | None
+    started_at: int
+    source: str  # what was imported, for the record
+
+
+@dataclass(frozen=True)
+class ImportX509:
+    """One batch of an import, in serial order after the batch before it (at most
+    MAX_IMPORT_ENTRY_BYTES encoded)."""
+
+    op: ClassVar[str] = "import_x509"
+    import_id: str
+    issuer: bytes
+    batch: int  # 1, 2, ...
+    certificates: tuple[ImportedCertificate, ...]
+
+
+@dataclass(frozen=True)
+class FinishImport:
+    """Every batch is in: the imported CRL becomes the issuer's last published one."""
+
+    op: ClassVar[str] = "finish_import"
+    import_id: str
+    issuer: bytes
+
+
+Command = (
+    IssueX509
+    | RevokeX509
+    | RecordCrl
+    | PublishCrl
+    | CertifyOpenpgp
+    | Noop
+    | SetMeta
+    | BeginImport
+    | ImportX509
+    | FinishImport
+)
 RequestCommand = IssueX509 | RevokeX509 | CertifyOpenpgp  # idempotent by request id
+ImportCommand = BeginImport | ImportX509 | FinishImport
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.op: cls
-    for cls in (IssueX509, RevokeX509, RecordCrl, PublishCrl, CertifyOpenpgp, Noop, SetMeta)
+    for cls in (
+        IssueX509,
+        RevokeX509,
+        RecordCrl,
+        PublishCrl,
+        CertifyOpenpgp,
+        Noop,
+        SetMeta,
+        BeginImport,
+        ImportX509,
+        FinishImport,
+    )
 }
 REQUEST_OPS = frozenset({IssueX509.op, RevokeX509.op, CertifyOpenpgp.op})
+IMPORT_OPS = frozenset({BeginImport.op, ImportX509.op, FinishImport.op})
 BIG_INT_FIELDS = frozenset({"serial", "crl_number"})  # carried as 20-byte bin
 BIG_INT_LISTS = frozenset({"removed"})
 
@@ -171,6 +271,8 @@ def encode(command: Command) -> bytes:
             value = _big_to_wire(value)
         elif field.name in BIG_INT_LISTS and isinstance(value, list | tuple):
             value = [_big_to_wire(item) for item in value]
+        elif field.name == "certificates" and isinstance(value, list | tuple):
+            value = [_imported_to_wire(item) for item in value]
         elif isinstance(value, tuple):
             value = list(value)
         fields[field.name] = value
@@ -183,6 +285,13 @@ def _big_to_wire(value: Any) -> Any:
     return value  # not a 20-byte number: encoded as it is, and refused by decode
 
 
+def _imported_to_wire(item: Any) -> Any:
+    """An imported certificate as an array in field order (millions of them: no field names)."""
+    if not isinstance(item, ImportedCertificate):
+        return item  # refused by decode
+    return [_big_to_wire(item[0]), *item[1:]]
+
+
 def decode(entry: bytes) -> Command:
     """The command in a log entry, validated; raises `Invalid` (deterministically)."""
     if not isinstance(entry, bytes):
@@ -191,7 +300,10 @@ def decode(entry: bytes) -> Command:
         fields = msgpack.unpackb(entry, raw=False, strict_map_key=False)
     except Exception:
         raise _bad("the log entry is not one msgpack value") from None
-    return from_fields(fields)
+    command = from_fields(fields)
+    if isinstance(command, ImportX509) and len(entry) > MAX_IMPORT_ENTRY_BYTES:
+        raise _bad(f"an import batch is {len(entry)} bytes, over {MAX_IMPORT_ENTRY_BYTES}")
+    return command
 
 
 def from_fields(fields: Any) -> Command:
@@ -224,6 +336,10 @@ def _check_cross_fields(command: Command) -> None:
         raise _bad("not_after is before not_before")
     if isinstance(command, RecordCrl | PublishCrl) and command.next_update < command.this_update:
         raise _bad("next_update is before this_update")
+    if isinstance(command, BeginImport) and not (
+        command.listed <= command.revoked <= command.certificates
+    ):
+        raise _bad("listed <= revoked <= certificates does not hold")
 
 
 # --------------------------------------------------------------------------- field rules
@@ -344,7 +460,7 @@ def _v_uids(name: str, value: Any) -> tuple[str, ...]:
 
 def _v_meta_name(name: str, value: Any) -> str:
     text = _utf8(name, value, MAX_META_NAME_BYTES)
-    if text in RESERVED_META:
+    if text in RESERVED_META or text.startswith(IMPORT_META_PREFIX):
         raise _bad(f"{name} {text!r} is the repository's own")
     return text
 
@@ -357,6 +473,119 @@ def _v_meta_value(name: str, value: Any) -> bytes:
 
 def _v_optional_meta_value(name: str, value: Any) -> bytes | None:
     return None if value is None else _v_meta_value(name, value)
+
+
+def _v_import_id(name: str, value: Any) -> str:
+    return _utf8(name, value, MAX_IMPORT_ID_BYTES)
+
+
+def _v_batch(name: str, value: Any) -> int:
+    return _int_in(name, value, 1, BATCH_LIMIT)
+
+
+def _v_batches(name: str, value: Any) -> int:
+    return _int_in(name, value, 1, BATCH_LIMIT)
+
+
+def _optional_bytes(name: str, value: Any) -> bytes | None:
+    return None if value is None else _v_blob(name, value)
+
+
+def _v_imported(name: str, value: Any) -> tuple[ImportedCertificate, ...]:
+    """A batch's certificates: 1 or more, each an array in field order, serials ascending."""
+    if not isinstance(value, list) or not value:
+        raise _bad(f"{name} must be a non-empty list")
+    certificates = tuple(
+        _imported_fast(item) or _imported(f"{name}[{i}]", item) for i, item in enumerate(value)
+    )
+    if any(a.serial >= b.serial for a, b in itertools.pairwise(certificates)):
+        raise _bad(f"{name} must be in strictly ascending serial order")
+    return certificates
+
+
+_IMPORTED_FIELDS = len(ImportedCertificate._fields)
+
+
+def _imported_fast(value: Any) -> ImportedCertificate | None:
+    """The usual record, checked in a few expressions (an import decodes millions); None sends
+    it to `_imported`, which accepts exactly the same records and says what is wrong."""
+    if type(value) is not list or len(value) != _IMPORTED_FIELDS:
+        return None
+    serial, not_before, not_after, subject, file, status, *rest = value
+    revoked_at, reason, invalidity, crl_entry, listed, der = rest
+    if not (
+        type(serial) is bytes
+        and len(serial) == SERIAL_SIZE
+        and type(not_after) is int
+        and 0 <= not_after < TIME_LIMIT
+        and (not_before is None or (type(not_before) is int and 0 <= not_before <= not_after))
+        and type(subject) is bytes
+        and len(subject) <= MAX_SUBJECT_BYTES
+        and type(file) is bytes
+        and len(file) <= MAX_FILE_BYTES
+        and type(listed) is bool
+        and (der is None or (type(der) is bytes and len(der) > 0))
+    ):
+        return None
+    if status == "R":
+        if not (
+            type(revoked_at) is int
+            and 0 <= revoked_at < TIME_LIMIT
+            and (reason is None or (type(reason) is int and reason in CRL_REASONS))
+            and (invalidity is None or (type(invalidity) is int and 0 <= invalidity < TIME_LIMIT))
+            and type(crl_entry) is bytes
+            and len(crl_entry) > 0
+        ):
+            return None
+    elif status not in IMPORT_STATUSES or (revoked_at, reason, invalidity, crl_entry, listed) != (
+        None,
+        None,
+        None,
+        None,
+        False,
+    ):
+        return None
+    number = serial_int(serial)
+    if not 1 <= number < SERIAL_LIMIT:
+        return None
+    return ImportedCertificate(number, not_before, not_after, subject, file, status, *rest)
+
+
+def _imported(name: str, value: Any) -> ImportedCertificate:
+    if not isinstance(value, list) or len(value) != _IMPORTED_FIELDS:
+        raise _bad(f"{name} must be an array of {_IMPORTED_FIELDS} fields")
+    serial, not_before, not_after, subject, file, status, *rest = value
+    revoked_at, reason, invalidity, crl_entry, listed, der = rest
+    if status not in IMPORT_STATUSES:
+        raise _bad(f"{name}: status must be V, R or E")
+    if not isinstance(listed, bool):
+        raise _bad(f"{name}: listed must be true or false")
+    certificate = ImportedCertificate(
+        serial=_v_serial(f"{name}.serial", serial),
+        not_before=_v_optional_time(f"{name}.not_before", not_before),
+        not_after=_v_time(f"{name}.not_after", not_after),
+        subject=_bytes(f"{name}.subject", subject, range(MAX_SUBJECT_BYTES + 1)),
+        file=_bytes(f"{name}.file", file, range(MAX_FILE_BYTES + 1)),
+        status=status,
+        revoked_at=_v_optional_time(f"{name}.revoked_at", revoked_at),
+        reason=_v_reason(f"{name}.reason", reason),
+        invalidity_date=_v_optional_time(f"{name}.invalidity_date", invalidity),
+        crl_entry=_optional_bytes(f"{name}.crl_entry", crl_entry),
+        listed=listed,
+        der=_optional_bytes(f"{name}.der", der),
+    )
+    revoked = status == "R"
+    if (certificate.revoked_at is None) == revoked or (certificate.crl_entry is None) == revoked:
+        raise _bad(f"{name}: a revocation time and CRL entry go with status R, and only with it")
+    if not revoked and (certificate.reason, certificate.invalidity_date, listed) != (
+        None,
+        None,
+        False,
+    ):
+        raise _bad(f"{name}: reason, invalidity date and listed go with status R only")
+    if certificate.not_before is not None and certificate.not_before > certificate.not_after:
+        raise _bad(f"{name}: not_after is before not_before")
+    return certificate
 
 
 _Rule = Callable[[str, Any], Any]
@@ -416,5 +645,28 @@ _SPECS: dict[str, dict[str, _Rule]] = {
         "name": _v_meta_name,
         "expected": _v_optional_meta_value,
         "value": _v_meta_value,
+    },
+    BeginImport.op: {
+        "import_id": _v_import_id,
+        "issuer": _v_issuer,
+        "batches": _v_batches,
+        "certificates": _v_seq,
+        "revoked": _v_seq,
+        "listed": _v_seq,
+        "crl_number": _v_crl_number,
+        "crl_time": _v_time,
+        "removed_before": _v_optional_time,
+        "started_at": _v_time,
+        "source": _v_text,
+    },
+    ImportX509.op: {
+        "import_id": _v_import_id,
+        "issuer": _v_issuer,
+        "batch": _v_batch,
+        "certificates": _v_imported,
+    },
+    FinishImport.op: {
+        "import_id": _v_import_id,
+        "issuer": _v_issuer,
     },
 }

@@ -156,6 +156,9 @@ def _publish_rejection(w: Writer, c: PublishCrl, last: tuple[int, Any] | None) -
     stale = _not_newer(w, c.issuer, c.crl_number)
     if stale is not None:
         return stale
+    if last is not None and c.crl_number <= last[0]:
+        message = f"crl_number {c.crl_number} is not greater than the last published {last[0]}"
+        return Rejected(Reason.CRL_NUMBER_NOT_NEWER, message)
     previous_seq, previous_entries = (0, 0)
     if last is not None:
         previous_seq, previous_entries = last[1]["revocation_seq"], last[1]["entries"]
@@ -282,3 +285,20 @@ def _update_members(w: Writer, issuer: bytes, changes: list[tuple[bytes, bytes |
             w.delete("crl_entries", key)
         _put_blocks(w, issuer, _merge_rows(rows, changes[i:j]), CRL_BLOCK_LIMIT)
         i = j
+
+
+def append_members(w: Writer, issuer: bytes, rows: list[Row]) -> None:
+    """Add members above every current one (an import, in serial order): the issuer's last
+    block is filled up to CRL_BLOCK_ENTRIES, then blocks of CRL_BLOCK_ENTRIES follow."""
+    if not rows:
+        return
+    cursor = w.txn.cursor(w.dbs["crl_entries"])
+    found = cursor.prev() if cursor.set_range(issuer + b"\xff" * SERIAL_SIZE) else cursor.last()
+    if found and cursor.key()[:ISSUER_SIZE] == issuer:
+        key = bytes(cursor.key())
+        last = crl_block_rows(*unpack(cursor.value()))
+        if len(last) < CRL_BLOCK_ENTRIES:
+            w.delete("crl_entries", key)
+            rows = last + rows
+    for start in range(0, len(rows), CRL_BLOCK_ENTRIES):
+        _put_blocks(w, issuer, rows[start : start + CRL_BLOCK_ENTRIES], CRL_BLOCK_ENTRIES)

@@ -31,6 +31,7 @@ DB_NAMES = (
 META_SCHEMA_VERSION = b"schema_version"
 META_APPLIED_INDEX = b"applied_index"
 RESERVED_META = frozenset({META_SCHEMA_VERSION.decode(), META_APPLIED_INDEX.decode()})
+IMPORT_META_PREFIX = "import:"  # meta names of the imports, one per issuer (storage/imports.py)
 DATA_FILE = "data.mdb"
 RESTORE_TEMP = "data.mdb.restoring"
 
@@ -79,6 +80,11 @@ def crl_history_key(issuer: bytes, crl_number: int) -> bytes:
 def openpgp_key(fingerprint: bytes, request_id: str) -> bytes:
     """Key of `openpgp`: len(fingerprint) (1) || fingerprint || request id (UTF-8)."""
     return bytes([len(fingerprint)]) + fingerprint + request_id.encode("utf-8")
+
+
+def import_meta_key(issuer: bytes) -> bytes:
+    """Key in `meta` of an issuer's import: `import:` || the issuer's key id in hex."""
+    return IMPORT_META_PREFIX.encode() + issuer.hex().encode()
 
 
 def new_counters() -> dict[str, int]:

@@ -42,6 +42,7 @@ from storage.commands import (
 )
 from storage.crl import Row, crl_block_rows, last_crl_history
 from storage.errors import InvalidArgument, RepositoryError
+from storage.imports import ImportState, read_state
 from storage.layout import (
     DATA_FILE,
     DB_NAMES,
@@ -53,6 +54,7 @@ from storage.layout import (
     Dbs,
     cert_key,
     crl_history_key,
+    import_meta_key,
     revseq_key,
     serial_int,
     unpack,
@@ -77,6 +79,21 @@ class RevokedEntry(NamedTuple):
     seq: int
 
 
+class CertificateRecord(NamedTuple):
+    """A certificate as an export needs it (`iter_certificates`): issued here or imported."""
+
+    serial: int
+    not_before: int | None
+    not_after: int
+    der: bytes | None  # None: imported from an index without the certificate file
+    profile: str | None  # None: imported
+    import_id: str | None  # the import that brought it, None: issued here
+    subject: bytes | None  # imported: as the earlier CA wrote it; None: read it from der
+    file: bytes | None
+    status: str | None  # imported: "V", "R" or "E" as index.txt said
+    revocation: RevokedEntry | None
+
+
 class Repository:
     """The certificate repository in an LMDB environment directory.
 
@@ -84,9 +101,10 @@ class Repository:
     (apply, apply_batch, restore) are serialised by an in-process lock.
     """
 
-    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE):
+    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False):
         self.path = Path(path)
         self.map_size = map_size
+        self.readonly = readonly  # reads only, beside the signer that writes (an export)
         self._lock = threading.Lock()
         self._env: lmdb.Environment | None = None
         self._dbs: Dbs = {}
@@ -95,6 +113,9 @@ class Repository:
     # ----------------------------------------------------------------- lifecycle
 
     def _open(self) -> None:
+        if self.readonly:
+            self._open_readonly()
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / RESTORE_TEMP).unlink(missing_ok=True)  # a restore that died before swap
@@ -124,6 +145,34 @@ class Repository:
         except BaseException:
             env.close()
             raise
+        self._env, self._dbs = env, dbs
+
+    def _open_readonly(self) -> None:
+        """Open for reading only, while the signer may write: never migrates, never creates."""
+        try:
+            env = lmdb.open(
+                str(self.path),
+                subdir=True,
+                readonly=True,
+                max_dbs=len(DB_NAMES) + 2,
+                lock=True,
+                create=False,
+            )
+        except lmdb.Error as exc:
+            raise _storage_error(f"opening repository {self.path} to read", exc) from exc
+        try:
+            dbs = {name: env.open_db(name.encode(), create=False) for name in DB_NAMES}
+            with env.begin() as txn:
+                version = unpack(_get(txn, META_SCHEMA_VERSION, dbs["meta"]))
+        except (lmdb.Error, RepositoryError) as exc:
+            env.close()
+            raise _storage_error(f"opening repository {self.path} to read", exc) from exc
+        if version != SCHEMA_VERSION:
+            env.close()
+            raise RepositoryError(
+                f"repository {self.path} has schema version {version}, this software "
+                f"{SCHEMA_VERSION}: open it once with the signer to migrate it"
+            )
         self._env, self._dbs = env, dbs
 
     def close(self) -> None:
@@ -246,15 +295,54 @@ class Repository:
         return {
             "issuer": issuer,
             "serial": serial,
-            "request_id": cert["request_id"],
-            "request_digest": cert["request_digest"],
-            "profile": cert["profile"],
+            "request_id": cert.get("request_id"),  # None, like the next three, when imported
+            "request_digest": cert.get("request_digest"),
+            "profile": cert.get("profile"),
             "not_before": cert["not_before"],
             "not_after": cert["not_after"],
-            "issued_at": cert["issued_at"],
+            "issued_at": cert.get("issued_at"),
             "der": cert["der"],
             "revocation": revocation,
+            "import_id": cert.get("import_id"),
         }
+
+    def iter_certificates(self, issuer: bytes) -> Iterator[CertificateRecord]:
+        """Every certificate of `issuer` in serial order, with its revocation (an export's
+        read: holds one read transaction until exhausted)."""
+        issuer = _check_arg_issuer(issuer)
+        with self._reading() as txn:
+            cursor = txn.cursor(self._dbs["certs"])
+            if not cursor.set_range(issuer):
+                return
+            for key, raw in cursor:
+                if key[:ISSUER_SIZE] != issuer:
+                    return
+                cert = unpack(raw)
+                revoked = None
+                if cert["revocation_seq"] is not None:
+                    raw_revoked = txn.get(key, db=self._dbs["revoked"])
+                    if raw_revoked is None:
+                        message = f"certs {bytes(key).hex()} is revoked without a revoked entry"
+                        raise RepositoryError(f"{message}: run check_consistency")
+                    revoked = _revoked_entry(key, raw_revoked)
+                yield CertificateRecord(
+                    serial_int(key[ISSUER_SIZE:]),
+                    cert["not_before"],
+                    cert["not_after"],
+                    cert["der"],
+                    cert.get("profile"),
+                    cert.get("import_id"),
+                    cert.get("subject"),
+                    cert.get("file"),
+                    cert.get("status"),
+                    revoked,
+                )
+
+    def import_state(self, issuer: bytes) -> ImportState | None:
+        """The issuer's import (storage/imports.py), or None if history was never imported."""
+        issuer = _check_arg_issuer(issuer)
+        with self._reading() as txn:
+            return read_state(issuer, txn.get(import_meta_key(issuer), db=self._dbs["meta"]))
 
     def serial_exists(self, issuer: bytes, serial: int) -> bool:
         key = cert_key(_check_arg_issuer(issuer), _check_arg_serial(serial))

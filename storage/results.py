@@ -28,6 +28,7 @@ class Reason(StrEnum):
     CRL_NUMBER_NOT_NEWER = "crl_number_not_newer"
     CRL_MISMATCH = "crl_mismatch"  # a publish_crl that does not fit the published state
     META_CONFLICT = "meta_conflict"  # set_meta: the stored value is not the expected one
+    IMPORT_CONFLICT = "import_conflict"  # an import that does not fit the issuer's state
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Revocation:
     """A certificate's revocation as the repository recorded it."""
 
     status: ClassVar[str] = "revocation"
-    request_id: str  # the revoke request that revoked it
+    request_id: str | None  # the revoke request that revoked it; None: imported revoked
     issuer: bytes
     serial: int
     seq: int  # the issuer's revocation sequence number
@@ -111,6 +112,21 @@ class MetaSet:
 
 
 @dataclass(frozen=True)
+class ImportProgress:
+    """Where an import stands after a begin_import, import_x509 or finish_import."""
+
+    status: ClassVar[str] = "import"
+    import_id: str
+    issuer: bytes
+    batches: int
+    applied_batches: int
+    certificates: int
+    applied_certificates: int
+    finished: bool
+    fresh: bool  # this command changed the state (False: it had been applied before)
+
+
+@dataclass(frozen=True)
 class Done:
     """A noop was applied."""
 
@@ -150,6 +166,7 @@ Result = (
     | CrlRecorded
     | CrlPublished
     | MetaSet
+    | ImportProgress
     | Done
     | Duplicate
     | Rejected

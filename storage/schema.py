@@ -21,7 +21,7 @@ from storage.layout import (
     unpack,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _migrate_0_to_1(txn: lmdb.Transaction, dbs: Dbs) -> None:
@@ -39,8 +39,17 @@ def _migrate_0_to_1(txn: lmdb.Transaction, dbs: Dbs) -> None:
         txn.put(issuer, pack(counters[issuer]), db=dbs["issuers"])
 
 
+def _migrate_1_to_2(txn: lmdb.Transaction, dbs: Dbs) -> None:
+    """Version 2 adds imported history (other `certs` and `revoked` values, import records in
+    `meta`, an imported `crl_history` record); nothing stored changes: the version only keeps a
+    signer that does not know them from opening a store that has them."""
+
+
 # MIGRATIONS[v] upgrades a store from version v to v + 1, inside the opening write transaction.
-MIGRATIONS: dict[int, Callable[[lmdb.Transaction, Dbs], None]] = {0: _migrate_0_to_1}
+MIGRATIONS: dict[int, Callable[[lmdb.Transaction, Dbs], None]] = {
+    0: _migrate_0_to_1,
+    1: _migrate_1_to_2,
+}
 
 
 def _refuse(path: Path, message: str) -> RepositoryError:

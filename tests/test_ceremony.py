@@ -580,3 +580,179 @@ def test_shipped_config_structure_runs(tmp_path: Path, softhsm_token: SoftHsmTok
     for name in ("root", "class3"):
         assert _pkilint_errors((out / f"{name}.der").read_bytes(), "certificate") == []
     assert not run_ceremony(tmp_path / "ceremony.yaml", progress=lambda _: None).changed
+
+
+# -- import mode: taking over an earlier CA's keys and certificates ------------------------------
+
+
+@pytest.fixture(scope="module")
+def legacy_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The earlier CA's files: keys/root.key (encrypted), keys/class3.key, root.crt, class3.crt."""
+    from legacy_ca import make_legacy_ca
+
+    return make_legacy_ca(tmp_path_factory.mktemp("legacy"), per_issuer=2).keys
+
+
+def _import_config(token: SoftHsmToken, keys: Path, **root: Any) -> dict[str, Any]:
+    return {
+        "hsm": {
+            "module": token.store.module,
+            "token_label": token.label,
+            "pin_file": str(token.pin_file),
+        },
+        "output_dir": "ca",
+        "keys": [
+            {"label": "root", "kind": "rsa-2048", "import_from": str(keys / "root.key"),
+             "passphrase_env": "OLD_ROOT_PASSPHRASE", **root},
+            {"label": "class3", "kind": "ec-p256", "import_from": str(keys / "class3.key")},
+        ],
+        "certificates": [
+            {"name": "class1", "key": "root", "existing": str(keys / "root.crt")},
+            {"name": "class3", "key": "class3", "issuer": "class1",
+             "existing": str(keys / "class3.crt")},
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture
+def root_passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
+    from legacy_ca import ROOT_PASSPHRASE
+
+    monkeypatch.setenv("OLD_ROOT_PASSPHRASE", ROOT_PASSPHRASE)
+
+
+@needs_openssl
+def test_imported_keys_sign_certificates_the_old_chain_verifies(
+    tmp_path: Path, softhsm_token: SoftHsmToken, legacy_keys: Path, root_passphrase: None
+) -> None:
+    path = _write(tmp_path / "ceremony.yaml", _import_config(softhsm_token, legacy_keys))
+    lines: list[str] = []
+    result = run_ceremony(path, progress=lines.append)
+    assert [(i.kind, i.name, i.status) for i in result.items] == [
+        ("key", "root", "imported"),
+        ("key", "class3", "imported"),
+        ("certificate", "class1", "created"),
+        ("certificate", "class3", "created"),
+    ]
+    out = tmp_path / "ca"
+    assert sorted(p.name for p in out.iterdir()) == ["class1.crt", "class1.der", "class3.crt",
+                                                     "class3.der"]  # fmt: skip
+    assert _load(out / "class3.crt") == _load(legacy_keys / "class3.crt")
+    with Hsm(softhsm_token.settings()) as hsm:
+        for label, cert in (("root", "root.crt"), ("class3", "class3.crt")):
+            info = hsm.key_info(label)
+            assert (info["sensitive"], info["extractable"], info["sign"]) == (True, False, True)
+            public = _load(legacy_keys / cert).public_key()
+            assert info["id"] == x509.SubjectKeyIdentifier.from_public_key(public).digest.hex()
+            assert hsm.key(label).public_key() == public
+        # a certificate signed in the token with the imported class 3 key
+        leaf_key = ec.generate_private_key(ec.SECP256R1())
+        class3 = _load(legacy_keys / "class3.crt")
+        now = dt.datetime.now(dt.UTC)
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "new.example")]))
+            .issuer_name(class3.subject)
+            .public_key(leaf_key.public_key())
+            .serial_number(2**127 + 5)
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=30))
+            .sign(_key(hsm, "class3"), hashes.SHA256())
+        )
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    check = _openssl("verify", "-CAfile", str(legacy_keys / "root.crt"), "-untrusted",
+                     str(legacy_keys / "class3.crt"), str(tmp_path / "leaf.pem"))  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    # re-run: nothing changes; the passphrase never shows
+    again = run_ceremony(path, progress=lines.append)
+    assert not again.changed
+    from legacy_ca import ROOT_PASSPHRASE
+
+    assert not any(ROOT_PASSPHRASE in line for line in lines)
+
+
+def test_import_refusals_leave_the_token_alone(
+    tmp_path: Path, softhsm_token: SoftHsmToken, legacy_keys: Path, root_passphrase: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    def refused(config: dict[str, Any], words: str) -> None:
+        path = _write(tmp_path / "ceremony.yaml", config)
+        with pytest.raises(CeremonyError, match=words):
+            run_ceremony(path, progress=lambda _: None)
+        with Hsm(softhsm_token.settings()) as hsm:
+            assert not hsm.has_key("root") and not hsm.has_key("class3")
+
+    config = _import_config(softhsm_token, legacy_keys)
+    monkeypatch.setenv("OLD_ROOT_PASSPHRASE", "not the passphrase")
+    refused(config, "cannot read the private key")
+    monkeypatch.delenv("OLD_ROOT_PASSPHRASE")
+    refused(config, "OLD_ROOT_PASSPHRASE is not set")
+    from legacy_ca import ROOT_PASSPHRASE
+
+    monkeypatch.setenv("OLD_ROOT_PASSPHRASE", ROOT_PASSPHRASE)
+    crossed = _import_config(softhsm_token, legacy_keys)
+    crossed["certificates"][1]["existing"] = str(legacy_keys / "root.crt")
+    refused(crossed, "does not belong to key 'class3'")
+    wrong_kind = _import_config(softhsm_token, legacy_keys)
+    wrong_kind["keys"][1]["kind"] = "ec-p384"
+    refused(wrong_kind, "holds a ec-p256 key, the config says ec-p384")
+    plain = _import_config(softhsm_token, legacy_keys)
+    plain["keys"][1]["passphrase_env"] = "OLD_ROOT_PASSPHRASE"
+    refused(plain, "encrypted or not as not expected")
+
+
+def test_a_different_key_under_the_label_is_never_overwritten(
+    tmp_path: Path, softhsm_token: SoftHsmToken, legacy_keys: Path, root_passphrase: None
+) -> None:
+    with Hsm(softhsm_token.settings(), read_write=True) as hsm:
+        hsm.generate_key("class3", "ec-p256")
+    path = _write(tmp_path / "ceremony.yaml", _import_config(softhsm_token, legacy_keys))
+    with pytest.raises(CeremonyError, match="holds another key labelled 'class3'"):
+        run_ceremony(path, progress=lambda _: None)
+    with Hsm(softhsm_token.settings(), read_write=True) as hsm:
+        assert not hsm.has_key("root")  # checked before anything was written
+        key = serialization.load_pem_private_key((legacy_keys / "class3.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        with pytest.raises(SignerError, match="refusing to overwrite"):
+            hsm.import_key("class3", key, b"\x01")
+
+
+@pytest.mark.skipif(shutil.which("pkcs11-tool") is None, reason="OpenSC not installed")
+def test_keys_written_by_pkcs11_tool_are_taken_as_they_are(
+    tmp_path: Path, softhsm_token: SoftHsmToken, legacy_keys: Path, root_passphrase: None
+) -> None:
+    """docs/migration.md's path for tokens that refuse C_CreateObject of private keys: the key
+    goes in with OpenSC's pkcs11-tool, the ceremony then only takes the certificate."""
+    key = serialization.load_pem_private_key((legacy_keys / "class3.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    key_id = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest.hex()
+    (tmp_path / "class3.key.der").write_bytes(
+        key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    )  # fmt: skip
+    (tmp_path / "class3.pub.der").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.DER,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+    )  # fmt: skip
+    for kind, name, flags in (("privkey", "class3.key.der", ["--sensitive", "--private"]),
+                              ("pubkey", "class3.pub.der", [])):  # fmt: skip
+        done = subprocess.run(
+            ["pkcs11-tool", "--module", softhsm_token.store.module, "--token-label",
+             softhsm_token.label, "--login", "--pin", softhsm_token.pin, "--write-object",
+             str(tmp_path / name), "--type", kind, "--id", key_id, "--label", "class3",
+             "--usage-sign", *flags],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    config = _import_config(softhsm_token, legacy_keys)
+    config["keys"][1] = {"label": "class3", "kind": "ec-p256"}  # in the token already
+    path = _write(tmp_path / "ceremony.yaml", config)
+    result = run_ceremony(path, progress=lambda _: None)
+    assert [(i.name, i.status) for i in result.items if i.kind == "key"] == [
+        ("root", "imported"),
+        ("class3", "exists"),
+    ]
+    with Hsm(softhsm_token.settings()) as hsm:
+        info = hsm.key_info("class3")
+        assert (info["sensitive"], info["extractable"], info["id"]) == (True, False, key_id)
+        assert hsm.key("class3").public_key() == key.public_key()

@@ -53,6 +53,7 @@ from storage import (
     RevokeX509,
     encode,
 )
+from storage.layout import DB_NAMES
 
 ISSUER_A = bytes(range(20))
 ISSUER_B = bytes(range(100, 120))
@@ -668,7 +669,8 @@ def layout_log() -> list[Command]:
 
 # The content digest this log gives with the repository of before typed commands (commit
 # 8317627, its commands as dicts): the stored bytes are unchanged (docs/repository.md §3).
-LAYOUT_DIGEST = "f2c07a512cf47ecbed04294715475626e8569b2a47643e0dc3328a0816d7de03"
+LAYOUT_DIGEST = "f2c07a512cf47ecbed04294715475626e8569b2a47643e0dc3328a0816d7de03"  # version 1
+LAYOUT_DIGEST_V2 = "861800a17a3596c1d0855ace91b13d5eec2cce86b0afe066316aceb63dbb9efc"
 
 
 def test_the_stored_bytes_are_those_of_the_earlier_version(repo: Repository) -> None:
@@ -686,7 +688,29 @@ def test_the_stored_bytes_are_those_of_the_earlier_version(repo: Repository) -> 
         "rejected",
     ]
     assert repo.check_consistency().ok
-    assert repo.content_digest().hex() == LAYOUT_DIGEST
+    assert repo.content_digest().hex() == LAYOUT_DIGEST_V2
+    repo.close()
+    _set_version(repo.path, 1)  # version 2 (imports) changed no byte of this log's state but that
+    env = lmdb.open(str(repo.path), max_dbs=16, readonly=True)
+    try:
+        assert _digest_of(env).hex() == LAYOUT_DIGEST
+    finally:
+        env.close()
+
+
+def _digest_of(env: lmdb.Environment) -> bytes:
+    """content_digest of a closed store, without opening it as a Repository (which migrates)."""
+    digest = hashlib.sha256(b"cacert-signer repository content v1\x00")
+    with env.begin() as txn:
+        for name in DB_NAMES:
+            digest.update(b"D" + _frame(name.encode()))
+            for key, value in txn.cursor(env.open_db(name.encode(), txn=txn, create=False)):
+                digest.update(b"K" + _frame(key) + b"V" + _frame(value))
+    return digest.digest()
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "big") + bytes(data)
 
 
 # --------------------------------------------------------------------------- consistency check
@@ -887,7 +911,9 @@ def test_version_0_without_migration_is_refused(tmp_path: Path, monkeypatch) -> 
         Repository(path)
 
 
-@pytest.mark.parametrize(("version", "words"), [(2, "newer"), ("one", "unreadable")])
+@pytest.mark.parametrize(
+    ("version", "words"), [(SCHEMA_VERSION + 1, "newer"), ("one", "unreadable")]
+)
 def test_newer_or_unknown_version_is_refused(tmp_path: Path, version: Any, words: str) -> None:
     path = tmp_path / "repo"
     _populated(path)

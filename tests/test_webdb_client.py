@@ -964,3 +964,16 @@ async def test_failover_to_the_other_line_while_requests_are_in_flight(ca, tmp_p
                 "not answering" in alerts[0].text and str(signer.cables[0].end_b) in alerts[0].text
             )
             assert alerts[0].unanswered and alerts[0].line == str(signer.cables[0].end_b)
+
+
+def test_what_waits_and_what_counts_against_a_row() -> None:
+    """Refusals that are not the row's fault wait at no cost to its warning count."""
+    from signer.client.webdb.client import is_transient
+    from signer.errors import LinkDown
+
+    for code in (ErrorCode.BUSY, ErrorCode.NO_QUORUM, ErrorCode.IMPORT_CONFLICT):
+        assert is_transient(SignerError(code, "wait"))
+    assert is_transient(LinkDown("unplugged"))
+    for code in (ErrorCode.BAD_CSR, ErrorCode.WEAK_KEY, ErrorCode.LINT_FAILED):
+        assert not is_transient(SignerError(code, "the row's fault"))
+    assert not is_transient(RowError("no CSR file"))

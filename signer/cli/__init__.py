@@ -23,6 +23,8 @@ from signer.cli import (
     client,
     cluster,
     demo,
+    history_export,
+    history_import,
     line_emulator,
     openpgp,
     serve,
@@ -50,6 +52,8 @@ VERBS: dict[str, Verb] = {
     "openpgp-export": openpgp,
     "webdb-client": webdb,
     "cluster": cluster,
+    "import": history_import,
+    "export": history_export,
 }
 
 

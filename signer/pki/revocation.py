@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from asn1crypto import crl as asn1_crl
-
 from signer.errors import ErrorCode, SignerError
+from signer.pki.der import der_generalized_time, der_integer, der_time, der_tlv
 
 # RFC 5280 §5.3.1 CRLReason; 7 is unused; unspecified (0) is never encoded (omit the extension);
 # removeFromCRL (8) belongs to delta CRLs only.
@@ -36,6 +35,8 @@ _ASN1_REASONS = {
     10: "aa_compromise",
 }
 FUTURE_TOLERANCE = timedelta(minutes=5)
+_REASON_OID = bytes.fromhex("0603551d15")  # id-ce-cRLReasons 2.5.29.21
+_INVALIDITY_OID = bytes.fromhex("0603551d18")  # id-ce-invalidityDate 2.5.29.24
 
 
 def reason_code(name: str | None) -> int | None:
@@ -65,30 +66,26 @@ def crl_entry(
     serial: int, revoked_at: datetime, reason: int | None, invalidity_date: datetime | None
 ) -> bytes:
     """DER of one revokedCertificates entry (RFC 5280 §5.1.2.6), extensions non-critical."""
-    extensions = []
-    if reason is not None:
-        extensions.append(
-            {"extn_id": "crl_reason", "critical": False, "extn_value": _ASN1_REASONS[reason]}
-        )
+    invalidity = None if invalidity_date is None else int(invalidity_date.timestamp())
+    return encode_crl_entry(serial, int(revoked_at.timestamp()), reason, invalidity)
+
+
+def encode_crl_entry(
+    serial: int, revoked_at: int, reason: int | None, invalidity_date: int | None
+) -> bytes:
+    """`crl_entry` on Unix seconds, written by hand: an import encodes hundreds of thousands.
+
+    reasonCode is left out for None and for unspecified (0), as RFC 5280 §5.3.1 asks; the
+    invalidityDate is a GeneralizedTime (§5.3.2)."""
+    extensions = b""
+    if reason:
+        if reason not in _ASN1_REASONS:
+            raise ValueError(f"not a CRL entry reason: {reason}")
+        extensions += der_tlv(0x30, _REASON_OID + der_tlv(0x04, bytes((0x0A, 1, reason))))
     if invalidity_date is not None:
-        extensions.append(
-            {
-                "extn_id": "invalidity_date",
-                "critical": False,
-                "extn_value": invalidity_date.astimezone(UTC).replace(microsecond=0),
-            }
-        )
-    entry: dict[str, object] = {
-        "user_certificate": serial,
-        "revocation_date": _time(revoked_at),
-    }
+        value = der_generalized_time(invalidity_date)
+        extensions += der_tlv(0x30, _INVALIDITY_OID + der_tlv(0x04, value))
+    body = der_integer(serial) + der_time(revoked_at)
     if extensions:
-        entry["crl_entry_extensions"] = extensions
-    der: bytes = asn1_crl.RevokedCertificate(entry).dump()
-    return der
-
-
-def _time(moment: datetime) -> dict[str, datetime]:
-    """UTCTime through 2049, GeneralizedTime from 2050 (RFC 5280 §5.1.2.4)."""
-    moment = moment.astimezone(UTC).replace(microsecond=0)
-    return {"utc_time": moment} if moment.year < 2050 else {"general_time": moment}
+        body += der_tlv(0x30, extensions)
+    return der_tlv(0x30, body)

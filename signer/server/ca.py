@@ -149,6 +149,7 @@ class CertificateAuthority:
             return self._issued_result(recorded)
         profile = self.profiles.get(args.profile)
         issuer = self._issuer_named(profile.issuer)
+        self._not_importing(issuer)
         request = IssuanceRequest(
             csr=args.csr,
             profile=args.profile,
@@ -353,6 +354,16 @@ class CertificateAuthority:
                 f"request id {ctx.request_id!r} was used before for another request",
             )
         return recorded.result
+
+    def _not_importing(self, issuer: Issuer) -> None:
+        """Nothing is signed for an issuer whose history is being imported (the repository
+        would refuse to record it)."""
+        state = self.repository.import_state(issuer.key_id)
+        if state is not None and not state.finished:
+            raise SignerError(
+                ErrorCode.IMPORT_CONFLICT,
+                f"the history of {issuer.name} is being imported: issuing resumes after it",
+            )
 
     def _issuer_named(self, name: str) -> Issuer:
         issuer = self.issuers.get(name)

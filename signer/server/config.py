@@ -114,6 +114,11 @@ class SignerConfig(Section):
     openpgp: OpenPgpConfig | None = None
     crl: CrlConfig = Field(default_factory=CrlConfig)
     replication: ReplicationSettings | None = None  # Raft between the signers
+    control_socket: Path | None = Field(
+        default=None,
+        description="a standalone signer's operator socket (signer import); default: "
+        "control.sock in the repository directory (with replication: replication.control_socket)",
+    )
 
     @field_validator("profiles")
     @classmethod
@@ -124,6 +129,14 @@ class SignerConfig(Section):
         if str(value) in PROFILE_SETS:
             return PROFILE_SETS[str(value)]
         return resolve(value, info)
+
+    _resolve = field_validator("control_socket")(resolve)
+
+    @model_validator(mode="after")
+    def _one_socket(self) -> SignerConfig:
+        if self.control_socket is not None and self.replication is not None:
+            raise ValueError("with replication, set replication.control_socket instead")
+        return self
 
     @model_validator(mode="after")
     def _openpgp_needs(self) -> SignerConfig:
@@ -144,6 +157,16 @@ class SignerConfig(Section):
     ) -> ReplicationSettings | None:
         base = (info.context or {}).get("base_dir")
         return value.resolved(base) if value is not None and base is not None else value
+
+    def control_path(self) -> Path | None:
+        """Where the operator's socket is (None without a repository: nothing to control)."""
+        if self.replication is not None:
+            return self.replication.socket_path
+        if self.control_socket is not None:
+            return self.control_socket
+        if self.repository is not None:
+            return self.repository.path / "control.sock"  # one per repository
+        return None
 
     def issuing(self) -> bool:
         """Whether the X.509 part is configured (all four pieces are needed together)."""

@@ -1,13 +1,18 @@
-"""`signer cluster ...`: the operator's commands, sent to the running signer on its UNIX socket.
+"""The operator's UNIX socket: `signer cluster ...` and `signer import` talk to the running signer.
 
-The socket lives on the signer host only (mode 0600, in the journal directory by default): not
-on the serial line (the WebDB side must never change the cluster) and not on the network.
-One request per connection, one JSON line each way:
+The socket lives on the signer host only (mode 0600; in the journal directory with replication,
+else in the repository directory): not on the serial line (the WebDB side must never change the
+cluster or import history) and not on the network. One request per connection, one JSON line
+each way:
 
     {"cmd": "status"}                                   -> {"ok": true, "result": {...}}
     {"cmd": "add", "address": "10.0.0.3:4321"}
     {"cmd": "remove", "address": "10.0.0.2:4321"}
     {"cmd": "force_standalone", "fenced": ["10.0.0.2:4321"]}
+    {"cmd": "import_status"} / {"cmd": "import_commit", ...} / {"cmd": "publish_crl", ...}
+
+except for a stream (`import_batches`, signer/server/importer.py): after its first line the
+connection carries one JSON line per item each way until the client closes it.
 
 A refusal is {"ok": false, "error": {"code": ..., "message": ...}} with a protocol error code.
 """
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,15 +38,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
+FIRST_LINE_SECONDS = 10
+
+Command = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Stream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class ControlServer:
-    """Serves the cluster commands of one RaftLog on a private UNIX socket."""
+    """Serves the operator's commands on a private UNIX socket: the cluster commands of a
+    RaftLog (when replicated) and whatever other components add (`add`)."""
 
-    def __init__(self, raft_log: RaftLog[Any], path: Path):
+    def __init__(self, raft_log: RaftLog[Any] | None, path: Path):
         self.log = raft_log
         self.path = Path(path)
         self._server: asyncio.AbstractServer | None = None
+        self.commands: dict[str, Command] = {}
+        self.streams: dict[str, Stream] = {}
+        if raft_log is not None:
+            self.commands.update(
+                status=self._status,
+                add=self._add,
+                remove=self._remove,
+                force_standalone=self._force_standalone,
+            )
+
+    def add(self, commands: dict[str, Command], streams: dict[str, Stream] | None = None) -> None:
+        self.commands.update(commands)
+        self.streams.update(streams or {})
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -54,7 +78,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        log.info("cluster control socket %s", self.path)
+        log.info("control socket %s", self.path)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -66,15 +90,30 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            answer = await self.handle(line)
-        except (TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
-            answer = _error(SignerError(ErrorCode.BAD_ARGUMENTS, f"bad request: {exc}"))
-        try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), FIRST_LINE_SECONDS)
+            except (TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
+                answer = _error(SignerError(ErrorCode.BAD_ARGUMENTS, f"bad request: {exc}"))
+            else:
+                stream = self._stream_of(line)
+                if stream is not None:
+                    await stream(reader, writer)
+                    return
+                answer = await self.handle(line)
             writer.write(json.dumps(answer, default=str).encode() + b"\n")
             await writer.drain()
+        except ConnectionError:
+            pass  # the operator's command went away: nothing to answer
         finally:
             writer.close()
+
+    def _stream_of(self, line: bytes) -> Stream | None:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return None
+        command = request.get("cmd") if isinstance(request, dict) else None
+        return self.streams.get(command) if isinstance(command, str) else None
 
     async def handle(self, line: bytes) -> dict[str, Any]:
         try:
@@ -87,30 +126,47 @@ class ControlServer:
         except Exception as exc:
             error = wire_error(exc)  # replication's refusals and failures
             if error is None:
-                log.exception("cluster command failed")
+                log.exception("control command failed")
                 error = SignerError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-            return _error(error)
+            return error_answer(error)
         return {"ok": True, "result": result}
 
     async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("cmd")
-        log.info("cluster command: %s", command)
-        if command == "status":
-            return dict(await self.log.status())
-        if command == "add":
-            return dict(await self.log.add_member(str(request["address"])))
-        if command == "remove":
-            return dict(await self.log.remove_member(str(request["address"])))
-        if command == "force_standalone":
-            fenced = request["fenced"]
-            if not isinstance(fenced, list) or not all(isinstance(x, str) for x in fenced):
-                raise ValueError("fenced must be a list of addresses")
-            return dict(await self.log.force_standalone(fenced))
-        raise SignerError(ErrorCode.UNKNOWN_COMMAND, f"unknown cluster command {command!r}")
+        log.info("control command: %s", command)
+        handler = self.commands.get(command) if isinstance(command, str) else None
+        if handler is None:
+            raise SignerError(ErrorCode.UNKNOWN_COMMAND, f"unknown control command {command!r}")
+        return await handler(request)
+
+    # --- the cluster (replicated signers only) -------------------------------------------
+
+    def _raft(self) -> RaftLog[Any]:
+        assert self.log is not None
+        return self.log
+
+    async def _status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self._raft().status())
+
+    async def _add(self, request: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self._raft().add_member(str(request["address"])))
+
+    async def _remove(self, request: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self._raft().remove_member(str(request["address"])))
+
+    async def _force_standalone(self, request: dict[str, Any]) -> dict[str, Any]:
+        fenced = request["fenced"]
+        if not isinstance(fenced, list) or not all(isinstance(x, str) for x in fenced):
+            raise ValueError("fenced must be a list of addresses")
+        return dict(await self._raft().force_standalone(fenced))
 
 
-def _error(exc: SignerError) -> dict[str, Any]:
+def error_answer(exc: SignerError) -> dict[str, Any]:
+    """A refusal as the socket answers it."""
     return {"ok": False, "error": {"code": exc.code.value, "message": exc.message}}
+
+
+_error = error_answer
 
 
 def call(path: Path, request: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
@@ -119,9 +175,9 @@ def call(path: Path, request: dict[str, Any], timeout: float = 120.0) -> dict[st
         sock.settimeout(timeout)
         sock.connect(str(path))
         sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
+        data = bytearray()  # an answer may carry a CRL of tens of megabytes
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            chunk = sock.recv(1 << 20)
             if not chunk:
                 break
             data += chunk

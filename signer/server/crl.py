@@ -222,8 +222,8 @@ def delta_since(
     """(added entries, removed serials) from CRL `have` to `current` (a history record), or None
     when `have` has no history, is not older, or the delta's result would exceed `budget` bytes."""
     old = repository.crl_history(key_id, have)
-    if old is None or have >= current["crl_number"]:
-        return None
+    if old is None or old.get("imported") or have >= current["crl_number"]:
+        return None  # an imported CRL's entries are the earlier CA's: the client gets it whole
     size = DELTA_HEADER + len(current["signature"])
     gone, removed = set(), []
     for record in repository.iter_crl_history(key_id, after=have):
@@ -352,12 +352,16 @@ class CrlService:
         return int(self.clock().timestamp())
 
     def due(self, name: str) -> str | None:
-        """Why the issuer needs a new CRL now, or None."""
+        """Why the issuer needs a new CRL now, or None (never while its import runs)."""
         state = self._states[name]
+        if self._importing(state.key_id):
+            return None
         last = self.repository.last_crl_history(state.key_id)
         now = self._now()
         if last is None:
             return "no CRL yet"
+        if last.get("imported"):
+            return "first CRL after the import"
         if now >= last["next_update"] - self.config.refresh_margin_hours * 3600:
             return "nextUpdate is near"
         if now >= last["this_update"] + self.config.reissue_hours * 3600:
@@ -400,10 +404,19 @@ class CrlService:
         async with state.lock:
             return await self._publish(state)
 
+    def _importing(self, key_id: bytes) -> bool:
+        imported = self.repository.import_state(key_id)
+        return imported is not None and not imported.finished
+
     async def _publish(self, state: _IssuerCrls) -> PublishedCrl:
         # In a pair: apply what the other signer committed and check the clock against the
         # cluster's, so CRL numbers and times never go backwards across a switch of signer.
         await self.recorder.barrier()
+        if self._importing(state.key_id):
+            raise SignerError(
+                ErrorCode.CRL_UNAVAILABLE,
+                f"the history of {state.issuer.name} is being imported: its CRL follows the import",
+            )
         started = time.perf_counter()
         number = await asyncio.to_thread(self._next_number, state.key_id)
         draft, digest = await asyncio.to_thread(self._draft, state, number, self._now())
@@ -433,6 +446,8 @@ class CrlService:
         return crl
 
     def _next_number(self, key_id: bytes) -> int:
+        """After the last one published (or imported: the earlier CA's numbers go on); the
+        first after one recorded without history (the ceremony's)."""
         last = self.repository.last_crl_history(key_id)
         if last is not None:
             return int(last["crl_number"]) + 1
@@ -488,9 +503,10 @@ class CrlService:
         return current
 
     async def _current(self, state: _IssuerCrls) -> PublishedCrl | None:
-        """The newest published CRL, from memory when it is still the newest."""
+        """The newest published CRL, from memory when it is still the newest (None before the
+        first, also when the last one is the earlier CA's, imported)."""
         last = self.repository.last_crl_history(state.key_id)
-        if last is None:
+        if last is None or last.get("imported"):
             return None
         if state.current is not None and state.current.number == last["crl_number"]:
             return state.current
@@ -547,7 +563,7 @@ class CrlService:
         warnings, errors = [], []
         for name, state in self._states.items():
             last = self.repository.last_crl_history(state.key_id)
-            if last is None:
+            if last is None or last.get("imported"):
                 errors.append(f"{name}: no CRL ({state.last_error or 'not made yet'})")
                 data[name] = {"crl_number": None, "last_error": state.last_error}
                 continue

@@ -42,9 +42,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
 from pkcs11.mechanisms import MGF
+from pkcs11.util import biginteger
 from pkcs11.util.ec import encode_named_curve_parameters
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -443,6 +445,70 @@ def _public_ec(priv: Any, pub: Any | None) -> ec.EllipticCurvePublicKey:
     return ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
 
 
+_IMPORT_CURVES = {"secp256r1": "secp256r1", "secp384r1": "secp384r1", "secp521r1": "secp521r1"}
+
+
+def _key_templates(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+) -> tuple[dict[Attribute, Any], dict[Attribute, Any]]:
+    """(private, public) object templates for an imported key: the private one sensitive,
+    never extractable, sign-only, as `generate_key` makes them."""
+    private: dict[Attribute, Any] = {
+        Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.SIGN: True,
+        Attribute.DECRYPT: False,
+        Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+    }
+    public: dict[Attribute, Any] = {
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+        Attribute.PRIVATE: False,
+        Attribute.VERIFY: True,
+        Attribute.ENCRYPT: False,
+        Attribute.WRAP: False,
+    }
+    if isinstance(key, rsa.RSAPrivateKey):
+        numbers = key.private_numbers()
+        shared = {
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.MODULUS: biginteger(numbers.public_numbers.n),
+            Attribute.PUBLIC_EXPONENT: biginteger(numbers.public_numbers.e),
+        }
+        private.update(shared)
+        private[Attribute.PRIVATE_EXPONENT] = biginteger(numbers.d)
+        private[Attribute.PRIME_1] = biginteger(numbers.p)
+        private[Attribute.PRIME_2] = biginteger(numbers.q)
+        private[Attribute.EXPONENT_1] = biginteger(numbers.dmp1)
+        private[Attribute.EXPONENT_2] = biginteger(numbers.dmq1)
+        private[Attribute.COEFFICIENT] = biginteger(numbers.iqmp)
+        public.update(shared)
+        return private, public
+    curve = _IMPORT_CURVES.get(key.curve.name)
+    if curve is None:
+        raise HsmError(ErrorCode.HSM_ERROR, f"unsupported EC curve {key.curve.name}")
+    params = encode_named_curve_parameters(curve)
+    point = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    size = (key.curve.key_size + 7) // 8
+    private.update(
+        {
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.EC_PARAMS: params,
+            Attribute.VALUE: key.private_numbers().private_value.to_bytes(size, "big"),
+        }
+    )
+    public.update(
+        {
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.EC_PARAMS: params,
+            Attribute.EC_POINT: OctetString(point).dump(),
+        }
+    )
+    return private, public
+
+
 class Hsm:
     """One PKCS#11 token found by label, opened lazily, with one session; safe to share by
     threads. `read_write=True` only for the ceremony (key generation).
@@ -606,6 +672,84 @@ class Hsm:
         log.info("generating %s key %r in token %r", kind, label, self._settings.token_label)
         self._call(f"generating key {label!r}", op, retry=False)
         return self.key(label)
+
+    def import_key(
+        self,
+        label: str,
+        private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+        key_id: bytes,
+    ) -> HsmPrivateKey:
+        """Write an existing key into the token (C_CreateObject): private, sensitive,
+        non-extractable, sign-only, with its public key next to it, both labelled `label` and
+        identified by `key_id`. A public key left by an interrupted import is completed.
+
+        Refuses (HsmError) when a private key with this label exists: a CA key is never replaced.
+        Tokens that refuse to create private keys this way need their own import path
+        (docs/migration.md: OpenSC's pkcs11-tool, SmartCard-HSM key wrapping)."""
+        if not self._read_write:
+            raise HsmError(ErrorCode.HSM_ERROR, "this Hsm was opened read-only: cannot import keys")
+        private_template, public_template = _key_templates(private_key)
+        common = {Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id}
+
+        def op(session: Any) -> None:
+            private_class = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}
+            if _find(session, private_class):
+                raise HsmError(
+                    ErrorCode.HSM_ERROR,
+                    f"a private key labelled {label!r} already exists in token "
+                    f"{self._settings.token_label!r}: refusing to overwrite it",
+                )
+            priv = session.create_object({**private_template, **common})
+            if _get_attr(priv, Attribute.EXTRACTABLE) or not _get_attr(priv, Attribute.SENSITIVE):
+                priv.destroy()
+                raise HsmError(
+                    ErrorCode.HSM_ERROR,
+                    f"the token made key {label!r} extractable or not sensitive; destroyed it",
+                )
+            public_class = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label}
+            if not _find(session, public_class):
+                session.create_object({**public_template, **common})
+
+        log.info("importing key %r into token %r", label, self._settings.token_label)
+        self._call(f"importing key {label!r}", op, retry=False)
+        return self.key(label)
+
+    def store_certificate(
+        self, label: str, key_id: bytes, der: bytes, fields: dict[str, bytes]
+    ) -> bool:
+        """Keep a certificate in the token next to its key (same label and id), as PKCS#11
+        tools expect; `fields` gives its DER subject, issuer and serial. False if it is there."""
+        if not self._read_write:
+            raise HsmError(ErrorCode.HSM_ERROR, "this Hsm was opened read-only: cannot store")
+
+        def op(session: Any) -> bool:
+            found = _find(
+                session, {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label}
+            )
+            if any(_get_attr(obj, Attribute.VALUE) == der for obj in found):
+                return False
+            if found:
+                raise HsmError(
+                    ErrorCode.HSM_ERROR,
+                    f"another certificate labelled {label!r} is in the token: refusing to add one",
+                )
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.CERTIFICATE,
+                    Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: False,
+                    Attribute.LABEL: label,
+                    Attribute.ID: key_id,
+                    Attribute.SUBJECT: fields["subject"],
+                    Attribute.ISSUER: fields["issuer"],
+                    Attribute.SERIAL_NUMBER: fields["serial"],
+                    Attribute.VALUE: der,
+                }
+            )
+            return True
+
+        return self._call(f"storing certificate {label!r}", op, retry=False)
 
     def status(self, labels: Iterable[str] | None = None) -> dict[str, Any]:
         """Health: token present, logged in, one test signature per key (`labels`, default:

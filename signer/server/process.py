@@ -27,6 +27,7 @@ from signer.server.crl import CrlService
 from signer.server.dispatch import Handler, ProtocolHandler, RequestContext
 from signer.server.health import Health, Section
 from signer.server.hsm import Hsm
+from signer.server.importer import ImportService
 from signer.server.openpgp import OpenPgpService
 from signer.wire.protocol import COMMANDS, HealthArgs, RequestStatusArgs, RequestStatusResult
 from storage import Repository, Result
@@ -78,6 +79,14 @@ class SignerServer:
             self.health.add("openpgp", self.openpgp.health_section)
         if config.replication is not None and config.repository is not None and not self.cluster:
             self._replica_only(config)  # a voter without HSM (a third signer for failover)
+        control_path = config.control_path()
+        if self.control is None and control_path is not None and self.ca is not None:
+            self.control = ControlServer(None, control_path)  # standalone: imports only
+        self.importer: ImportService | None = None
+        if self.ca is not None and self.control is not None:
+            ca = self.ca
+            self.importer = ImportService(ca.issuers.values(), ca.repository, ca.log, self.crl)
+            self.control.add(*self.importer.control())
         if self.cluster is not None:
             for name, command in COMMANDS.items():  # writers first catch up with the cluster
                 if command.writes and name in self.handlers:

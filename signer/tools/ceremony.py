@@ -40,8 +40,8 @@ from typing import Any, Literal
 
 import yaml
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
@@ -89,6 +89,23 @@ class _Model(BaseModel):
 class KeySpec(_Model):
     label: str = Field(min_length=1, max_length=64)
     kind: KeyKind
+    import_from: Path | None = Field(
+        default=None,
+        description="an existing private key (PEM or DER; PKCS#8, PKCS#1 or SEC1; encrypted or "
+        "not) written into the token instead of generating one",
+    )
+    passphrase_env: str | None = Field(default=None, min_length=1)
+    passphrase_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _passphrase(self) -> KeySpec:
+        if (self.passphrase_env or self.passphrase_file) and self.import_from is None:
+            raise ValueError(f"key {self.label}: a passphrase goes with import_from")
+        if self.passphrase_env and self.passphrase_file:
+            raise ValueError(
+                f"key {self.label}: set at most one of passphrase_env, passphrase_file"
+            )
+        return self
 
 
 class AiaSpec(_Model):
@@ -104,9 +121,13 @@ class CrlSpec(_Model):
 class CertificateSpec(_Model):
     name: str
     key: str
-    subject: list[tuple[str, str]] = Field(min_length=1)
+    existing: Path | None = Field(
+        default=None,
+        description="the CA's existing certificate (PEM or DER), taken instead of making one",
+    )
+    subject: list[tuple[str, str]] | None = Field(default=None, min_length=1)
     issuer: str = "self"
-    validity_days: int = Field(ge=1, le=40 * 366)
+    validity_days: int | None = Field(default=None, ge=1, le=40 * 366)
     path_length: int | None = Field(default=None, ge=0)
     digital_signature: bool = False
     crl_distribution_points: list[str] | None = None
@@ -120,10 +141,18 @@ class CertificateSpec(_Model):
             raise ValueError("name must be 1-64 of [A-Za-z0-9._-] (it names files) and not 'self'")
         return value
 
+    @model_validator(mode="after")
+    def _made_or_existing(self) -> CertificateSpec:
+        if self.existing is None and (self.subject is None or self.validity_days is None):
+            raise ValueError(
+                f"certificate {self.name}: give subject and validity_days, or existing"
+            )
+        return self
+
     @field_validator("subject")
     @classmethod
-    def _subject(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        for attr, text in value:
+    def _subject(cls, value: list[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
+        for attr, text in value or []:
             if attr not in SUBJECT_ATTRIBUTES:
                 known = ", ".join(SUBJECT_ATTRIBUTES)
                 raise ValueError(f"unknown subject attribute {attr!r}; use one of {known}")
@@ -132,7 +161,8 @@ class CertificateSpec(_Model):
         return value
 
     def subject_name(self) -> x509.Name:
-        return x509.Name([x509.NameAttribute(SUBJECT_ATTRIBUTES[a], v) for a, v in self.subject])
+        subject = self.subject or []
+        return x509.Name([x509.NameAttribute(SUBJECT_ATTRIBUTES[a], v) for a, v in subject])
 
 
 class OpenPgpSpec(_Model):
@@ -161,6 +191,12 @@ class CeremonyConfig(_Model):
             raise ValueError(f"certificate names used twice: {sorted(duplicates)}")
         x509_labels = {k.label for k in self.keys}
         for cert in self.certificates:
+            if cert.existing is None and any(
+                k.import_from for k in self.keys if k.label == cert.key
+            ):
+                raise ValueError(
+                    f"certificate {cert.name}: its key is imported: give its existing certificate"
+                )
             if cert.key not in x509_labels:
                 raise ValueError(f"certificate {cert.name}: key {cert.key!r} is not under keys:")
             if cert.issuer != "self" and cert.issuer not in names:
@@ -194,13 +230,32 @@ def load_config(config_path: str | os.PathLike[str]) -> CeremonyConfig:
     except ConfigError as exc:
         raise CeremonyConfigError(f"invalid ceremony config:\n{exc}") from None
     base = path.resolve().parent
-    output_dir = config.output_dir if config.output_dir.is_absolute() else base / config.output_dir
-    return config.model_copy(update={"hsm": config.hsm.resolved(base), "output_dir": output_dir})
+
+    def here(value: Path | None) -> Path | None:
+        return value if value is None or value.is_absolute() else base / value
+
+    keys = [
+        k.model_copy(
+            update={"import_from": here(k.import_from), "passphrase_file": here(k.passphrase_file)}
+        )
+        for k in config.keys
+    ]
+    certificates = [
+        c.model_copy(update={"existing": here(c.existing)}) for c in config.certificates
+    ]
+    return config.model_copy(
+        update={
+            "hsm": config.hsm.resolved(base),
+            "output_dir": here(config.output_dir),
+            "keys": keys,
+            "certificates": certificates,
+        }
+    )
 
 
 # -- result -----------------------------------------------------------------------------------
 
-Status = Literal["created", "exists", "repaired"]
+Status = Literal["created", "imported", "exists", "repaired"]
 
 
 @dataclass
@@ -294,6 +349,72 @@ def _write_new(path: Path, data: bytes) -> None:
         os.unlink(tmp)
 
 
+def _load_private_key(spec: KeySpec) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    """The key file of an import, decrypted with its passphrase (never shown in a message)."""
+    assert spec.import_from is not None
+    try:
+        data = spec.import_from.read_bytes()
+    except OSError as exc:
+        raise CeremonyError(f"{spec.import_from}: cannot read: {exc.strerror}") from None
+    passphrase = _passphrase(spec)
+    try:
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, passphrase)
+        else:
+            key = serialization.load_der_private_key(data, passphrase)
+    except TypeError:
+        hint = "drop its passphrase" if passphrase else "give passphrase_env or passphrase_file"
+        raise CeremonyError(
+            f"{spec.import_from}: encrypted or not as not expected: {hint}"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise CeremonyError(
+            f"{spec.import_from}: cannot read the private key (a wrong passphrase, or not a key)"
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise CeremonyError(f"{spec.import_from}: not an RSA or EC private key")
+    return key
+
+
+def _passphrase(spec: KeySpec) -> bytes | None:
+    if spec.passphrase_env is not None:
+        value = os.environ.get(spec.passphrase_env)
+        if value is None:
+            raise CeremonyError(f"environment variable {spec.passphrase_env} is not set")
+        return value.encode()
+    if spec.passphrase_file is not None:
+        try:
+            return spec.passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise CeremonyError(f"{spec.passphrase_file}: cannot read: {exc.strerror}") from None
+    return None
+
+
+def _kind_of(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"rsa-{key.key_size}"
+    return {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}.get(key.curve.name, key.curve.name)
+
+
+def _load_certificate(path: Path) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except (OSError, ValueError) as exc:
+        raise CeremonyError(f"{path}: not a certificate ({exc})") from None
+
+
+def _certificate_der(path: Path) -> bytes:
+    return _load_certificate(path).public_bytes(Encoding.DER)
+
+
+def _der_integer(value: int) -> bytes:
+    content = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    return bytes((0x02, len(content))) + content
+
+
 def _fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
@@ -311,6 +432,8 @@ class _Ceremony:
         self.out = config.output_dir
         self.result = CeremonyResult(output_dir=self.out)
         self.certs: dict[str, x509.Certificate] = {}
+        self.imported: dict[str, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey] = {}
+        self.existing: dict[str, x509.Certificate] = {}
 
     def warn(self, text: str) -> None:
         self.result.warnings.append(text)
@@ -355,6 +478,7 @@ class _Ceremony:
         subject = spec.subject_name()
         public = key.public_key()
         not_before = self.now
+        assert spec.validity_days is not None  # checked by the config: made, not existing
         not_after = not_before + dt.timedelta(days=spec.validity_days)
         if issuer_cert is not None and not_after > issuer_cert.not_valid_after_utc:
             raise CeremonyError(
@@ -438,7 +562,135 @@ class _Ceremony:
             ) from None
         return cert
 
+    # imported keys and existing certificates (taking over from an earlier CA)
+
+    def ensure_imported_key(self, spec: KeySpec) -> Status:
+        """Write the key file's key into the token, or find it there already (the same key)."""
+        private_key = self.imported[spec.label]
+        if self.hsm.has_key(spec.label):
+            info = self.hsm.key_info(spec.label)  # preflight checked it is the file's key
+            if info["extractable"] or not info["sensitive"]:
+                self.warn(f"key {spec.label!r} in the token is extractable or not sensitive")
+            self.progress(f"key {spec.label} ({spec.kind}): imported before, in the token")
+            self.result.items.append(
+                CeremonyItem("key", spec.label, "exists", detail={"kind": spec.kind})
+            )
+            return "exists"
+        key_id = x509.SubjectKeyIdentifier.from_public_key(private_key.public_key()).digest
+        self.hsm.import_key(spec.label, private_key, key_id)
+        self.progress(
+            f"key {spec.label} ({spec.kind}): imported from {spec.import_from}, "
+            f"non-extractable, id {key_id.hex()}"
+        )
+        self.result.items.append(
+            CeremonyItem(
+                "key", spec.label, "imported", detail={"kind": spec.kind, "id": key_id.hex()}
+            )
+        )
+        return "imported"
+
+    def ensure_existing_certificate(self, spec: CertificateSpec) -> None:
+        """Take the CA's existing certificate: it must belong to its key in the token and to its
+        issuer; it is copied to the output directory and kept in the token. No CRL is made: the
+        earlier CA's CRL numbers go on with the signer (signer import)."""
+        cert = self.existing[spec.name]
+        key = _ca_key(self.hsm, spec.key)
+        if cert.public_key() != key.public_key():
+            raise CeremonyError(f"{spec.existing}: not the certificate of key {spec.key!r}")
+        issuer_cert = cert if spec.issuer == "self" else self.certs[spec.issuer]
+        try:
+            cert.verify_directly_issued_by(issuer_cert)
+        except (InvalidSignature, ValueError, TypeError):
+            raise CeremonyError(f"{spec.existing}: not issued by {spec.issuer}") from None
+        if spec.subject is not None and cert.subject != spec.subject_name():
+            raise CeremonyError(
+                f"{spec.existing}: subject {cert.subject.rfc4514_string()} differs from the "
+                f"config's {spec.subject_name().rfc4514_string()}"
+            )
+        der = cert.public_bytes(Encoding.DER)
+        written = False
+        for path, data in (
+            (self.out / f"{spec.name}.crt", cert.public_bytes(Encoding.PEM)),
+            (self.out / f"{spec.name}.der", der),
+        ):
+            if path.exists():
+                if _certificate_der(path) != der:
+                    raise CeremonyError(f"{path} holds another certificate: refusing to overwrite")
+            else:
+                _write_new(path, data)
+                written = True
+        key_id = x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+        fields = {
+            "subject": cert.subject.public_bytes(),
+            "issuer": cert.issuer.public_bytes(),
+            "serial": _der_integer(cert.serial_number),
+        }
+        stored = self.hsm.store_certificate(spec.key, key_id, der, fields)
+        status: Status = "created" if written or stored else "exists"
+        self.progress(
+            f"certificate {spec.name}: {status} (existing {cert.subject.rfc4514_string()})"
+        )
+        self.certs[spec.name] = cert
+        self.result.items.append(
+            CeremonyItem(
+                "certificate",
+                spec.name,
+                status,
+                str(self.out / f"{spec.name}.crt"),
+                {
+                    "subject": cert.subject.rfc4514_string(),
+                    "issuer": cert.issuer.rfc4514_string(),
+                    "serial": f"{cert.serial_number:X}",
+                    "not_after": cert.not_valid_after_utc.isoformat(),
+                    "sha256_fingerprint": _fingerprint(cert),
+                    "key": spec.key,
+                    "existing": str(spec.existing),
+                },
+            )
+        )
+
+    def load_imports(self) -> None:
+        """Read every key file and existing certificate, and check that each key matches its
+        certificate and any key already in the token, before the token is changed."""
+        for spec in self.config.keys:
+            if spec.import_from is None:
+                continue
+            private_key = _load_private_key(spec)
+            kind = _kind_of(private_key)
+            if kind != spec.kind:
+                raise CeremonyError(
+                    f"{spec.import_from} holds a {kind} key, the config says {spec.kind}"
+                )
+            if (
+                self.hsm.has_key(spec.label)
+                and self.hsm.key(spec.label).public_key() != private_key.public_key()
+            ):
+                raise CeremonyError(
+                    f"token {self.hsm.settings.token_label!r} holds another key labelled "
+                    f"{spec.label!r}: refusing to overwrite it"
+                )
+            self.imported[spec.label] = private_key
+        imported_keys = {label: key.public_key() for label, key in self.imported.items()}
+        for cert_spec in self.config.certificates:
+            if cert_spec.existing is None:
+                continue
+            cert = _load_certificate(cert_spec.existing)
+            if cert_spec.key in imported_keys:
+                if cert.public_key() != imported_keys[cert_spec.key]:
+                    raise CeremonyError(
+                        f"{cert_spec.existing} does not belong to key {cert_spec.key!r} (its file)"
+                    )
+            elif not self.hsm.has_key(cert_spec.key):
+                raise CeremonyError(
+                    f"certificate {cert_spec.name} exists but key {cert_spec.key!r} is neither in "
+                    "the token nor imported (import_from): a new key could not match it"
+                )
+            self.existing[cert_spec.name] = cert
+
     def ensure_certificate(self, spec: CertificateSpec) -> None:
+        if spec.existing is not None:
+            self.ensure_existing_certificate(spec)
+            return
         crt = self.out / f"{spec.name}.crt"
         der = self.out / f"{spec.name}.der"
         key = _ca_key(self.hsm, spec.key)
@@ -616,7 +868,7 @@ class _Ceremony:
     def preflight(self) -> None:
         """Check the keys already in the token before generating any: a wrong token or a
         changed config stops the ceremony before it adds anything."""
-        specs = [(k.label, k.kind) for k in self.config.keys]
+        specs = [(k.label, k.kind) for k in self.config.keys if k.import_from is None]
         if self.config.openpgp is not None:
             specs.append((self.config.openpgp.label, self.config.openpgp.kind))
         for label, kind in specs:
@@ -643,8 +895,13 @@ class _Ceremony:
             f"certificate(s), OpenPGP key: {pgp.label if pgp else 'none'}"
         )
         self.preflight()
+        self.load_imports()
         for key_spec in self.config.keys:
-            self.ensure_key(key_spec.label, key_spec.kind)
+            if key_spec.import_from is not None:
+                self.ensure_imported_key(key_spec)
+            else:
+                self.ensure_key(key_spec.label, key_spec.kind)
+        self.imported.clear()  # the key material is in the token now; drop the copies
         if self.config.openpgp is not None:
             spec = self.config.openpgp
             status = self.ensure_key(spec.label, spec.kind)
@@ -653,7 +910,7 @@ class _Ceremony:
             self.ensure_certificate(cert_spec)
         created = sum(1 for item in self.result.items if item.status != "exists")
         self.progress(
-            f"ceremony: done, {created} item(s) created or repaired, "
+            f"ceremony: done, {created} item(s) created, imported or repaired, "
             f"{len(self.result.items) - created} already existed"
         )
         return self.result

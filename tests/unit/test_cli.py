@@ -60,6 +60,9 @@ OPTIONS: dict[tuple[str, ...], list[str]] = {
     ("cluster", "add"): ["address"],
     ("cluster", "remove"): ["address"],
     ("cluster", "force-standalone"): ["--fenced"],
+    ("import",): ["--config", "--history", "--webdb-rows", "--rootcert", "--dry-run", "--no-crl",
+                  "--json"],
+    ("export",): ["--config", "--out", "--issuer", "--json"],
 }  # fmt: skip
 
 

@@ -11,8 +11,12 @@ import pytest
 
 from storage import (
     COMMAND_TYPES,
+    BeginImport,
     CertifyOpenpgp,
     Command,
+    FinishImport,
+    ImportedCertificate,
+    ImportX509,
     Invalid,
     Issued,
     IssueX509,
@@ -124,6 +128,73 @@ PINNED: list[tuple[Command, str]] = [
         "84a26f70a87365745f6d657461a46e616d65a7636c7573746572a86578706563746564c0a576616c75"
         "65c40481a16101",
     ),
+    (
+        BeginImport(
+            import_id="ab12",
+            issuer=ISSUER,
+            batches=2,
+            certificates=3,
+            revoked=1,
+            listed=1,
+            crl_number=0x1234,
+            crl_time=1_710_000_000,
+            removed_before=None,
+            started_at=1_710_000_100,
+            source="index.txt",
+        ),
+        "8ca26f70ac626567696e5f696d706f7274a9696d706f72745f6964a461623132a6697373756572c414"
+        "000102030405060708090a0b0c0d0e0f10111213a76261746368657302ac6365727469666963617465"
+        "7303a77265766f6b656401a66c697374656401aa63726c5f6e756d626572c414000000000000000000"
+        "0000000000000000001234a863726c5f74696d65ce65ec8780ae72656d6f7665645f6265666f7265c0"
+        "aa737461727465645f6174ce65ec87e4a6736f75726365a9696e6465782e747874",
+    ),
+    (
+        ImportX509(
+            import_id="ab12",
+            issuer=ISSUER,
+            batch=1,
+            certificates=(
+                ImportedCertificate(
+                    1,
+                    None,
+                    1_731_536_000,
+                    b"/CN=a",
+                    b"unknown",
+                    "V",
+                    None,
+                    None,
+                    None,
+                    None,
+                    False,
+                    None,
+                ),
+                ImportedCertificate(
+                    2,
+                    1_700_000_000,
+                    1_731_536_000,
+                    b"/CN=b",
+                    b"unknown",
+                    "R",
+                    1_710_000_000,
+                    1,
+                    None,
+                    b"\x30\x01",
+                    True,
+                    b"\x30\x03der",
+                ),
+            ),
+        ),
+        "85a26f70ab696d706f72745f78353039a9696d706f72745f6964a461623132a6697373756572c41400"
+        "0102030405060708090a0b0c0d0e0f10111213a5626174636801ac636572746966696361746573929c"
+        "c4140000000000000000000000000000000000000001c0ce67352480c4052f434e3d61c407756e6b6e"
+        "6f776ea156c0c0c0c0c2c09cc4140000000000000000000000000000000000000002ce6553f100ce67"
+        "352480c4052f434e3d62c407756e6b6e6f776ea152ce65ec878001c0c4023001c3c4053003646572",
+    ),
+    (
+        FinishImport(import_id="ab12", issuer=ISSUER),
+        "83a26f70ad66696e6973685f696d706f7274a9696d706f72745f6964a461623132a6697373756572c4"
+        "14000102030405060708090a0b0c0d0e0f10111213",
+    ),
 ]
 
 
@@ -203,3 +274,35 @@ def test_a_recorded_result_is_stored_as_the_earlier_version_stored_it():
         "6674657202a96973737565645f617403a5696e64657804"
     )
     assert from_record(stored) == issued
+
+
+def test_the_fast_check_of_imported_records_accepts_only_what_the_full_one_accepts():
+    """Imports decode millions of records through a fast path; anything it takes, the
+    detailed rules take the same way (so replicas never depend on which path ran)."""
+    import random
+
+    from storage.commands import _imported, _imported_fast
+
+    rng = random.Random(5)
+    good = [
+        [b"\0" * 19 + b"\x07", None, 10, b"/CN=a", b"unknown", "V", None, None, None, None,
+         False, None],
+        [b"\0" * 19 + b"\x08", 5, 10, b"", b"", "R", 7, 1, 3, b"\x30\x01", True, b"\x30"],
+    ]  # fmt: skip
+    odd = [None, True, False, 0, -1, 1, 2**63, 11, 8, 7, b"", b"x", b"\0" * 20, b"\xff" * 20,
+           "R", "V", "E", "X", "", [], b"y" * 5000]  # fmt: skip
+    taken = 0
+    for _ in range(20000):
+        item = list(rng.choice(good))
+        for _ in range(rng.randint(1, 3)):
+            item[rng.randrange(len(item))] = rng.choice(odd)
+        fast = _imported_fast(item)
+        try:
+            slow = _imported("x", item)
+        except Invalid:
+            assert fast is None, item
+            continue
+        assert fast in (None, slow), item
+        taken += fast is not None
+    assert taken > 100  # the sample did exercise the fast path
+    assert all(_imported_fast(item) == _imported("x", item) for item in good)

@@ -38,6 +38,8 @@ TRANSIENT = {
     ErrorCode.NOT_COMMITTED,
     ErrorCode.HSM_UNAVAILABLE,
     ErrorCode.HSM_LOGIN_FAILED,
+    ErrorCode.CLOCK_BEHIND,  # the signer waits for its clock to pass the cluster's
+    ErrorCode.IMPORT_CONFLICT,  # an operator is importing the issuer's history: wait for it
 }
 PROFILE_CACHE_S = 3600.0
 HEALTH_TIMEOUT_S = 30.0
