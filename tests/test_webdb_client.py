@@ -969,7 +969,7 @@ async def test_failover_to_the_other_line_while_requests_are_in_flight(ca, tmp_p
 def test_what_waits_and_what_counts_against_a_row() -> None:
     """Refusals that are not the row's fault wait at no cost to its warning count."""
     from signer.client.webdb.client import is_transient
-    from signer.errors import LinkDown
+    from signer.errors import ErrorCode, LinkDown, SignerError
 
     for code in (ErrorCode.BUSY, ErrorCode.NO_QUORUM, ErrorCode.IMPORT_CONFLICT):
         assert is_transient(SignerError(code, "wait"))
