@@ -19,11 +19,9 @@ import asyncio
 import datetime as dt
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,19 +31,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# bench/replication.py shadows the `replication` package in this folder, which Python puts first
+# on sys.path for a script: take the folder off (nothing is added; the venv has the project).
+sys.path.remove(str(Path(__file__).resolve().parent))
 
-from replication.log import LocalLog  # noqa: E402
-from signer.pki.revocation import crl_entry  # noqa: E402
-from signer.server.ca import Issuer  # noqa: E402
-from signer.server.config import CrlConfig  # noqa: E402
-from signer.server.crl import CrlService, draft_crl, finish_crl  # noqa: E402
-from signer.server.dispatch import RequestContext  # noqa: E402
-from signer.tools.history import batch_bounds  # noqa: E402
-from signer.wire.framing import encode_frame  # noqa: E402
-from signer.wire.protocol import FetchCrlArgs, Response, dump_result, encode_response  # noqa: E402
-from storage import (  # noqa: E402
+from replication.log import LocalLog
+from signer.pki.revocation import crl_entry
+from signer.server.ca import Issuer
+from signer.server.config import CrlConfig
+from signer.server.crl import CrlService, draft_crl, finish_crl
+from signer.server.dispatch import RequestContext
+from signer.tools.history import batch_bounds
+from signer.tools.measure import AnonPeak, peak_rss_mb
+from signer.wire.framing import encode_frame
+from signer.wire.protocol import FetchCrlArgs, Response, dump_result, encode_response
+from storage import (
     BeginImport,
     FinishImport,
     ImportedCertificate,
@@ -57,6 +57,8 @@ from storage import (  # noqa: E402
     RevokeX509,
     encode,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 BAUD = 115200
@@ -230,41 +232,6 @@ def child(mode: str, directory: Path) -> dict[str, float]:
     result["peak_mb"] = peak_rss_mb()
     result["anon_mb"] = anon.peak
     return result
-
-
-class AnonPeak:
-    """The peak of this process's anonymous memory (RssAnon, sampled every 2 ms): what it
-    allocated, without the repository's file pages it maps (page cache, shared and clean, which
-    the kernel maps in around each page read: an LMDB whose pages are scattered by years of
-    writes shows far more RSS than the data read)."""
-
-    def __init__(self) -> None:
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    self.peak = max(self.peak, int(line.split()[1]) / 1024)
-
-    def __enter__(self) -> AnonPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM). ru_maxrss would report the parent's peak when it was
-    larger: Linux carries it across fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # Runs a command from a small fresh process and reports its time and its own peak RSS (wait4).

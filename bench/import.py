@@ -43,16 +43,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# bench/replication.py shadows the `replication` package in this folder, which Python puts first
+# on sys.path for a script: take the folder off (nothing is added; the venv has the project).
+sys.path.remove(str(Path(__file__).resolve().parent))
 
-from replication.settings import ReplicationSettings  # noqa: E402
-from signer.pki.der import serial_hex  # noqa: E402
-from signer.tools.ceremony import run_ceremony  # noqa: E402
-from signer.tools.history import control_call  # noqa: E402
-from signer.tools.line_emulator import LineEmulator  # noqa: E402
-from signer.tools.softhsm import new_token  # noqa: E402
-from storage import Repository  # noqa: E402
+from replication.settings import ReplicationSettings
+from signer.pki.der import serial_hex
+from signer.tools.ceremony import run_ceremony
+from signer.tools.history import control_call
+from signer.tools.line_emulator import LineEmulator
+from signer.tools.softhsm import new_token
+from storage import Repository
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 REASONS = ["", ",keyCompromise", ",superseded", ",cessationOfOperation", ",affiliationChanged"]
@@ -165,7 +168,7 @@ def signer_configs(base: Path, token: dict[str, Any], lines: list[LineEmulator])
             "log_level": "WARNING",
             "repository": {"path": str(base / f"repo-{name}")},
             "hsm": token,
-            "profiles": str(ROOT / "config" / "profiles.yaml"),
+            "profiles": "cacert",
             "issuers": {
                 "class3": {"certificate": str(base / "new" / "class3.crt"), "key": "class3"}
             },
@@ -228,9 +231,7 @@ def child_first_crl(repo: str, config: str) -> dict[str, Any]:
     from signer.server.config import SignerConfig
     from signer.server.crl import CrlService
     from signer.server.hsm import Hsm
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from crl import AnonPeak  # bench/crl.py's sampler
+    from signer.tools.measure import AnonPeak
 
     settings = load(Path(config), SignerConfig)
     assert settings.hsm is not None

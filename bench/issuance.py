@@ -40,22 +40,24 @@ from cryptography.x509.oid import NameOID
 
 # The project first: `python bench/x.py` puts bench/ first on the path, where bench/replication.py
 # would shadow the replication package.
+# bench/replication.py shadows the `replication` package in this folder, which Python puts first
+# on sys.path for a script: take the folder off (nothing is added; the venv has the project).
+sys.path.remove(str(Path(__file__).resolve().parent))
+
+from replication.log import LocalLog
+from signer.pki.lint import lint_findings
+from signer.pki.profiles import load_profiles
+from signer.pki.x509_signing import build_certificate
+from signer.server.ca import CertificateAuthority, Issuer
+from signer.server.dispatch import RequestContext
+from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings
+from signer.tools.ceremony import run_ceremony
+from signer.tools.measure import hsm_raw_rate
+from signer.tools.softhsm import find_softhsm_module, new_token
+from signer.wire.protocol import SignX509Args, request_digest
+from storage.repository import Repository
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from hsm_rate import hsm_raw_rate  # noqa: E402
-
-from replication.log import LocalLog  # noqa: E402
-from signer.pki.lint import lint_findings  # noqa: E402
-from signer.pki.profiles import load_profiles  # noqa: E402
-from signer.pki.x509_signing import build_certificate  # noqa: E402
-from signer.server.ca import CertificateAuthority, Issuer  # noqa: E402
-from signer.server.dispatch import RequestContext  # noqa: E402
-from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings  # noqa: E402
-from signer.tools.ceremony import run_ceremony  # noqa: E402
-from signer.tools.softhsm import find_softhsm_module, new_token  # noqa: E402
-from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
-from storage.repository import Repository  # noqa: E402
 
 PROFILE = "server"  # class3 in CAcert's set (config/profiles/cacert.yaml); each bench CA is it
 KINDS = ("rsa-2048", "rsa-4096", "ec-p384")

@@ -33,15 +33,16 @@ from pathlib import Path
 import yaml
 
 # The project root first: bench/replication.py must not shadow the replication package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hsm_rate import hsm_raw_rate
+# bench/replication.py shadows the `replication` package in this folder, which Python puts first
+# on sys.path for a script: take the folder off (nothing is added; the venv has the project).
+sys.path.remove(str(Path(__file__).resolve().parent))
 
 from replication.log import LocalLog
 from signer.pki.openpgp import CertificationPolicy
 from signer.server.dispatch import RequestContext
 from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings
 from signer.server.openpgp import OpenPgpService, PgpyCertifier
+from signer.tools.measure import hsm_raw_rate
 from signer.tools.softhsm import find_softhsm_module, new_token
 from signer.wire.protocol import SignOpenpgpArgs, request_digest
 from storage.repository import Repository

@@ -42,21 +42,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from replication.errors import ReplicationError  # noqa: E402
-from replication.journal import DurableJournal  # noqa: E402
-from replication.log import LocalLog  # noqa: E402
-from replication.raft import RaftLog  # noqa: E402
-from replication.settings import ReplicationSettings  # noqa: E402
-from signer.pki.profiles import load_profiles  # noqa: E402
-from signer.server.ca import CertificateAuthority, Issuer  # noqa: E402
-from signer.server.dispatch import RequestContext  # noqa: E402
-from signer.server.hsm import Hsm, HsmSettings  # noqa: E402
-from signer.tools.ceremony import run_ceremony  # noqa: E402
-from signer.tools.softhsm import find_softhsm_module, new_token  # noqa: E402
-from signer.wire.protocol import SignX509Args, request_digest  # noqa: E402
-from storage import IssueX509, Repository, Result, encode  # noqa: E402
+# bench/replication.py shadows the `replication` package in this folder, which Python puts first
+# on sys.path for a script: take the folder off (nothing is added; the venv has the project).
+sys.path.remove(str(Path(__file__).resolve().parent))
+
+from replication.errors import ReplicationError
+from replication.journal import DurableJournal
+from replication.log import LocalLog
+from replication.raft import RaftLog
+from replication.settings import ReplicationSettings
+from signer.pki.profiles import load_profiles
+from signer.server.ca import CertificateAuthority, Issuer
+from signer.server.dispatch import RequestContext
+from signer.server.hsm import Hsm, HsmSettings
+from signer.tools.ceremony import run_ceremony
+from signer.tools.softhsm import find_softhsm_module, new_token
+from signer.wire.protocol import SignX509Args, request_digest
+from storage import IssueX509, Repository, Result, encode
 
 SECRET = b"test replication secret 0123456789"  # as tests/raft_node.py (the peer) uses
 ISSUER_ID = bytes(range(20))

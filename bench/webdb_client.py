@@ -31,7 +31,9 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 # The project root first: bench/replication.py must not shadow the replication package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench/replication.py shadows the `replication` package in this folder, which Python puts first
+# on sys.path for a script: take the folder off (nothing is added; the venv has the project).
+sys.path.remove(str(Path(__file__).resolve().parent))
 
 from signer.client.webdb import WebdbClient, WebdbClientConfig
 from signer.config import validate

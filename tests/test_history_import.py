@@ -92,7 +92,7 @@ def signer_yaml(migrated: tuple, directory: Path, device: Path, **extra: Any) ->
         "repository": {"path": str(directory / "repo")},
         "hsm": {"module": token.store.module, "token_label": token.label,
                 "pin_file": str(token.pin_file)},
-        "profiles": str(ROOT / "config" / "profiles.yaml"),
+        "profiles": "cacert",
         "issuers": {
             "class1": {"certificate": str(base / "ca" / "class1.crt"), "key": "root"},
             "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
