@@ -523,20 +523,24 @@ class RaftLog(Generic[R]):
             return
         self._apply_error = None
         self._pending = []
+        answered = False
         for _, command, pid in pending:
             result = next(results) if command is not None else None
             if pid is not None:
-                self._resolve(pid, result)
+                answered = self._resolve(pid, result) or answered
+        if answered:
+            time.sleep(0)  # let the waiting event loop take the interpreter now, not in a turn
         self.counters["applied"] += len(commands)
         self.counters["batches"] += 1
         if commands:
             self._load_record()  # one read: any of them may have changed the membership
 
-    def _resolve(self, pid: int, value: Any) -> None:
+    def _resolve(self, pid: int, value: Any) -> bool:
         with self._lock:
             waiter = self._waiters.pop(pid, None)
         if waiter is not None:
             waiter.loop.call_soon_threadsafe(settle, waiter.future, value)
+        return waiter is not None
 
     def _callback(self, pid: int, _result: Any, reason: int) -> None:
         if reason != FAIL_REASON.SUCCESS:

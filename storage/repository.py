@@ -101,10 +101,19 @@ class Repository:
     (apply, apply_batch, restore) are serialised by an in-process lock.
     """
 
-    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        map_size: int = DEFAULT_MAP_SIZE,
+        readonly: bool = False,
+        metasync: bool = True,
+    ):
         self.path = Path(path)
         self.map_size = map_size
         self.readonly = readonly  # reads only, beside the signer that writes (an export)
+        # False: one fdatasync per commit instead of two; an OS crash may then undo the last
+        # commit, so only for an owner that replays it (the replicated log's journal, §2).
+        self.metasync = metasync
         self._lock = threading.Lock()
         self._env: lmdb.Environment | None = None
         self._dbs: Dbs = {}
@@ -128,7 +137,7 @@ class Repository:
                 subdir=True,
                 max_dbs=len(DB_NAMES) + 2,
                 sync=True,
-                metasync=True,
+                metasync=self.metasync,
                 writemap=False,
                 map_async=False,
                 lock=True,
