@@ -51,8 +51,10 @@ from storage.layout import (
     META_SCHEMA_VERSION,
     RESTORE_TEMP,
     SEQ_SIZE,
+    SERIAL_SIZE,
     Dbs,
     cert_key,
+    crl_floor_key,
     crl_history_key,
     import_meta_key,
     revseq_key,
@@ -421,6 +423,38 @@ class Repository:
             "next_update": crl["next_update"],
             "der": crl["der"],
         }
+
+    def crl_number_floor(self, issuer: bytes) -> int:
+        """The lowest number the issuer's next CRL may have (0: none set; raise_crl_number)."""
+        issuer = _check_arg_issuer(issuer)
+        with self._reading() as txn:
+            raw = txn.get(crl_floor_key(issuer), db=self._dbs["meta"])
+        return 0 if raw is None else serial_int(unpack(raw))
+
+    def crl_issuers(self) -> list[bytes]:
+        """Issuers with a CRL recorded, published or imported, in key order."""
+        with self._reading() as txn:
+            found = {bytes(key) for key, _ in txn.cursor(self._dbs["crls"])}
+            cursor = txn.cursor(self._dbs["crl_history"])
+            more = cursor.first()
+            while more:  # one step per issuer: past its highest possible number
+                issuer = bytes(cursor.key()[:ISSUER_SIZE])
+                found.add(issuer)
+                more = cursor.set_range(issuer + b"\xff" * SERIAL_SIZE)
+        return sorted(found)
+
+    def last_crl_number(self, issuer: bytes) -> int:
+        """The highest CRL number the issuer's CRLs took here (recorded, published, imported
+        or reserved by a floor), 0 when none."""
+        history, latest = self.last_crl_history(issuer), self.latest_crl(issuer)
+        numbers = [0, self.crl_number_floor(issuer) - 1]
+        numbers += [int(r["crl_number"]) for r in (history, latest) if r is not None]
+        return max(numbers)
+
+    def last_crl_time(self, issuer: bytes) -> int:
+        """The newest thisUpdate among the issuer's CRLs here (0 when none)."""
+        history, latest = self.last_crl_history(issuer), self.latest_crl(issuer)
+        return max([0] + [int(r["this_update"]) for r in (history, latest) if r is not None])
 
     def iter_crl_blocks(self, issuer: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
         """The entries of the issuer's last published CRL, block by block in serial order, as
