@@ -268,6 +268,7 @@ class TransportBase(TCPTransport):
         if not isinstance(message, str) or message not in self._nodeAddrToNode:
             conn.disconnect()  # a utility command, 'readonly' or a stranger: not served
             self._unknownConnections.discard(conn)
+            self.on_stranger(message)
             return
         conn.identified = True
         TCPTransport._onIncomingMessageReceived(self, conn, message)
@@ -309,6 +310,10 @@ class TransportBase(TCPTransport):
         pending += [c for c in self._connections.values() if c.state != DISCONNECTED]
         return [c for c in pending if not c.identified]
 
+    def incoming_pending(self) -> int:
+        """Accepted connections whose peer has not named itself yet."""
+        return len(self._unknownConnections)
+
     def drop_pending(self, conn: Any) -> None:
         self._unknownConnections.discard(conn)
         conn.disconnect()
@@ -332,6 +337,9 @@ class TransportBase(TCPTransport):
 
     def on_new_connection(self) -> bool:
         return True
+
+    def on_stranger(self, name: Any) -> None:
+        """A connection with the secret named no member (a removed signer, say): closed."""
 
     def on_node_connected(self, node: Any) -> None:
         self.raft_node_connected(node)

@@ -92,6 +92,7 @@ class LinkCounters:
     handshake_timeouts: int = 0  # no key exchange or no member's name in time
     refused_frames: int = 0  # a frame over its limit, or one that does not decrypt
     refused_peers: int = 0  # hellos judged unacceptable
+    strangers: int = 0  # connections with the secret that named no member
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -149,8 +150,12 @@ class ReplicationTransport(raft.TransportBase):
         self.counters.refused_frames += 1
         log.warning("replication: closed a connection: %s", reason)
 
+    def on_stranger(self, name: Any) -> None:
+        self.counters.strangers += 1
+        log.warning("replication: closed a connection from %.64r: not a member", name)
+
     def on_new_connection(self) -> bool:
-        if len(self.pending_connections()) >= MAX_PENDING:
+        if self.incoming_pending() >= MAX_PENDING:
             self.counters.over_limit += 1
             return False
         return True
