@@ -27,6 +27,7 @@ between writing a snapshot and compacting the journal must not lose committed en
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -262,7 +263,7 @@ class DurableJournal(Journal):
         try:
             written = os.pwrite(self._fd, data, self._end)
             if written != len(data):
-                raise OSError(28, "short write")
+                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
         except OSError as exc:
             self._fail(exc)
             with contextlib.suppress(OSError):
@@ -320,7 +321,7 @@ class DurableJournal(Journal):
         try:
             data = MAGIC + b"".join(records)
             if os.write(fd, data) != len(data):
-                raise OSError(28, "short write")
+                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
             os.fsync(fd)
         except OSError:
             os.close(fd)

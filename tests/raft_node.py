@@ -77,6 +77,8 @@ async def handle(raft: RaftLog[Result], line: bytes) -> None:
             "applied_index": view.applied_index,
             "repository_index": raft.machine.last_applied_index() if not raft._restoring else -1,
             "max_loop_ms": raft.max_loop * 1000,
+            "journal_failure": raft.journal_failure(),
+            "apply_error": raft._apply_error,
         }
         if request.get("digest") and not raft._restoring:
             result["digest"] = raft.machine.content_digest().hex()
