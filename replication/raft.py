@@ -27,7 +27,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -265,11 +265,12 @@ class RaftLog(Generic[R]):
                 self.machine, self._build_dir, self.snapshot_path, meta
             )
 
-    def recover_standalone(self) -> int:
+    def recover_standalone(self, first: Sequence[bytes] = ()) -> int:
         """Offline (signer stopped, journal directory empty): make this repository, restored
         from a backup after losing every signer, the start of a new log with this signer as the
-        only member; returns the new generation. Signers that kept other data are refused by it
-        (their histories diverge): they are wiped and added again."""
+        only member; returns the new generation. `first`: entries the owner applies before the
+        new log begins (the signer's restore rule). Signers that kept other data are refused by
+        it (their histories diverge): they are wiped and added again."""
         if self.journal_path.exists() or self.snapshot_path.exists():
             raise StartRefused(
                 f"{self.settings.journal_dir} is not empty: recovery starts a new log from the "
@@ -279,6 +280,9 @@ class RaftLog(Generic[R]):
         if not applied:
             raise StartRefused("the repository is empty: nothing to recover, just start")
         self.settings.journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if first:
+            self.machine.apply_batch([(applied + 1 + i, e) for i, e in enumerate(first)])
+            applied += len(first)
         self._load_record()
         record = next_record(self._record, [self.address], "recover from a backup")
         self.machine.apply_batch([(applied + 1, self._record_entry(record))])

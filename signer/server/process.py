@@ -29,6 +29,7 @@ from signer.server.health import Health, Section
 from signer.server.hsm import Hsm
 from signer.server.importer import ImportService
 from signer.server.openpgp import OpenPgpService
+from signer.server.reconcile import Reconciler
 from signer.wire.protocol import COMMANDS, HealthArgs, RequestStatusArgs, RequestStatusResult
 from storage import Repository, Result
 
@@ -72,6 +73,7 @@ class SignerServer:
         if config.issuing():
             self.ca = self._certificate_authority(config)
             self.handlers.update(self.ca.handlers())
+            self.handlers.update(Reconciler(self.ca).handlers())
             self.health.add("hsm", self.ca.hsm_section)
             self.health.add("cas", self.ca.cas_section)
             self.health.add("repository", self.ca.repository_section)
