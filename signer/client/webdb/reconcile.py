@@ -56,14 +56,17 @@ class ReconcileReport:
     crls: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
+    def requests_ok(self) -> bool:
+        """Every outcome the WebDB recorded is the signer's (again)."""
+        return not (self.failed or self.in_progress) and (self.dry_run or not self.missing)
+
+    @property
     def ok(self) -> bool:
-        behind = any(not crl.get("ok", True) for crl in self.crls.values())
-        return not (self.failed or self.in_progress or behind) and (
-            self.dry_run or not self.missing
-        )
+        """And no published CRL is newer than the signer's (run again after its next CRL)."""
+        return self.requests_ok and all(crl.get("ok", True) for crl in self.crls.values())
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "requests_ok": self.requests_ok, "ok": self.ok}
 
 
 class Reconciler:
