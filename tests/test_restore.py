@@ -177,7 +177,7 @@ async def test_restore_an_old_backup_then_reconcile(ca, tmp_path):
             assert report.recorded == [f"domaincerts:{later}:sign"]
             assert sorted(report.revoked) == sorted(f"domaincerts:{i}:revoke" for i in revoked_rows)
             # everything the WebDB recorded is the signer's again, nothing issued twice
-            for row_id, row in revoked_rows.items():
+            for row in revoked_rows.values():
                 certificate = x509.load_pem_x509_certificate(
                     (config.base_dir / row["crt_name"]).read_bytes()
                 )
