@@ -35,6 +35,9 @@ pysyncobj only through the names below and its public API (`SyncObj` methods and
   a regular entry is `pickle((method id, (argument,)))` after that byte.
 - A10 `POLLER`: `SyncObj._poller` is the poller `doTick` waits on; a descriptor subscribed to
   it ends the wait when readable.
+- A12 `SEND`: `_SyncObj__sendAppendEntries()` sends every peer what it lacks (entries or the
+  next snapshot chunks); pysyncobj calls it once per `appendEntriesPeriod`, which paces a
+  snapshot transfer to a few chunks per period unless it is called more often.
 - A11 `COMMIT`: a leader counts its own journal as holding every entry it appended (it
   commits an index once enough `next_node_idx` successes arrived, itself included unasked), so
   acknowledgements must reach it only once its own journal is durable (replication/
@@ -186,6 +189,10 @@ class RaftNode(SyncObj):
             self._poller.unsubscribe(pipe[0])
             for fd in pipe:
                 os.close(fd)
+
+    def send_appends(self) -> None:
+        """Send every peer what it lacks now, not at the next heartbeat (A12)."""
+        self._SyncObj__sendAppendEntries()
 
     def pace_snapshot_reads(self, may_read: Callable[[Any], bool]) -> None:
         """Read the next snapshot chunk for a peer only when `may_read(peer)` (A3)."""

@@ -562,6 +562,7 @@ class RaftLog(Generic[R]):
     # --- every turn of the Raft loop ------------------------------------------------------
 
     def _after_tick(self) -> None:
+        self._keep_sending_snapshots()
         self._flush()
         if self._restored:
             self._restored = False
@@ -572,6 +573,13 @@ class RaftLog(Generic[R]):
         self._check_membership()
         self._maybe_bootstrap_record()
         self._report_catch_up()
+
+    def _keep_sending_snapshots(self) -> None:
+        """While a snapshot goes out, send its next chunks every turn the socket drained
+        (the poll wakes when it can write), not once per heartbeat period."""
+        transport, node = self._transport, self._node
+        if transport is not None and node is not None and transport.outgoing and node.is_leader:
+            node.send_appends()
 
     def _run_calls(self) -> None:
         while True:
