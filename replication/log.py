@@ -137,3 +137,9 @@ def settle(future: asyncio.Future[Any], outcome: Any) -> None:
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def settle_all(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    """`settle` for several futures of one loop: one cross-thread wake-up for a batch."""
+    for future, outcome in outcomes:
+        settle(future, outcome)

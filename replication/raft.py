@@ -49,7 +49,7 @@ from replication.errors import (
     StartRefused,
 )
 from replication.journal import DurableJournal, read_entries
-from replication.log import MAX_ENTRY_BYTES, ReplicatedMachine, settle
+from replication.log import MAX_ENTRY_BYTES, ReplicatedMachine, settle, settle_all
 from replication.pysyncobj_adapter import (
     FAIL_REASON,
     NO_OP,
@@ -527,24 +527,25 @@ class RaftLog(Generic[R]):
             return
         self._apply_error = None
         self._pending = []
-        answered = False
-        for _, command, pid in pending:
-            result = next(results) if command is not None else None
-            if pid is not None:
-                answered = self._resolve(pid, result) or answered
-        if answered:
-            time.sleep(0)  # let the waiting event loop take the interpreter now, not in a turn
+        answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        with self._lock:
+            for _, command, pid in pending:
+                result = next(results) if command is not None else None
+                waiter = self._waiters.pop(pid, None) if pid is not None else None
+                if waiter is not None:
+                    answers.setdefault(waiter.loop, []).append((waiter.future, result))
+        for loop, settled in answers.items():  # one wake-up per event loop, not per answer
+            loop.call_soon_threadsafe(settle_all, settled)
         self.counters["applied"] += len(commands)
         self.counters["batches"] += 1
         if commands:
             self._load_record()  # one read: any of them may have changed the membership
 
-    def _resolve(self, pid: int, value: Any) -> bool:
+    def _resolve(self, pid: int, value: Any) -> None:
         with self._lock:
             waiter = self._waiters.pop(pid, None)
         if waiter is not None:
             waiter.loop.call_soon_threadsafe(settle, waiter.future, value)
-        return waiter is not None
 
     def _callback(self, pid: int, _result: Any, reason: int) -> None:
         if reason != FAIL_REASON.SUCCESS:
