@@ -563,17 +563,19 @@ class RaftLog(Generic[R]):
     # --- every turn of the Raft loop ------------------------------------------------------
 
     def _after_tick(self) -> None:
+        """The end of each turn; applying and answering last, so that the loop waits for
+        events right after the answers (the event loop takes the interpreter then)."""
         self._keep_sending_snapshots()
-        self._flush()
         if self._restored:
             self._restored = False
             self._load_record()
-        self._run_calls()
-        self._answer_reads()
         self._update_view()
         self._check_membership()
         self._maybe_bootstrap_record()
         self._report_catch_up()
+        self._flush()
+        self._run_calls()
+        self._answer_reads()
 
     def _keep_sending_snapshots(self) -> None:
         """While a snapshot goes out, send its next chunks every turn the socket drained
