@@ -81,6 +81,7 @@ class GuardedConnection:
         self.authenticated = False  # a frame from the peer decrypted
         self.identified = False  # the transport knows which node this is
         self.opened = time.monotonic()
+        self.peer_ip: str | None = None  # an accepted connection's remote address
         self.frame_limit = frame_limit
         self._on_refused = on_refused
         self._poller = poller

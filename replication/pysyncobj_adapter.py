@@ -263,10 +263,17 @@ class TransportBase(TCPTransport):
             self._connections[node] = conn
 
     def _accepted(self, sock: socket.socket) -> None:
-        if not self.on_new_connection():
+        try:
+            address = str(sock.getpeername()[0])
+        except OSError:
             sock.close()
             return
-        self._onNewIncomingConnection(self.new_connection(sock))
+        if not self.on_new_connection(address):
+            sock.close()
+            return
+        conn = self.new_connection(sock)
+        conn.peer_ip = address
+        self._onNewIncomingConnection(conn)
 
     def _onIncomingMessageReceived(self, conn: Any, message: Any) -> None:
         if self._syncObj.encryptor and not conn.sendRandKey:
@@ -317,9 +324,13 @@ class TransportBase(TCPTransport):
         pending += [c for c in self._connections.values() if c.state != DISCONNECTED]
         return [c for c in pending if not c.identified]
 
-    def incoming_pending(self) -> int:
+    def incoming_pending(self) -> list[Any]:
         """Accepted connections whose peer has not named itself yet."""
-        return len(self._unknownConnections)
+        return list(self._unknownConnections)
+
+    def member_hosts(self) -> set[str]:
+        """The IP addresses of the other voters."""
+        return {str(node.host) for node in self._nodes}
 
     def drop_pending(self, conn: Any) -> None:
         self._unknownConnections.discard(conn)
@@ -342,7 +353,7 @@ class TransportBase(TCPTransport):
         conn.encryptor = self._syncObj.encryptor
         return conn
 
-    def on_new_connection(self) -> bool:
+    def on_new_connection(self, address: str) -> bool:
         return True
 
     def on_stranger(self, name: Any) -> None:

@@ -5,8 +5,9 @@ What it adds (all on the Raft thread):
 
 - **Guard**: connections are `GuardedConnection`s (replication/connection.py): frames bounded
   before and after the peer proved the secret. A connection must finish the key exchange and
-  name a member within `handshake_timeout`, at most `MAX_PENDING` such connections exist at
-  once, and every refusal is counted (`LinkCounters`, shown by health).
+  name a member within `handshake_timeout`, at most `MAX_PENDING` such connections from
+  strangers exist at once (members' addresses have their own allowance, so strangers cannot
+  crowd them out), and every refusal is counted (`LinkCounters`, shown by health).
 - **Handshake**: each side then sends a hello (cluster record, applied index) and passes Raft
   messages for a peer only once that peer's hello was judged acceptable (replication/
   cluster.py). A stale, foreign or diverged signer never gets to vote or append.
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 CLOCK_INTERVAL = 1.0
 PROGRESS_STEP = 10  # percent
-MAX_PENDING = 4  # connections that have not finished the handshake, at once
+MAX_PENDING = 4  # connections from strangers that have not finished the handshake, at once
+MAX_PENDING_MEMBER = 2  # the same, from each member's address
 MAX_MERGED_ENTRIES = 2000
 MAX_MERGED_BYTES = 1 << 20  # entry bytes in one coalesced append
 
@@ -154,11 +156,18 @@ class ReplicationTransport(raft.TransportBase):
         self.counters.strangers += 1
         log.warning("replication: closed a connection from %.64r: not a member", name)
 
-    def on_new_connection(self) -> bool:
-        if self.incoming_pending() >= MAX_PENDING:
+    def on_new_connection(self, address: str) -> bool:
+        """At most MAX_PENDING unidentified connections from strangers, and apart from them
+        MAX_PENDING_MEMBER from each member's address: strangers cannot crowd a member out."""
+        members = self.member_hosts()
+        pending = [c.peer_ip for c in self.incoming_pending()]
+        if address in members:
+            allowed = pending.count(address) < MAX_PENDING_MEMBER
+        else:
+            allowed = len([ip for ip in pending if ip not in members]) < MAX_PENDING
+        if not allowed:
             self.counters.over_limit += 1
-            return False
-        return True
+        return allowed
 
     def _close_late_handshakes(self) -> None:
         deadline = time.monotonic() - self.owner.handshake_timeout

@@ -41,6 +41,14 @@ def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+STRANGER = "127.0.0.2"  # a loopback address that is no member's (the members use 127.0.0.1)
+
+
+def dial(port: int) -> socket.socket:
+    """A connection from a stranger's address."""
+    return socket.create_connection(("127.0.0.1", port), source_address=(STRANGER, 0))
+
+
 def big_issue(number: int, size: int) -> Any:
     """An issuance whose log entry is exactly `size` bytes."""
     command = issue(number)
@@ -121,7 +129,7 @@ async def test_a_peer_without_the_secret_cannot_fill_memory(lone):
 
     def attack() -> int:
         total = 0
-        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        sockets = [dial(port) for _ in range(4)]
         deadline = time.monotonic() + 3
         for sock in sockets:
             sock.settimeout(0.5)
@@ -145,10 +153,10 @@ async def test_a_peer_without_the_secret_cannot_fill_memory(lone):
 
 async def test_a_frame_over_the_handshake_limit_or_without_the_secret_is_refused(lone):
     port = port_of(lone.address)
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with dial(port) as sock:
         sock.sendall(struct.pack("i", 8192))  # over 4 KiB before the secret was shown
         await wait_for(lambda: link(lone).refused_frames >= 1, 10, "an oversized frame")
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with dial(port) as sock:
         sock.sendall(struct.pack("i", 100) + b"not a fernet token".ljust(100, b"!"))
         await wait_for(lambda: link(lone).refused_frames >= 2, 10, "a frame without the secret")
 
@@ -156,7 +164,7 @@ async def test_a_frame_over_the_handshake_limit_or_without_the_secret_is_refused
 async def test_a_silent_connection_is_closed_after_the_handshake_deadline(lone):
     port = port_of(lone.address)
     began = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with dial(port) as sock:
         sock.settimeout(10)
         assert sock.recv(1) == b""  # closed by the signer, never answered
     waited = time.monotonic() - began
@@ -164,15 +172,35 @@ async def test_a_silent_connection_is_closed_after_the_handshake_deadline(lone):
     assert waited >= lone.handshake_timeout * 0.9
 
 
-async def test_unauthenticated_connections_are_capped(lone):
-    port = port_of(lone.address)
-    sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
-    try:
-        await wait_for(lambda: link(lone).over_limit >= 12 - transport_module.MAX_PENDING,
-                       10, "connections over the limit closed")  # fmt: skip
-        assert lone._transport.incoming_pending() <= transport_module.MAX_PENDING
-    finally:
+async def test_unauthenticated_connections_are_capped_and_cannot_crowd_a_member_out(tmp_path):
+    cluster = Cluster(tmp_path)
+    a, b = sorted(cluster.addresses)  # b, the higher address, dials a: through the crowd
+    lone = cluster.start(a)
+    port = port_of(a)
+    stop = False
+
+    def crowd() -> None:  # strangers keep every slot taken while the member connects
+        sockets: list[socket.socket] = []
+        while not stop:
+            sockets = [s for s in sockets if s.fileno() >= 0]
+            try:
+                sockets.append(dial(port))
+            except OSError:
+                pass
+            time.sleep(0.01)
         for sock in sockets:
             sock.close()
-    section = await lone.health()
-    assert section.data["link"]["over_limit"] >= 12 - transport_module.MAX_PENDING
+
+    crowding = asyncio.create_task(asyncio.to_thread(crowd))
+    try:
+        limit = transport_module.MAX_PENDING
+        await wait_for(lambda: link(lone).over_limit >= 8, 10, "strangers over the limit")
+        assert len(lone._transport.incoming_pending()) <= limit + 1
+        cluster.start(b)  # the member still gets through
+        await cluster.wait_leader(timeout=20)
+        section = await lone.health()
+        assert section.data["link"]["over_limit"] >= 8
+    finally:
+        stop = True
+        await crowding
+        cluster.close()
