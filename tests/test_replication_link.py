@@ -5,6 +5,7 @@ bound travelling to a fresh and to a reconnecting follower (docs/replication.md,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import struct
@@ -183,10 +184,8 @@ async def test_unauthenticated_connections_are_capped_and_cannot_crowd_a_member_
         sockets: list[socket.socket] = []
         while not stop:
             sockets = [s for s in sockets if s.fileno() >= 0]
-            try:
+            with contextlib.suppress(OSError):
                 sockets.append(dial(port))
-            except OSError:
-                pass
             time.sleep(0.01)
         for sock in sockets:
             sock.close()
