@@ -224,8 +224,9 @@ class ReplicationTransport(raft.TransportBase):
         state.refused = None
         if not state.accepted:
             state.accepted = True
+            state.disk_error = None  # it says so again if its disk still fails
             self.counters.accepted += 1
-            self._disk_said = None  # tell this peer again if our disk fails
+            self._disk_said = None  # and so do we
             self.raft_node_connected(node)
 
     # --- messages -------------------------------------------------------------------------
