@@ -376,7 +376,9 @@ def test_third_party_signatures_are_carried_not_parsed(ca: Ca, users: UserKeys):
         result = certifier.certify(flooded, ["bob@example.org"], datetime.now(UTC))
         elapsed = time.perf_counter() - started
     assert drop_new_packets(result.public_key, flooded) == flooded
-    assert len(result.public_key) == len(flooded) + len(theirs)
+    # one certification added, as long as the first give or take the signature's MPIs, which
+    # lose their leading zero bytes (RFC 9580 §3.2): one time in 256 a byte shorter or longer
+    assert abs(len(result.public_key) - len(flooded) - len(theirs)) <= 2
     print(
         f"certified a key of {len(flooded)} bytes with 4000 foreign signatures in {elapsed:.3f} s"
     )
