@@ -201,8 +201,9 @@ def _sign_openpgp_arguments(parser: argparse.ArgumentParser) -> None:
         "--uid",
         action="append",
         required=True,
-        metavar="EMAIL",
-        help="e-mail address (or whole user ID) to certify (repeat)",
+        metavar="USER_ID",
+        help="a whole user ID to certify, exactly as on the key, e.g. 'Alice <alice@example.org>'"
+        " (repeat)",
     )
     parser.add_argument("--out", type=Path, help="write the certified key here (binary)")
 
