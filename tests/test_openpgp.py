@@ -385,7 +385,9 @@ def test_third_party_signatures_are_carried_not_parsed(ca: Ca, users: UserKeys):
 
 
 async def test_armor_checksum_is_ignored_as_rfc_9580_says(service: OpenPgpService, users):
-    result = await certify(service, armored_with_bad_crc(users.public["bob"]), ["Bob <bob@example.org>"])
+    result = await certify(
+        service, armored_with_bad_crc(users.public["bob"]), ["Bob <bob@example.org>"]
+    )
     assert result.certified_uids == ["Bob <bob@example.org>"]
 
 
@@ -641,7 +643,10 @@ async def test_end_to_end_over_the_emulated_line(ca: Ca, users: UserKeys, tmp_pa
         settings = LinkSettings(device=str(line.end_b), baudrate=BAUD, reopen_interval=0.1)
         try:
             async with SignerClient(settings, timeout=20) as client:
-                args = {"public_key": armor(users.public["alice"]), "uids": ["Alice <alice@example.org>"]}
+                args = {
+                    "public_key": armor(users.public["alice"]),
+                    "uids": ["Alice <alice@example.org>"],
+                }
                 first = await client.call("sign_openpgp", args, request_id="gpg:42:sign")
                 again = await client.call("sign_openpgp", args, request_id="gpg:42:sign")
                 status = await client.call("request_status", {"request_id": "gpg:42:sign"})

@@ -56,7 +56,6 @@ CURVE_OIDS: dict[bytes, str] = {
 }
 
 
-
 def refuse(code: ErrorCode, message: str) -> SignerError:
     return SignerError(code, message)
 

@@ -41,6 +41,7 @@ from signer.pki.profiles import (
     check_channel,
     short_attribute_name,
 )
+from signer.pki.suffixes import PublicSuffixes, shipped
 
 # Bounds applied before any parsing, so hostile input costs nothing.
 MAX_CSR_BYTES = 64 * 1024
@@ -523,7 +524,7 @@ def _normalize_email(value: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
-def _check_san(kind: str, value: str, rule: Any) -> str:
+def _check_san(kind: str, value: str, rule: Any, suffixes: PublicSuffixes) -> str:
     """Validate one SAN; returns its canonical text form (BAD_SAN on syntax errors)."""
 
     def bad(reason: str) -> SignerError:
@@ -542,6 +543,10 @@ def _check_san(kind: str, value: str, rule: Any) -> str:
             raise bad("wildcards are not allowed in this profile")
         if not dns_name_ok(name, rule.wildcard):
             raise bad("not a valid DNS name (LDH labels, A-labels for IDNs, at least two labels)")
+        if name.startswith("*.") and suffixes.is_public(name[2:]):
+            raise bad(
+                f"a wildcard directly under the public suffix {name[2:]} (Public Suffix List)"
+            )
         return name
     if kind == "email":
         if not _email_ok(value):
@@ -712,7 +717,7 @@ def _resolve_subject(raw: object, profile: Profile, from_csr: bool) -> list[tupl
     return kept
 
 
-def _resolve_sans(raw: object, profile: Profile) -> list[tuple[str, str]]:
+def _resolve_sans(raw: object, profile: Profile, suffixes: PublicSuffixes) -> list[tuple[str, str]]:
     """Check SAN types, counts and syntax; returns canonical, de-duplicated pairs."""
     if not isinstance(raw, list | tuple):
         raise _err(ErrorCode.BAD_SAN, f"sans must be a list of pairs, got {type(raw).__name__}")
@@ -748,7 +753,7 @@ def _resolve_sans(raw: object, profile: Profile) -> list[tuple[str, str]]:
                 type=kind,
                 allowed=sorted(rules.allowed),
             )
-        canonical = _check_san(kind, value, rule)
+        canonical = _check_san(kind, value, rule, suffixes)
         if (kind, canonical) in seen:
             continue
         seen.add((kind, canonical))
@@ -1133,12 +1138,15 @@ def plan_certificate(
     issuer_cert: x509.Certificate,
     now: dt.datetime,
     channel: Channel = "line",
+    suffixes: PublicSuffixes | None = None,
 ) -> CertificatePlan:
     """Validate the request against the profile and decide every field but the serial.
 
     `channel` is who asks: the line (the default) may not use an operator profile (a CA, OCSP
-    or time-stamping certificate); only the operator's own tools pass "operator".
+    or time-stamping certificate); only the operator's own tools pass "operator". `suffixes`:
+    the Public Suffix List wildcards are checked against (default: the package's snapshot).
     """
+    suffixes = shipped() if suffixes is None else suffixes
     check_channel(profile, channel)
     if request.profile != profile.name:
         raise _err(
@@ -1178,11 +1186,11 @@ def plan_certificate(
         subject = _resolve_subject(parsed.subject or [], profile, from_csr=True)
 
     if request.sans is not None:
-        sans = _resolve_sans(request.sans, profile)
+        sans = _resolve_sans(request.sans, profile, suffixes)
     elif profile.sans.copy_csr_sans:
-        sans = _resolve_sans(_sans_from_csr(parsed.csr), profile)
+        sans = _resolve_sans(_sans_from_csr(parsed.csr), profile, suffixes)
     else:
-        sans = _resolve_sans([], profile)
+        sans = _resolve_sans([], profile, suffixes)
     subject = _apply_cn_rule(subject, sans, profile)
 
     try:

@@ -26,6 +26,7 @@ from signer.pki.der import serial_hex
 from signer.pki.lint import sign_after_lint
 from signer.pki.profiles import ProfileSet
 from signer.pki.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
+from signer.pki.suffixes import PublicSuffixes, shipped
 from signer.pki.x509_signing import (
     CertificatePlan,
     IssuanceRequest,
@@ -109,6 +110,7 @@ class CertificateAuthority:
         repository: Repository,
         commit_log: Log[Result],
         clock: Callable[[], datetime] = utcnow,
+        suffixes: PublicSuffixes | None = None,
     ):
         self.issuers = {issuer.name: issuer for issuer in issuers}
         self.profiles = profiles
@@ -117,6 +119,7 @@ class CertificateAuthority:
         self.log = commit_log
         self.recorder = Recorder(commit_log)
         self.clock = clock
+        self.suffixes = shipped() if suffixes is None else suffixes
         self._builders = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="x509-build")
         for profile in profiles.profiles.values():
             if profile.issuer not in self.issuers:
@@ -158,7 +161,9 @@ class CertificateAuthority:
             validity_days=args.validity_days,
             digest=args.digest,
         )
-        plan = plan_certificate(request, profile, issuer.certificate, self.clock())
+        plan = plan_certificate(
+            request, profile, issuer.certificate, self.clock(), suffixes=self.suffixes
+        )
         serial = self._fresh_serial(issuer)
         loop = asyncio.get_running_loop()
         der = await loop.run_in_executor(self._builders, self._build, plan, serial, issuer)

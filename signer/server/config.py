@@ -111,6 +111,11 @@ class SignerConfig(Section):
         "aligned), or the path of a profiles file (docs/profiles.md)",
     )
     issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
+    public_suffix_list: Path | None = Field(
+        default=None,
+        description="a newer public_suffix_list.dat than the one the publicsuffixlist package "
+        "ships (wildcards directly under a public suffix are refused)",
+    )
     openpgp: OpenPgpConfig | None = None
     crl: CrlConfig = Field(default_factory=CrlConfig)
     replication: ReplicationSettings | None = None  # Raft between the signers
@@ -130,7 +135,7 @@ class SignerConfig(Section):
             return PROFILE_SETS[str(value)]
         return resolve(value, info)
 
-    _resolve = field_validator("control_socket")(resolve)
+    _resolve = field_validator("control_socket", "public_suffix_list")(resolve)
 
     @model_validator(mode="after")
     def _one_socket(self) -> SignerConfig:

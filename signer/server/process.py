@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from replication.errors import StartRefused
@@ -20,6 +21,7 @@ from signer.config import ConfigError
 from signer.errors import SignerError
 from signer.link.serial_link import LinkSettings, SerialLink
 from signer.pki.profiles import load_profiles
+from signer.pki.suffixes import PublicSuffixes, shipped
 from signer.server.ca import CertificateAuthority, Issuer, KeyMismatchError
 from signer.server.config import SignerConfig
 from signer.server.control import ControlServer
@@ -33,6 +35,19 @@ from signer.wire.protocol import COMMANDS, HealthArgs, RequestStatusArgs, Reques
 from storage import Repository, Result
 
 log = logging.getLogger(__name__)
+
+
+def public_suffixes(path: Path | None) -> PublicSuffixes:
+    """The operator's newer Public Suffix List, or the package's snapshot."""
+    if path is None:
+        suffixes = shipped()
+    else:
+        try:
+            suffixes = PublicSuffixes.parse(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the public suffix list: {exc}") from None
+    log.info("public suffix list %s (version %s)", suffixes.source, suffixes.version or "unknown")
+    return suffixes
 
 
 def as_dict(stats: Any) -> dict[str, Any]:
@@ -134,7 +149,12 @@ class SignerServer:
             for name, issuer in config.issuers.items()
         ]
         return CertificateAuthority(
-            issuers, load_profiles(config.profiles), hsm, repository, commit_log
+            issuers,
+            load_profiles(config.profiles),
+            hsm,
+            repository,
+            commit_log,
+            suffixes=public_suffixes(config.public_suffix_list),
         )
 
     def _on_event(self, event: Any) -> None:

@@ -553,6 +553,46 @@ def test_wildcards_only_where_the_profile_allows_them(env: Env) -> None:
     assert info.value.code is ErrorCode.BAD_SAN
 
 
+@pytest.mark.parametrize(
+    "wildcard",
+    [
+        "*.co.uk",
+        "*.CO.UK",
+        "*.github.io",
+        "*.kawasaki.jp",
+        "*.foo.ck",
+        "*.xn--55qx5d.cn",
+        "*.com.au",
+    ],
+)
+def test_no_wildcard_directly_under_a_public_suffix(env: Env, wildcard: str) -> None:
+    """Issue 11, item 4: `*.co.uk` was issued. A wildcard is refused when what it stands under is
+    a public suffix of the Public Suffix List (ICANN and private sections, wildcard rules)."""
+    request = env.good("server", subject=[], sans=[("dns", wildcard)])
+    with pytest.raises(SignerError) as info:
+        env.plan(request)
+    assert info.value.code is ErrorCode.BAD_SAN
+    assert "public suffix" in info.value.message
+
+
+def test_wildcards_under_a_registered_domain_are_issued(env: Env) -> None:
+    for name in ("*.example.co.uk", "*.www.ck", "*.city.kawasaki.jp", "*.static.example.org"):
+        cert = env.issue(env.good("server", subject=[], sans=[("dns", name)]))
+        assert san_pairs(cert) == [("dns", name)]
+
+
+def test_the_operator_updates_the_public_suffix_list_without_a_code_change(env: Env) -> None:
+    from signer.pki.suffixes import PublicSuffixes
+
+    newer = PublicSuffixes.parse("// a list the operator copied to the signer\norg\nexample.org\n")
+    profile = env.profile("server")
+    request = env.good("server", subject=[], sans=[("dns", "*.example.org")])
+    env.plan(request)  # the shipped list: example.org is a registered domain
+    with pytest.raises(SignerError) as info:
+        plan_certificate(request, profile, env.issuer(profile).cert, NOW, "operator", newer)
+    assert info.value.code is ErrorCode.BAD_SAN
+
+
 def test_pem_variants_are_accepted(env: Env) -> None:
     pem = x509.load_der_x509_csr(env.rsa_csr).public_bytes(serialization.Encoding.PEM)
     legacy = pem.replace(b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
