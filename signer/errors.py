@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_ISSUER = "unknown_issuer"
     BAD_CSR = "bad_csr"
     BAD_CSR_SIGNATURE = "bad_csr_signature"
+    BAD_CHALLENGE = "bad_challenge"
     UNSUPPORTED_KEY = "unsupported_key"
     WEAK_KEY = "weak_key"
     FORBIDDEN_SUBJECT_ATTRIBUTE = "forbidden_subject_attribute"

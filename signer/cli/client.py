@@ -147,6 +147,10 @@ def _sign_x509_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--days", type=int, help="validity in days (default: the profile's)")
     parser.add_argument("--digest", default="sha256", choices=["sha256", "sha384", "sha512"])
+    parser.add_argument(
+        "--challenge",
+        help="the challenge the request must carry (SPKAC challenge, PKCS#10 challengePassword)",
+    )
     parser.add_argument("--out", type=Path, help="write the certificate here (PEM)")
 
 
@@ -158,6 +162,8 @@ def _sign_x509_build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         payload["sans"] = sans
     if args.days is not None:
         payload["validity_days"] = args.days
+    if args.challenge is not None:
+        payload["challenge"] = args.challenge
     payload["csr"] = read_input(args.csr)
     return "sign_x509", payload
 

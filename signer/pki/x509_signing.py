@@ -16,6 +16,7 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
+import hmac
 import ipaddress
 import math
 import re
@@ -29,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
-from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
+from cryptography.x509.oid import AttributeOID, ExtensionOID, ObjectIdentifier
 
 from signer.errors import ErrorCode, SignerError
 from signer.pki.der import der_header
@@ -123,6 +124,7 @@ class IssuanceRequest:
     sans: list[tuple[str, str]] | None = None
     validity_days: int | None = None
     digest: str = "sha256"
+    challenge: str | None = None  # what the proof of possession must carry; None: not compared
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class _ParsedRequest:
     name: x509.Name | None
     csr: x509.CertificateSigningRequest | None
     fmt: str
+    challenge: str | None = None  # SPKAC's challenge string (PKCS#10: read on demand)
 
 
 def _looks_like_spkac_der(der: bytes) -> bool:
@@ -218,7 +221,7 @@ def _parse_spkac(
         pkac = spkac["public_key_and_challenge"]
         spki_der = pkac["spki"].dump()
         spki_oid = pkac["spki"]["algorithm"]["algorithm"].dotted
-        _ = pkac["challenge"].native
+        challenge = pkac["challenge"].native
         signed = pkac.dump()
         sig_alg = spkac["signature_algorithm"]
         algo, hash_name = sig_alg.signature_algo, sig_alg.hash_algo
@@ -238,7 +241,12 @@ def _parse_spkac(
     except Exception as exc:
         raise _err(ErrorCode.BAD_CSR, f"malformed SPKAC public key: {_short(str(exc))}") from None
     parsed = _ParsedRequest(
-        public_key=public_key, subject=text_subject or [], name=None, csr=None, fmt="spkac"
+        public_key=public_key,
+        subject=text_subject or [],
+        name=None,
+        csr=None,
+        fmt="spkac",
+        challenge=challenge if isinstance(challenge, str) else "",
     )
     return parsed, (algo, hash_name, signed, signature)
 
@@ -367,6 +375,23 @@ def _verify_pkcs10(csr: x509.CertificateSigningRequest, public_key: Any) -> None
         raise _err(
             ErrorCode.BAD_CSR_SIGNATURE, f"CSR signature cannot be checked: {_short(str(exc))}"
         ) from None
+
+
+def _check_challenge(parsed: _ParsedRequest, expected: str) -> None:
+    """The request's challenge (SPKAC) or challengePassword (PKCS#10) must be `expected`: it
+    binds the proof of possession to the session that handed the challenge out."""
+    carried = parsed.challenge
+    if parsed.csr is not None:
+        try:
+            attribute = parsed.csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD)
+            carried = attribute.value.decode("utf-8")
+        except x509.AttributeNotFound:
+            carried = None
+        except Exception:  # an attribute that is not a string
+            carried = None
+    if carried is None or not hmac.compare_digest(carried.encode(), expected.encode()):
+        what = "no challenge" if carried is None else "another challenge"
+        raise _err(ErrorCode.BAD_CHALLENGE, f"the {parsed.fmt} request carries {what}")
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -1173,6 +1198,8 @@ def plan_certificate(
         _verify_spkac(parsed.public_key, *spkac_sig)
     elif parsed.csr is not None:
         _verify_pkcs10(parsed.csr, parsed.public_key)
+    if request.challenge is not None:
+        _check_challenge(parsed, request.challenge)
 
     if request.subject is not None:
         subject = _resolve_subject(request.subject, profile, from_csr=False)

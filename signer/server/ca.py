@@ -160,6 +160,7 @@ class CertificateAuthority:
             sans=None if args.sans is None else [(k, v) for k, v in args.sans],
             validity_days=args.validity_days,
             digest=args.digest,
+            challenge=args.challenge,
         )
         plan = plan_certificate(
             request, profile, issuer.certificate, self.clock(), suffixes=self.suffixes

@@ -111,6 +111,7 @@ class SignX509Args(Args):
     sans: list[Pair] | None = Field(default=None, max_length=1000)
     validity_days: int | None = Field(default=None, ge=1, le=36500)
     digest: str = Field(default="sha256", max_length=16)
+    challenge: str | None = Field(default=None, max_length=256)
 
 
 class SignX509Result(Result):

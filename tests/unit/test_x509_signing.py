@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from x509_helpers import (
@@ -312,6 +312,32 @@ def test_spkac_from_openssl_issues(tmp_path: Path, env: Env) -> None:
     # The same structure as raw DER, and with CRLF line ends.
     assert env.issue(env.good("client", csr=spkac_der(spkac))).public_key() == env.rsa.public_key()
     assert env.issue(env.good("client", csr=spkac.replace(b"\n", b"\r\n"))).serial_number
+
+
+def test_the_expected_challenge_is_checked_when_the_request_carries_it(
+    tmp_path: Path, env: Env
+) -> None:
+    """Issue 11, item 5: the SPKAC's challenge was ignored. When the request names the challenge
+    the web application handed out (keygen's `challenge`, PKCS#10's challengePassword), the
+    proof of possession must carry exactly it; without one, nothing is compared."""
+    spkac = make_spkac(env.rsa, tmp_path, challenge="f00dfeed", digest="sha256")
+    assert env.issue(env.good("client", csr=spkac, challenge="f00dfeed")).serial_number
+    assert env.issue(env.good("client", csr=spkac)).serial_number  # not asked: not compared
+    for wrong in ("f00dfeeD", "f00dfee", "", "x" * 100):
+        with pytest.raises(SignerError) as info:
+            env.plan(env.good("client", csr=spkac, challenge=wrong))
+        assert info.value.code is ErrorCode.BAD_CHALLENGE, wrong
+        assert "f00dfeed" not in info.value.message  # the expected secret is never echoed
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")])
+    )
+    with_password = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD, b"s3cret")
+    csr = with_password.sign(env.rsa, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    assert env.issue(env.good("client", csr=csr, challenge="s3cret")).serial_number
+    for blob, challenge in ((csr, "other"), (env.rsa_csr, "s3cret")):
+        with pytest.raises(SignerError) as info:
+            env.plan(env.good("client", csr=blob, challenge=challenge))
+        assert info.value.code is ErrorCode.BAD_CHALLENGE
 
 
 def test_spkac_with_dn_lines_gives_the_subject(tmp_path: Path, env: Env) -> None:
