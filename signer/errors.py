@@ -112,6 +112,16 @@ class ProtocolError(SignerError):
     """A frame, envelope or argument the signer cannot take (framing, envelope, arguments)."""
 
 
+def bad_arguments(
+    field: str, problem: str, code: ErrorCode = ErrorCode.BAD_ARGUMENTS
+) -> ProtocolError:
+    """A refused argument in the one shape docs/protocol.md gives `bad_arguments` (and
+    `field_too_large`): `details.problems` = [{field, problem}]."""
+    return ProtocolError(
+        code, f"{field}: {problem}", {"problems": [{"field": field, "problem": problem}]}
+    )
+
+
 class HsmError(SignerError):
     """The HSM could not do what was asked (unavailable, login, key missing, signing failed)."""
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,35 @@ async def test_revoke_is_idempotent_and_checked(running):
         with pytest.raises(SignerError) as caught:
             await client.call("revoke_x509", bad)
         assert caught.value.code is code
+
+
+async def test_revocation_times_are_bounded_by_the_certificate_and_the_clock(running):
+    """Issue 11, item 6: `revoked_at` went back to 1971 and `invalidity_date` to 2099. Both must
+    lie between the certificate's notBefore and the signer's clock; otherwise `bad_arguments`
+    names the field, and nothing is recorded."""
+    server, client, _ = running
+    args = {"profile": "server", "csr": server_csr(), "sans": [["dns", "www.example.org"]]}
+    issued = await client.call("sign_x509", args)
+    before = server.ca.repository.content_digest(include_applied_index=False)
+    revoke = {"issuer": "class3", "serial": issued["serial"]}
+    now = datetime.now(UTC)
+    cases = [
+        ("revoked_at", datetime(1971, 1, 1, tzinfo=UTC)),
+        ("revoked_at", issued["not_before"] - timedelta(seconds=1)),
+        ("revoked_at", now + timedelta(minutes=2)),
+        ("invalidity_date", datetime(2099, 1, 1, tzinfo=UTC)),
+        ("invalidity_date", datetime(1971, 1, 1, tzinfo=UTC)),
+        ("invalidity_date", now + timedelta(minutes=2)),
+    ]
+    for field, when in cases:
+        with pytest.raises(SignerError) as caught:
+            await client.call("revoke_x509", {**revoke, field: when})
+        assert caught.value.code is ErrorCode.BAD_ARGUMENTS, (field, when)
+        [problem] = caught.value.details["problems"]
+        assert problem["field"] == field, caught.value.details
+    assert server.ca.repository.content_digest(include_applied_index=False) == before
+    good = {**revoke, "revoked_at": issued["not_before"], "invalidity_date": issued["not_before"]}
+    assert (await client.call("revoke_x509", good))["revoked_at"] == issued["not_before"]
 
 
 async def test_issuers_profiles_and_health(running, ca):

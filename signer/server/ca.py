@@ -25,7 +25,13 @@ from signer.errors import ErrorCode, SignerError
 from signer.pki.der import serial_hex
 from signer.pki.lint import sign_after_lint
 from signer.pki.profiles import ProfileSet
-from signer.pki.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
+from signer.pki.revocation import (
+    REASON_NAMES,
+    bounded_time,
+    crl_entry,
+    reason_code,
+    revocation_time,
+)
 from signer.pki.suffixes import PublicSuffixes, shipped
 from signer.pki.x509_signing import (
     CertificatePlan,
@@ -234,8 +240,14 @@ class CertificateAuthority:
             )
         if certificate["revocation"] is not None:
             return self._revoked_result(certificate["revocation"], already=True)
-        revoked_at = revocation_time(args.revoked_at, self.clock())
-        invalidity = args.invalidity_date.replace(microsecond=0) if args.invalidity_date else None
+        now = self.clock()
+        known = certificate["not_before"]
+        not_before = None if known is None else datetime.fromtimestamp(known, UTC)
+        revoked_at = revocation_time(args.revoked_at, now, not_before)
+        invalidity = None
+        if args.invalidity_date is not None:
+            invalidity = bounded_time("invalidity_date", args.invalidity_date, now, not_before)
+            invalidity = invalidity.replace(microsecond=0)
         command = RevokeX509(
             request_id=ctx.request_id,
             request_digest=ctx.digest,
