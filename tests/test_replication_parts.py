@@ -4,6 +4,7 @@ rules, the settings and secret, the transport's message coalescing, the pysyncob
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import msgpack
@@ -36,6 +37,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def entries(count: int, term: int = 1, start: int = 1) -> list[tuple[bytes, int, int]]:
     return [(b"\x00command %d" % i, i, term) for i in range(start, start + count)]
+
+
+def test_the_journal_directory_is_private_even_when_it_exists(tmp_path):
+    """Issue 11, item 7: the journal directory (the log holds every certificate and address)
+    kept whatever mode it already had; it is made 0700 and its files 0600 when opened."""
+    journal_dir = tmp_path / "raft"
+    journal_dir.mkdir(mode=0o755)
+    os.chmod(journal_dir, 0o755)
+    (journal_dir / "raft.journal.meta").write_text("{}")
+    os.chmod(journal_dir / "raft.journal.meta", 0o644)
+    journal = DurableJournal(journal_dir / "raft.journal")
+    journal.add(*entries(1)[0])
+    journal.sync()
+    assert journal_dir.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in journal_dir.iterdir()} == {
+        "raft.journal": 0o600,
+        "raft.journal.meta": 0o600,
+    }
+    journal._destroy()
 
 
 def test_journal_survives_reopen_and_cuts_a_torn_tail(tmp_path):
