@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from signer.clock import utcnow
 from signer.errors import ErrorCode, SignerError
 from signer.pki.der import serial_hex
 from signer.pki.lint import sign_after_lint
-from signer.pki.profiles import ProfileSet
+from signer.pki.profiles import Profile, ProfileSet
 from signer.pki.revocation import (
     REASON_NAMES,
     bounded_time,
@@ -305,6 +305,7 @@ class CertificateAuthority:
                     digests=list(profile.digests),
                     subject_attributes=sorted(profile.subject.attributes),
                     san_types=sorted(profile.sans.allowed),
+                    rules=profile_rules(profile, now),
                 )
             )
         return ListProfilesResult(profiles=infos)
@@ -409,6 +410,24 @@ class CertificateAuthority:
             return self._issuer_by_key_id(key_id).name
         except SignerError:
             return key_id.hex()
+
+
+def profile_rules(profile: Profile, now: datetime) -> dict[str, Any]:
+    """What `list_profiles` shows of a profile: every rule that can refuse a request (subject,
+    SANs, keys, validity as in force now), so a client can tell why before it asks."""
+    validity = profile.validity.model_dump(by_alias=True)
+    validity["max_days"] = profile.validity.effective_max_days(now)
+    validity["schedule"] = [
+        {"from": datetime.combine(step.from_, time(), UTC), "max_days": step.max_days}
+        for step in profile.validity.schedule
+    ]
+    return {
+        "subject": profile.subject.model_dump(),
+        "sans": profile.sans.model_dump(),
+        "keys": profile.keys.model_dump(),
+        "validity": validity,
+        "digests": list(profile.digests),
+    }
 
 
 def _signed(
