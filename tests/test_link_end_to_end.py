@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conditions import eventually
+from health_checks import times_that_are_not_timestamps
 
 from signer.client.library import SignerClient
 from signer.config import LinkConfig
@@ -51,6 +52,7 @@ async def test_health_over_the_line(signer, line):
     link = health["sections"]["link"]
     assert link["state"] == "open"
     assert link["frames_in"] >= 1
+    assert times_that_are_not_timestamps(health) == []
 
 
 async def test_pipelined_answers_come_back_out_of_order(signer, line):

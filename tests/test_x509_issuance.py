@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from health_checks import times_that_are_not_timestamps
 
 from signer.client.library import SignerClient
 from signer.config import load
@@ -263,6 +264,14 @@ async def test_issuers_profiles_and_health(running, ca):
     assert all(k["test_signature_ok"] for k in sections["hsm"]["keys"])
     assert sections["cas"]["class3"]["days_left"] > 2000
     assert sections["repository"]["consistent"] is True
+    assert times_that_are_not_timestamps(health) == []  # issue 11, item 11: Timestamps
+    server = profiles["server"]["rules"]  # every rule that can refuse a request is shown
+    assert server["subject"]["cn_sources"] == ["san"]
+    assert server["sans"]["allowed"]["dns"] == {
+        "max_count": 100, "wildcard": True, "allow_non_public": False,
+    }  # fmt: skip
+    assert server["keys"]["rsa"]["min_bits"] == 2048
+    assert server["validity"]["max_days"] == profiles["server"]["max_validity_days"]
 
 
 async def test_recorded_outcome_survives_restart(ca, tmp_path):

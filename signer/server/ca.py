@@ -336,7 +336,7 @@ class CertificateAuthority:
         for issuer in self.issuers.values():
             expires = issuer.certificate.not_valid_after_utc
             days = (expires - now).days
-            data[issuer.name] = {"not_after": expires.isoformat(), "days_left": days}
+            data[issuer.name] = {"not_after": expires, "days_left": days}
             if days < 0:
                 errors.append(f"{issuer.name}: CA certificate expired on {expires:%Y-%m-%d}")
             elif days < CA_EXPIRY_WARNING_DAYS:

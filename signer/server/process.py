@@ -27,7 +27,7 @@ from signer.server.config import SignerConfig
 from signer.server.control import ControlServer
 from signer.server.crl import CrlService
 from signer.server.dispatch import Handler, ProtocolHandler, RequestContext
-from signer.server.health import Health, Section
+from signer.server.health import Health, Section, with_timestamps
 from signer.server.hsm import Hsm
 from signer.server.importer import ImportService
 from signer.server.openpgp import OpenPgpService
@@ -85,7 +85,7 @@ class SignerServer:
             ca = self.ca
             self.crl = CrlService(ca.issuers.values(), ca.hsm, ca.repository, ca.log, config.crl)
             self.handlers.update(self.crl.handlers())
-            self.health.add("crls", self.crl.health_section)
+            self.health.add("crls", self._crls_section)
         self.openpgp: OpenPgpService | None = None
         if config.openpgp is not None:
             repository, commit_log, hsm = self._shared(config)
@@ -235,14 +235,24 @@ class SignerServer:
     async def _cluster_section(self) -> Section:
         assert self.cluster is not None
         health = await self.cluster.health()
-        return Section(health.data, health.warnings, health.errors)
+        data = with_timestamps(dict(health.data), "snapshot.created", "cluster.at")
+        return Section(data, health.warnings, health.errors)
+
+    async def _crls_section(self) -> Section:
+        assert self.crl is not None
+        section = await self.crl.health_section()
+        with_timestamps(section.data, "*.this_update", "*.next_update")
+        return section
 
     async def _link_section(self) -> Section:
-        link = as_dict(self.link.stats)
+        link = with_timestamps(as_dict(self.link.stats), "since")
         link["handler"] = as_dict(self.protocol.stats)
         link["in_flight"] = self.protocol.in_flight
         warnings = [] if self.link.connected else ["the serial line is down"]
         if self.lines:
-            link["extra_lines"] = {extra.name: as_dict(extra.stats) for extra, _ in self.lines}
+            link["extra_lines"] = {
+                extra.name: with_timestamps(as_dict(extra.stats), "since")
+                for extra, _ in self.lines
+            }
             warnings += [f"{x.name} is down" for x, _ in self.lines if not x.connected]
         return Section(link, warnings)
