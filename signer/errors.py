@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_COMMAND = "unknown_command"
     BAD_ARGUMENTS = "bad_arguments"
     BUSY = "busy"
+    SHUTTING_DOWN = "shutting_down"
     INTERNAL_ERROR = "internal_error"
     # Idempotency
     REQUEST_ID_CONFLICT = "request_id_conflict"

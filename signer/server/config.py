@@ -102,6 +102,12 @@ class SignerConfig(Section):
     link: LinkConfig
     extra_links: list[LinkConfig] = Field(default_factory=list, max_length=7)  # more lines
     max_in_flight: int = Field(default=32, ge=1, le=1024)
+    stop_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="seconds from SIGTERM to exit, whatever a request or the HSM does",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     repository: RepositoryConfig | None = None
     hsm: HsmSettings | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -329,15 +330,16 @@ def test_the_size_bound_is_on_the_payload_as_documented():
 class Harness:
     """A ProtocolHandler whose answers are collected instead of written to a line."""
 
-    def __init__(self, handlers, max_in_flight=4):
+    def __init__(self, handlers, max_in_flight=4, report_interval=0.05):
         self.sent: list[dict] = []
-        self.handler = ProtocolHandler(handlers, self._send, max_in_flight)
+        self.handler = ProtocolHandler(handlers, self._post, max_in_flight, report_interval)
 
-    async def _send(self, message):
+    def _post(self, message) -> bool:
         # Through the real codec, so everything answered is encodable.
         [frame] = FrameDecoder().feed(encode_frame(message))
         assert isinstance(frame, Frame)
         self.sent.append(frame.message)
+        return True
 
     def feed(self, raw: bytes):
         for event in FrameDecoder().feed(raw):
@@ -552,13 +554,62 @@ def test_fuzzed_input_never_crashes_and_a_valid_request_after_it_is_answered(chu
     asyncio.run(scenario())
 
 
-async def test_every_broken_frame_gets_an_error_frame():
+async def test_every_broken_frame_is_reported():
+    """The first broken frame of a quiet interval is answered at once (the client re-sends what
+    it waits for); the ones after it in the interval once, with their count, at its end."""
     h = Harness({"health": echo})
     bad = bytearray(encode_frame(request()))
     bad[3] ^= 0x10
-    h.feed(bytes(bad) + b"\x07\x07\x00" + encode_frame(request(rid="ok")))
+    h.feed(bytes(bad) + b"\x07\x07\x00" + b"\x01\x00" + encode_frame(request(rid="ok")))
     sent = await h.settle(3)
     errors = [m for m in sent if not m["ok"]]
     assert [m["id"] for m in errors] == [None, None]
     assert {m["error"]["code"] for m in errors} <= {"bad_crc", "bad_frame", "bad_msgpack"}
+    assert "details" not in errors[0]["error"]  # the first: as it came
+    assert errors[1]["error"]["details"]["count"] == 2  # the rest of the interval: counted
     assert any(m["id"] == "ok" and m["ok"] for m in sent)
+
+
+async def test_a_flood_of_broken_frames_costs_one_answer_and_one_line_per_interval(caplog):
+    """Issue 11, item 2: 50,000 broken frames made 50,000 answers and 50,000 WARNING lines."""
+    h = Harness({"health": echo}, report_interval=0.2)
+    with caplog.at_level("WARNING"):
+        for _ in range(50):
+            h.feed(b"\x01\x00" * 1000)
+        h.feed(encode_frame({"v": 1, "cmd": "health", "args": {}}) * 1000)  # no id to answer
+        sent = await h.settle(2)
+        await asyncio.sleep(0.5)
+    assert [m["id"] for m in h.sent] == [None, None]
+    assert h.sent[1]["error"]["details"]["count"] == 50_999
+    assert h.sent[1]["error"]["details"]["by_code"] == {"bad_frame": 49_999, "bad_envelope": 1000}
+    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]
+    del sent
+
+
+async def test_stopping_answers_new_and_unfinished_requests_shutting_down():
+    """Issue 11, item 10: after SIGTERM no new request runs, and a request that does not end
+    (or ignores its cancellation) neither holds the stop nor goes unanswered."""
+    started, released = asyncio.Event(), asyncio.Event()
+
+    async def stubborn(args, ctx):
+        started.set()
+        while not released.is_set():  # ignores every cancellation until the test ends
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+        return {"late": True}
+
+    h = Harness({"sign_openpgp": stubborn, "health": echo})
+    h.feed(encode_frame(request("sign_openpgp", {"public_key": b"k", "uids": ["a"]}, "slow")))
+    await started.wait()
+    h.handler.begin_shutdown()
+    h.feed(encode_frame(request(rid="late")))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await h.handler.drain(0.2)
+    assert loop.time() - began < 2.0  # 0.2 s of grace, 1 s for a cancellation to be heard
+    sent = {m["id"]: m for m in h.sent}
+    assert sent["late"]["error"]["code"] == "shutting_down"
+    assert sent["slow"]["error"]["code"] == "shutting_down"
+    released.set()
+    await asyncio.sleep(0.05)
+    assert [m["id"] for m in h.sent].count("slow") == 1  # its late result is never sent
