@@ -49,24 +49,16 @@ class InstanceLock:
         self._held.append(fd)
 
     def check_device(self, device: str | os.PathLike[str]) -> None:
-        """Refuse a serial device another process holds (the link takes its own flock when it
-        opens the port); a device that is not there yet is not checked (the link waits)."""
-        try:
-            fd = os.open(device, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        except OSError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = holder_of(Path(device))
+        """Refuse a serial device another process holds a flock on (the link takes its own
+        when it opens the port). Read from /proc/locks, without opening the device: opening a
+        real UART raises DTR, which the other end may see. A device not there yet is not
+        checked (the link waits for it)."""
+        holder = holder_of(Path(device))
+        if holder is not None and holder != os.getpid():
             raise AlreadyRunning(
-                f"serial device {device} is in use by process {holder or 'unknown'}: one "
-                "signer (or client) per line"
-            ) from None
-        except OSError:
-            return  # not lockable (not a local file): nothing to check
-        finally:
-            os.close(fd)
+                f"serial device {device} is in use by process {holder}: one signer (or client) "
+                "per line"
+            )
 
     def release(self) -> None:
         while self._held:
