@@ -4,9 +4,10 @@ Several requests may be in flight on one line; answers are matched by request id
 back in any order. A request that gets no answer in time is sent again with the SAME request id,
 which the signer treats as the same request (it never issues twice), so retrying is always safe.
 When the signer reports a broken frame (an error answer without an id, i.e. line noise ate a
-request), every request still waiting is re-sent instead of waiting for its timeout: at once for
-the first such report of a quiet second, and once more at the second's end if others followed,
-never once per report (a noisy line would otherwise multiply the traffic).
+request), or an answer arrives broken, every request still waiting is re-sent instead of waiting
+for its timeout: at once for the first such event of a quiet interval (RESEND_INTERVAL),
+once more at the interval's end if others followed, never once per event (a noisy line would
+otherwise multiply the traffic).
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from signer.errors import ErrorCode, LinkDown, RequestTimeout, SignerError
-from signer.link.ratelimit import DEFAULT_INTERVAL, Coalescer
+from signer.link.ratelimit import Coalescer
 from signer.link.serial_link import LinkSettings, SerialLink
 from signer.wire.framing import Frame, FrameError, FrameEvent
 from signer.wire.protocol import ErrorResponse, Response, decode_response, encode_request
 
 log = logging.getLogger(__name__)
+
+# At most one re-send of every waiting request per this many seconds, on nil-id errors and on
+# broken answers: a noisy line must not multiply the traffic, yet lost answers come back fast.
+RESEND_INTERVAL = 0.25
 
 
 @dataclass
@@ -63,7 +68,7 @@ class SignerClient:
         timeout: float = 30.0,
         attempts: int = 3,
         name: str = "client",
-        resend_interval: float = DEFAULT_INTERVAL,
+        resend_interval: float = RESEND_INTERVAL,
     ):
         self._link = SerialLink(settings, self._on_event, name)
         self._pending: dict[str, _Pending] = {}
@@ -174,6 +179,7 @@ class SignerClient:
         if isinstance(event, FrameError):
             self.stats.broken_frames_received += 1
             log.warning("broken frame from the signer (%s): %s", event.code.value, event.detail)
+            self._resends.note("broken_answer")  # probably an answer we wait for: ask again
             return
         assert isinstance(event, Frame)
         try:
