@@ -231,6 +231,7 @@ SAMPLE_ARGS: dict[str, dict[str, Any]] = {
     "fetch_crl": {"issuer": "class3"},
     "sign_openpgp": {"public_key": b"k", "uids": ["Alice <a@example.org>"]},
     "request_status": {"request_id": "r"},
+    "record_x509": {"certificate": b"c"},
 }
 
 
