@@ -61,6 +61,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_private(directory: Path) -> None:
+    """The journal holds every certificate and address: its directory 0700 and its files 0600,
+    also when the directory already existed with a looser mode."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    for child in directory.iterdir():
+        if child.is_file() and child.stat().st_mode & 0o077:
+            os.chmod(child, 0o600)
+
+
 def _encode(entry: Entry) -> bytes:
     command, index, term = entry
     payload = _ENTRY.pack(index, term) + bytes(command)
@@ -95,6 +105,7 @@ class DurableJournal(Journal):
     def __init__(self, path: Path):
         self.path = Path(path)
         self._meta_path = self.path.with_name(self.path.name + ".meta")
+        _make_private(self.path.parent)
         entries, offsets, end = read_entries(self.path)
         size = self.path.stat().st_size if self.path.exists() else 0
         if end and size > end:

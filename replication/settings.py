@@ -6,15 +6,23 @@ The secret that authenticates and encrypts the replication link is never part of
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import itertools
+import math
 import os
 import stat
+import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MIN_SECRET_BYTES = 16
+MIN_SECRET_BITS = 128  # estimated (`estimated_bits`): 24 random bytes in hex or base64 or more
+NEW_SECRET_BYTES = 32
+MAKE_SECRET = "signer replication-secret --out FILE"
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -114,9 +122,7 @@ class ReplicationSettings(BaseModel):
         a shared secret in `workdir/replication.secret` (mode 0600), a journal dir each."""
         secret = workdir / "replication.secret"
         if not secret.exists():
-            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(os.urandom(24).hex() + "\n")
+            write_secret(secret)
         addresses = [f"127.0.0.1:{port}" for port in ports]
         return [
             {
@@ -145,9 +151,58 @@ class ReplicationSettings(BaseModel):
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError(
                 f"replication secret from {where} is missing or shorter than "
-                f"{MIN_SECRET_BYTES} bytes; refusing to start without one"
+                f"{MIN_SECRET_BYTES} bytes; refusing to start without one (make one with "
+                f"`{MAKE_SECRET}`)"
+            )
+        if (bits := estimated_bits(secret)) < MIN_SECRET_BITS:
+            raise ValueError(
+                f"replication secret from {where} is too predictable (about {bits:.0f} bits; "
+                f"at least {MIN_SECRET_BITS} needed): refusing to start with it; make a "
+                f"random one with `{MAKE_SECRET}` and copy it to every signer"
             )
         return secret
+
+
+def estimated_bits(secret: bytes) -> float:
+    """A cautious estimate of a secret's entropy: the least of three views that each see one
+    kind of pattern: the symbols' frequencies (`aaaa`, a small alphabet), the steps between
+    neighbours (`0123...`, `abcd...`) and what deflate leaves of it (`passwordpassword...`).
+    Random bytes score close to their real entropy; dictionary words do not score low enough
+    to be caught, hence the generator."""
+    if not secret:
+        return 0.0
+    steps = bytes((b - a) % 256 for a, b in itertools.pairwise(secret))
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = compressor.compress(secret) + compressor.flush()
+    return min(
+        len(secret) * _shannon(secret),
+        len(steps) * _shannon(steps),
+        8.0 * max(0, len(packed) - 2),
+    )
+
+
+def _shannon(data: bytes) -> float:
+    """Bits per symbol of `data`'s own symbol frequencies."""
+    total = len(data)
+    if not total:
+        return 0.0
+    return -sum(n / total * math.log2(n / total) for n in Counter(data).values())
+
+
+def new_secret() -> bytes:
+    """A replication secret: 32 bytes from the OS's CSPRNG, base64 (one line of text)."""
+    return base64.b64encode(os.urandom(NEW_SECRET_BYTES))
+
+
+def write_secret(path: Path) -> None:
+    """Write a new secret to `path`, mode 0600 from its creation; never overwrites (raises
+    FileExistsError)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(new_secret() + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def check_private_file(path: Path) -> None:

@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_COMMAND = "unknown_command"
     BAD_ARGUMENTS = "bad_arguments"
     BUSY = "busy"
+    SHUTTING_DOWN = "shutting_down"
     INTERNAL_ERROR = "internal_error"
     # Idempotency
     REQUEST_ID_CONFLICT = "request_id_conflict"
@@ -46,6 +47,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_ISSUER = "unknown_issuer"
     BAD_CSR = "bad_csr"
     BAD_CSR_SIGNATURE = "bad_csr_signature"
+    BAD_CHALLENGE = "bad_challenge"
     UNSUPPORTED_KEY = "unsupported_key"
     WEAK_KEY = "weak_key"
     FORBIDDEN_SUBJECT_ATTRIBUTE = "forbidden_subject_attribute"
@@ -109,6 +111,16 @@ class SignerError(Exception):
 
 class ProtocolError(SignerError):
     """A frame, envelope or argument the signer cannot take (framing, envelope, arguments)."""
+
+
+def bad_arguments(
+    field: str, problem: str, code: ErrorCode = ErrorCode.BAD_ARGUMENTS
+) -> ProtocolError:
+    """A refused argument in the one shape docs/protocol.md gives `bad_arguments` (and
+    `field_too_large`): `details.problems` = [{field, problem}]."""
+    return ProtocolError(
+        code, f"{field}: {problem}", {"problems": [{"field": field, "problem": problem}]}
+    )
 
 
 class HsmError(SignerError):

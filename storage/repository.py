@@ -128,8 +128,9 @@ class Repository:
             self._open_readonly()
             return
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.path / RESTORE_TEMP).unlink(missing_ok=True)  # a restore that died before swap
+            _make_private(self.path)
         except OSError as exc:
             raise _storage_error(f"opening repository {self.path}", exc) from exc
         try:
@@ -143,6 +144,7 @@ class Repository:
                 writemap=False,
                 map_async=False,
                 lock=True,
+                mode=0o600,  # files: subscribers' names and addresses (the directory is 0700)
             )
         except lmdb.Error as exc:
             raise _storage_error(f"opening repository {self.path}", exc) from exc
@@ -627,6 +629,15 @@ class Repository:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _make_private(path: Path) -> None:
+    """The repository holds subscribers' names and addresses: the directory 0700 and its files
+    0600, also when an older signer, a restore or a copy left them readable by others."""
+    os.chmod(path, 0o700)
+    for child in path.iterdir():
+        if child.is_file() and child.stat().st_mode & 0o077:
+            os.chmod(child, 0o600)
 
 
 def _get(txn: lmdb.Transaction, key: bytes, db: Any) -> bytes:

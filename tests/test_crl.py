@@ -29,6 +29,7 @@ from crl_helpers import (
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import CRLEntryExtensionOID, SignatureAlgorithmOID
+from health_checks import times_that_are_not_timestamps
 
 from replication.log import MAX_ENTRY_BYTES
 from signer.client.crl_refresh import CrlRefresher
@@ -441,6 +442,7 @@ async def test_openssl_sees_the_revoked_certificate_as_revoked(ceremony_ca, tmp_
         finally:
             await server.stop()
     assert health["sections"]["crls"]["class3"]["entries"] == 1
+    assert times_that_are_not_timestamps(health) == []
     assert "crls" not in " ".join(health["warnings"])
     assert "certificate revoked" in openssl_crl_check(
         base, bad["certificate"], fetched.der, tmp_path

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 from conditions import eventually
+from health_checks import times_that_are_not_timestamps
 
 from signer.client.library import SignerClient
 from signer.config import LinkConfig
 from signer.errors import ErrorCode, RequestTimeout, SignerError, Unreachable
-from signer.link.serial_link import LinkSettings
+from signer.link.serial_link import LinkSettings, SerialLink
 from signer.server.config import SignerConfig
 from signer.server.process import SignerServer
 from signer.tools.line_emulator import LineEmulator
+from signer.wire.framing import Frame
+from signer.wire.protocol import ErrorResponse, Response, encode_response
 
 BAUD = 921600
 
@@ -51,6 +54,7 @@ async def test_health_over_the_line(signer, line):
     link = health["sections"]["link"]
     assert link["state"] == "open"
     assert link["frames_in"] >= 1
+    assert times_that_are_not_timestamps(health) == []
 
 
 async def test_pipelined_answers_come_back_out_of_order(signer, line):
@@ -215,3 +219,31 @@ def test_demo_runs(tmp_path):
         b["applied"],
     )
     assert a["certificates"] == 9 and a["status"] == b["status"] == "ok"
+
+
+async def test_a_storm_of_broken_frame_reports_re_sends_once_per_interval(line):
+    """Issue 11, item 2: the client re-sent everything on each nil-id error, so line noise (or
+    a signer reporting a flood) multiplied the traffic; now at most once per interval."""
+    received: list[Frame] = []
+    settings = LinkSettings(device=str(line.end_a), baudrate=BAUD, reopen_interval=0.1)
+    fake_signer = SerialLink(
+        settings, lambda e: received.append(e) if isinstance(e, Frame) else None
+    )
+    await fake_signer.start()
+    try:
+        assert await fake_signer.wait_connected(5)
+        async with client_for(line, timeout=3.0, attempts=1, resend_interval=0.5) as client:
+            call = asyncio.create_task(client.call("health", request_id="waiting"))
+            await eventually(lambda: len(received) == 1)
+            noise = encode_response(ErrorResponse(None, SignerError(ErrorCode.BAD_CRC, "noise")))
+            for _ in range(200):
+                await fake_signer.send(noise)
+            await eventually(lambda: client.stats.signer_saw_broken_frames == 200)
+            await asyncio.sleep(1.0)  # past the interval: its one summary re-send
+            await fake_signer.send(encode_response(Response("waiting", {"status": "ok"})))
+            assert (await call)["status"] == "ok"
+    finally:
+        await fake_signer.close()
+    sends = [f for f in received if f.message.get("id") == "waiting"]
+    assert 2 <= len(sends) <= 4, len(sends)  # the request, one at once, one per interval after
+    assert client.stats.resend_rounds <= 3

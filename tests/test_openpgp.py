@@ -125,7 +125,9 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> UserKeys:
     gpg.generate("Dave <dave@example.org>", "ed25519")
     gpg("--quick-add-uid", "dave@example.org", "Dave Old <dave@old.example>")
     gpg("--quick-revoke-uid", "dave@example.org", "Dave Old <dave@old.example>")
-    names = ["alice", "bob", "carol", "weak", "dsa", "old", "future", "rev", "dave"]
+    gpg.generate("Erin <erin@example.org>", "ed25519")
+    gpg("--quick-add-uid", "erin@example.org", "CAcert Support <erin@example.org>")
+    names = ["alice", "bob", "carol", "weak", "dsa", "old", "future", "rev", "dave", "erin"]
     public = {name: gpg("--export", f"{name}@") for name in names}
     secret = {name: gpg("--export-secret-keys", f"{name}@") for name in ("bob",)}
     return UserKeys(gpg, public, secret)
@@ -289,8 +291,8 @@ def test_ca_export_is_self_signed_and_its_fingerprint_never_changes(ca: Ca, tmp_
 @pytest.mark.parametrize(
     ("name", "requested", "certified"),
     [
-        ("alice", ["alice@work.example"], ["Alice Work <alice@WORK.example>"]),
-        ("bob", ["bob@example.org"], ["Bob <bob@example.org>"]),
+        ("alice", ["Alice Work <alice@WORK.example>"], ["Alice Work <alice@WORK.example>"]),
+        ("bob", ["Bob <bob@example.org>"], ["Bob <bob@example.org>"]),
         ("carol", ["Carol <carol@example.org>"], ["Carol <carol@example.org>"]),
     ],
     ids=["rsa2048", "ed25519", "nistp256"],
@@ -355,7 +357,7 @@ async def test_rsa_ca_certifies_with_sha256(rsa_ca: Ca, users: UserKeys, tmp_pat
     with rsa_ca.hsm() as hsm:
         certifier = pgpy_certifier(hsm, rsa_ca.config())
         now = datetime.now(UTC)
-        result = certifier.certify(users.public["bob"], ["BOB@example.org"], now)
+        result = certifier.certify(users.public["bob"], ["Bob <bob@example.org>"], now)
         ca_key = certifier.export_ca_public_key()
     sigs = gpg_check(tmp_path / "check", ca_key, result.public_key)
     keyid = ca_keyid(ca_key, tmp_path / "k")
@@ -369,11 +371,11 @@ def test_third_party_signatures_are_carried_not_parsed(ca: Ca, users: UserKeys):
     bob = users.public["bob"]
     with ca.hsm() as hsm:
         certifier = pgpy_certifier(hsm, ca.config(max_key_bytes=1024 * 1024))
-        once = certifier.certify(bob, ["bob@example.org"], datetime.now(UTC))
+        once = certifier.certify(bob, ["Bob <bob@example.org>"], datetime.now(UTC))
         theirs = once.public_key[len(bob) :]  # a certification by another key
         flooded = bob + theirs * 4000
         started = time.perf_counter()
-        result = certifier.certify(flooded, ["bob@example.org"], datetime.now(UTC))
+        result = certifier.certify(flooded, ["Bob <bob@example.org>"], datetime.now(UTC))
         elapsed = time.perf_counter() - started
     assert drop_new_packets(result.public_key, flooded) == flooded
     # one certification added, as long as the first give or take the signature's MPIs, which
@@ -385,20 +387,44 @@ def test_third_party_signatures_are_carried_not_parsed(ca: Ca, users: UserKeys):
 
 
 async def test_armor_checksum_is_ignored_as_rfc_9580_says(service: OpenPgpService, users):
-    result = await certify(service, armored_with_bad_crc(users.public["bob"]), ["bob@example.org"])
+    result = await certify(
+        service, armored_with_bad_crc(users.public["bob"]), ["Bob <bob@example.org>"]
+    )
     assert result.certified_uids == ["Bob <bob@example.org>"]
 
 
-async def test_an_address_names_every_user_id_with_it(service: OpenPgpService, users: UserKeys):
-    result = await certify(service, users.public["alice"], ["ALICE@example.org"])
-    assert result.certified_uids == ["Alice <alice@example.org>"]
+async def test_each_requested_user_id_is_certified_exactly(
+    service: OpenPgpService, users: UserKeys
+):
     both = await certify(
-        service, users.public["alice"], ["alice@example.org", "alice@work.example"], rid="2"
+        service,
+        users.public["alice"],
+        ["Alice <alice@example.org>", "Alice Work <alice@WORK.example>"],
+        rid="2",
     )
     assert sorted(both.certified_uids) == [
         "Alice <alice@example.org>",
         "Alice Work <alice@WORK.example>",
     ]
+
+
+async def test_an_address_never_certifies_another_name_with_it(
+    service: OpenPgpService, users: UserKeys, tmp_path: Path, ca: Ca
+):
+    """Issue 11, item 3: `uids=["erin@example.org"]` certified both `Erin <erin@example.org>` and
+    `CAcert Support <erin@example.org>`. Only the exact user ID strings asked for are certified."""
+    key = users.public["erin"]
+    for item in ("erin@example.org", "ERIN@example.org", "Erin <ERIN@example.org>", "Erin"):
+        with pytest.raises(SignerError) as refused:
+            await certify(service, key, [item], rid=f"erin:{item}")
+        assert refused.value.code is ErrorCode.PGP_NO_MATCHING_UID, item
+    result = await certify(service, key, ["Erin <erin@example.org>"], rid="erin:exact")
+    assert result.certified_uids == ["Erin <erin@example.org>"]
+    ca_key = export_ca(ca)
+    sigs = gpg_check(tmp_path / "check", ca_key, result.public_key)
+    keyid = ca_keyid(ca_key, tmp_path / "k")
+    assert [s.valid for s in sigs["Erin <erin@example.org>"] if s.keyid == keyid] == ["!"]
+    assert not [s for s in sigs["CAcert Support <erin@example.org>"] if s.keyid == keyid]
 
 
 # --- refusals ------------------------------------------------------------------------------
@@ -435,7 +461,7 @@ BAD = {
     "one-of-two-missing": (
         "bob",
         None,
-        ["bob@example.org", "bob@other.example"],
+        ["Bob <bob@example.org>", "Bob <bob@other.example>"],
         ErrorCode.PGP_NO_MATCHING_UID,
     ),
     "uid-without-self-signature": (
@@ -444,49 +470,49 @@ BAD = {
         ["Mallory <mallory@example.org>"],
         ErrorCode.PGP_NO_MATCHING_UID,
     ),
-    "bad-self-signature": ("bob", corrupt_self_signature, ["bob@example.org"], "malformed"),
-    "weak-rsa-1024": ("weak", None, ["weak@example.org"], ErrorCode.PGP_WEAK_KEY),
-    "dsa-elgamal": ("dsa", None, ["dsa@example.org"], ErrorCode.PGP_WEAK_KEY),
-    "expired-key": ("old", None, ["old@example.org"], ErrorCode.PGP_KEY_EXPIRED),
-    "created-in-the-future": ("future", None, ["future@example.org"], "malformed"),
-    "revoked-key": ("rev", None, ["rev@example.org"], ErrorCode.PGP_KEY_REVOKED),
-    "revoked-uid": ("dave", None, ["dave@old.example"], ErrorCode.PGP_UID_REVOKED),
-    "secret-key": ("bob-secret", None, ["bob@example.org"], ErrorCode.PGP_SECRET_KEY),
+    "bad-self-signature": ("bob", corrupt_self_signature, ["Bob <bob@example.org>"], "malformed"),
+    "weak-rsa-1024": ("weak", None, ["Weak <weak@example.org>"], ErrorCode.PGP_WEAK_KEY),
+    "dsa-elgamal": ("dsa", None, ["Dsa <dsa@example.org>"], ErrorCode.PGP_WEAK_KEY),
+    "expired-key": ("old", None, ["Old <old@example.org>"], ErrorCode.PGP_KEY_EXPIRED),
+    "created-in-the-future": ("future", None, ["Future <future@example.org>"], "malformed"),
+    "revoked-key": ("rev", None, ["Rev <rev@example.org>"], ErrorCode.PGP_KEY_REVOKED),
+    "revoked-uid": ("dave", None, ["Dave Old <dave@old.example>"], ErrorCode.PGP_UID_REVOKED),
+    "secret-key": ("bob-secret", None, ["Bob <bob@example.org>"], ErrorCode.PGP_SECRET_KEY),
     "secret-key-armored": (
         "bob-secret",
         lambda k: armor(k).replace(b"PUBLIC KEY", b"PRIVATE KEY"),
-        ["bob@example.org"],
+        ["Bob <bob@example.org>"],
         ErrorCode.PGP_SECRET_KEY,
     ),
-    "two-keys": ("bob+carol", None, ["bob@example.org"], ErrorCode.PGP_MULTIPLE_KEYS),
+    "two-keys": ("bob+carol", None, ["Bob <bob@example.org>"], ErrorCode.PGP_MULTIPLE_KEYS),
     "two-armored-blocks": (
         "bob",
         lambda k: armor(k) + armor(k),
-        ["bob@example.org"],
+        ["Bob <bob@example.org>"],
         ErrorCode.PGP_MULTIPLE_KEYS,
     ),
     "self-signature-flood": (
         "bob",
         lambda k: k + raw_packet(k, first_packet(k, SIGNATURE, after_tag=USER_ID)) * 600,
-        ["bob@example.org"],
+        ["Bob <bob@example.org>"],
         "too-large",
     ),
-    "truncated": ("bob", lambda k: k[:-7], ["bob@example.org"], "malformed"),
-    "not-openpgp": ("bob", lambda _k: b"hello, world", ["bob@example.org"], "malformed"),
+    "truncated": ("bob", lambda k: k[:-7], ["Bob <bob@example.org>"], "malformed"),
+    "not-openpgp": ("bob", lambda _k: b"hello, world", ["Bob <bob@example.org>"], "malformed"),
     "starts-with-a-signature": (
         "bob",
         lambda k: k[first_packet(k, SIGNATURE).start :],
-        ["bob@example.org"],
+        ["Bob <bob@example.org>"],
         "malformed",
     ),
     "armor-not-base64": (
         "bob",
         lambda k: armor(k).replace(b"\n=", b"\n!!!!\n="),
-        ["bob@example.org"],
+        ["Bob <bob@example.org>"],
         "malformed",
     ),
-    "armor-without-end": ("bob", lambda k: armor(k)[:-30], ["bob@example.org"], "malformed"),
-    "oversize": ("bob", lambda k: k + bytes(MAX_KEY_BYTES), ["bob@example.org"], "too-large"),
+    "armor-without-end": ("bob", lambda k: armor(k)[:-30], ["Bob <bob@example.org>"], "malformed"),
+    "oversize": ("bob", lambda k: k + bytes(MAX_KEY_BYTES), ["Bob <bob@example.org>"], "too-large"),
     "empty-uid": ("bob", None, [" "], ErrorCode.BAD_ARGUMENTS),
     "long-uid": ("bob", None, ["a" * 1100 + "@example.org"], ErrorCode.FIELD_TOO_LARGE),
 }
@@ -550,7 +576,8 @@ def test_mangled_keys_are_refused_as_data_never_crash(ca: Ca, users: UserKeys):
                 else:
                     blob[position] = 0
             try:
-                certifier.certify(bytes(blob), [f"{name}@example.org"], datetime.now(UTC))
+                uid = f"{name.title()} <{name}@example.org>"
+                certifier.certify(bytes(blob), [uid], datetime.now(UTC))
                 outcomes["certified"] = outcomes.get("certified", 0) + 1
             except SignerError as exc:
                 assert exc.code in allowed, f"attempt {attempt}: {exc}"
@@ -564,13 +591,13 @@ def test_mangled_keys_are_refused_as_data_never_crash(ca: Ca, users: UserKeys):
 async def test_same_request_id_answers_the_same_and_certifies_once(
     service: OpenPgpService, users: UserKeys
 ):
-    key, uids = users.public["bob"], ["bob@example.org"]
+    key, uids = users.public["bob"], ["Bob <bob@example.org>"]
     first = await certify(service, key, uids, rid="gpg:7:sign")
     again = await certify(service, key, uids, rid="gpg:7:sign")
     assert again == first
     assert service.repository.counts()["openpgp"] == 1
     with pytest.raises(SignerError) as info:
-        await certify(service, key, ["Bob <bob@example.org>"], rid="gpg:7:sign")
+        await certify(service, key, ["bob@example.org"], rid="gpg:7:sign")
     assert info.value.code is ErrorCode.REQUEST_ID_CONFLICT
     status = service.request_status("gpg:7:sign")
     assert status is not None and status.state == "done" and status.command == "sign_openpgp"
@@ -584,7 +611,7 @@ async def test_same_request_id_answers_the_same_and_certifies_once(
 async def test_concurrent_copies_of_one_request_record_once(
     service: OpenPgpService, users: UserKeys
 ):
-    key, uids = users.public["carol"], ["carol@example.org"]
+    key, uids = users.public["carol"], ["Carol <carol@example.org>"]
     results = await asyncio.gather(*(certify(service, key, uids, rid="same") for _ in range(3)))
     assert results[0] == results[1] == results[2]
     assert service.repository.counts()["openpgp"] == 1
@@ -618,13 +645,16 @@ async def test_end_to_end_over_the_emulated_line(ca: Ca, users: UserKeys, tmp_pa
         settings = LinkSettings(device=str(line.end_b), baudrate=BAUD, reopen_interval=0.1)
         try:
             async with SignerClient(settings, timeout=20) as client:
-                args = {"public_key": armor(users.public["alice"]), "uids": ["alice@example.org"]}
+                args = {
+                    "public_key": armor(users.public["alice"]),
+                    "uids": ["Alice <alice@example.org>"],
+                }
                 first = await client.call("sign_openpgp", args, request_id="gpg:42:sign")
                 again = await client.call("sign_openpgp", args, request_id="gpg:42:sign")
                 status = await client.call("request_status", {"request_id": "gpg:42:sign"})
                 before = server.openpgp.repository.content_digest(include_applied_index=False)
                 with pytest.raises(SignerError) as info:
-                    secret = {"public_key": users.secret["bob"], "uids": ["bob@example.org"]}
+                    secret = {"public_key": users.secret["bob"], "uids": ["Bob <bob@example.org>"]}
                     await client.call("sign_openpgp", secret, request_id="gpg:43:sign")
                 after = server.openpgp.repository.content_digest(include_applied_index=False)
                 health = await client.call("health")
@@ -666,7 +696,7 @@ def test_command_line_export_and_sign(ca: Ca, users: UserKeys, tmp_path: Path):
         server = subprocess.Popen([*signer, "serve", "--config", config], stderr=subprocess.DEVNULL)
         try:
             client = [*signer, "client", "--port", str(line.end_b), "--timeout", "20", "--json"]
-            sign = [*client, "sign-openpgp", "--key", str(bob), "--uid", "bob@example.org"]
+            sign = [*client, "sign-openpgp", "--key", str(bob), "--uid", "Bob <bob@example.org>"]
             for _ in range(3):  # the first call may go out before the signer opened its end
                 signed = run([*sign, "--out", str(out)])
                 if signed.returncode != 3:

@@ -3,7 +3,9 @@ rules, the settings and secret, the transport's message coalescing, the pysyncob
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import os
 from pathlib import Path
 
 import msgpack
@@ -36,6 +38,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def entries(count: int, term: int = 1, start: int = 1) -> list[tuple[bytes, int, int]]:
     return [(b"\x00command %d" % i, i, term) for i in range(start, start + count)]
+
+
+def test_the_journal_directory_is_private_even_when_it_exists(tmp_path):
+    """Issue 11, item 7: the journal directory (the log holds every certificate and address)
+    kept whatever mode it already had; it is made 0700 and its files 0600 when opened."""
+    journal_dir = tmp_path / "raft"
+    journal_dir.mkdir(mode=0o755)
+    os.chmod(journal_dir, 0o755)
+    (journal_dir / "raft.journal.meta").write_text("{}")
+    os.chmod(journal_dir / "raft.journal.meta", 0o644)
+    journal = DurableJournal(journal_dir / "raft.journal")
+    journal.add(*entries(1)[0])
+    journal.sync()
+    assert journal_dir.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in journal_dir.iterdir()} == {
+        "raft.journal": 0o600,
+        "raft.journal.meta": 0o600,
+    }
+    journal._destroy()
 
 
 def test_journal_survives_reopen_and_cuts_a_torn_tail(tmp_path):
@@ -268,17 +289,60 @@ def test_bad_settings_are_refused(tmp_path, values, message):
 
 def test_secret_from_a_private_file_or_the_environment(tmp_path, monkeypatch):
     secret_file = tmp_path / "secret"
-    secret_file.write_text("correct horse battery staple\n")
+    proper = base64.b64encode(os.urandom(32))
+    secret_file.write_bytes(proper + b"\n")
     secret_file.chmod(0o640)
     chosen = settings(tmp_path, secret_env=None, secret_file=str(secret_file))
     with pytest.raises(ValueError, match="accessible by group or others"):
         chosen.read_secret()
     secret_file.chmod(0o600)
-    assert chosen.read_secret() == b"correct horse battery staple"
+    assert chosen.read_secret() == proper
     monkeypatch.setenv("S", "tiny-secret")
     with pytest.raises(ValueError, match="refusing to start") as caught:
         settings(tmp_path).read_secret()
     assert "tiny-secret" not in str(caught.value)  # never the secret itself
+
+
+LOW_ENTROPY = [
+    "a" * 64,
+    "0123456789abcdef" * 4,
+    "password" * 8,
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "correct horse battery staple",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab",
+    "0000111122223333444455556666777788889999",
+]
+
+
+@pytest.mark.parametrize("weak", LOW_ENTROPY)
+def test_a_low_entropy_secret_is_refused_however_long(tmp_path, monkeypatch, weak):
+    """Issue 11, item 8: only the length was checked, so `aaaa...` (or `password` eight times)
+    authenticated the replication link. A secret must hold about 128 bits by the signer's
+    estimate; the message says how to make one, and never shows the secret."""
+    monkeypatch.setenv("S", weak)
+    with pytest.raises(ValueError, match="signer replication-secret") as caught:
+        settings(tmp_path).read_secret()
+    assert weak not in str(caught.value)
+
+
+def test_the_generated_secret_is_accepted_private_and_never_overwritten(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    path = tmp_path / "etc" / "replication.secret"
+    command = [sys.executable, "-m", "signer", "replication-secret", "--out", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    chosen = settings(tmp_path, secret_env=None, secret_file=str(path))
+    secret = chosen.read_secret()
+    assert len(base64.b64decode(secret)) == 32 and secret.decode() not in done.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert chosen.read_secret() == secret
+    for _ in range(200):  # what the generator makes always passes the estimate
+        monkeypatch.setenv("S", base64.b64encode(os.urandom(32)).decode())
+        settings(tmp_path).read_secret()
 
 
 def test_shipped_pair_configs_load(tmp_path):

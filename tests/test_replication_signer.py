@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from health_checks import times_that_are_not_timestamps
 from raft_cluster import FAST, free_ports, wait_for
 
 from replication.settings import ReplicationSettings
@@ -123,6 +124,7 @@ async def test_a_pair_issues_on_either_signer(ca, tmp_path):
             health = await clients[0].call("health")
             cluster = health["sections"]["cluster"]
             assert cluster["quorum"] is True and cluster["cluster"]["generation"] == 1
+            assert times_that_are_not_timestamps(health) == []
             assert set(cluster["members"]) == {
                 config_a.replication.self_address,
                 config_b.replication.self_address,

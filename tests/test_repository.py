@@ -1057,3 +1057,36 @@ def _effect_present(repo: Repository, i: int) -> bool:
         return False
     assert isinstance(command, IssueX509 | RevokeX509 | CertifyOpenpgp)
     return repo.get_request(command.request_id) is not None
+
+
+def modes(path: Path) -> dict[str, int]:
+    """The permission bits of a directory and of each file in it."""
+    found = {".": path.stat().st_mode & 0o777}
+    found.update({child.name: child.stat().st_mode & 0o777 for child in path.iterdir()})
+    return found
+
+
+def test_the_repository_is_private_to_its_owner_and_fixed_at_open(tmp_path):
+    """Issue 11, item 7: the repository (subscriber names and addresses) was 0755 with 0644
+    files. It is created 0700 / 0600, and a repository left world-readable (an old signer, a
+    restore, a copy) is made private again when the signer opens it."""
+    old = os.umask(0o022)
+    try:
+        with Repository(tmp_path / "new"):
+            pass
+        assert set(modes(tmp_path / "new").values()) <= {0o700, 0o600}
+        assert modes(tmp_path / "new")["."] == 0o700
+        loose = tmp_path / "loose"
+        with Repository(loose):
+            pass
+        os.chmod(loose, 0o755)
+        for child in loose.iterdir():
+            os.chmod(child, 0o644)
+        with Repository(loose) as repository:
+            assert modes(loose) == {".": 0o700, **{c.name: 0o600 for c in loose.iterdir()}}
+            snapshot_dir = tmp_path / "snap"
+            repository.snapshot(snapshot_dir)
+            repository.restore(snapshot_dir)
+            assert modes(loose) == {".": 0o700, **{c.name: 0o600 for c in loose.iterdir()}}
+    finally:
+        os.umask(old)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from health_checks import times_that_are_not_timestamps
 
 from signer.client.library import SignerClient
 from signer.config import load
@@ -219,6 +221,35 @@ async def test_revoke_is_idempotent_and_checked(running):
         assert caught.value.code is code
 
 
+async def test_revocation_times_are_bounded_by_the_certificate_and_the_clock(running):
+    """Issue 11, item 6: `revoked_at` went back to 1971 and `invalidity_date` to 2099. Both must
+    lie between the certificate's notBefore and the signer's clock; otherwise `bad_arguments`
+    names the field, and nothing is recorded."""
+    server, client, _ = running
+    args = {"profile": "server", "csr": server_csr(), "sans": [["dns", "www.example.org"]]}
+    issued = await client.call("sign_x509", args)
+    before = server.ca.repository.content_digest(include_applied_index=False)
+    revoke = {"issuer": "class3", "serial": issued["serial"]}
+    now = datetime.now(UTC)
+    cases = [
+        ("revoked_at", datetime(1971, 1, 1, tzinfo=UTC)),
+        ("revoked_at", issued["not_before"] - timedelta(seconds=1)),
+        ("revoked_at", now + timedelta(minutes=2)),
+        ("invalidity_date", datetime(2099, 1, 1, tzinfo=UTC)),
+        ("invalidity_date", datetime(1971, 1, 1, tzinfo=UTC)),
+        ("invalidity_date", now + timedelta(minutes=2)),
+    ]
+    for field, when in cases:
+        with pytest.raises(SignerError) as caught:
+            await client.call("revoke_x509", {**revoke, field: when})
+        assert caught.value.code is ErrorCode.BAD_ARGUMENTS, (field, when)
+        [problem] = caught.value.details["problems"]
+        assert problem["field"] == field, caught.value.details
+    assert server.ca.repository.content_digest(include_applied_index=False) == before
+    good = {**revoke, "revoked_at": issued["not_before"], "invalidity_date": issued["not_before"]}
+    assert (await client.call("revoke_x509", good))["revoked_at"] == issued["not_before"]
+
+
 async def test_issuers_profiles_and_health(running, ca):
     _, client, _ = running
     issuers = await client.call("list_issuers")
@@ -233,6 +264,14 @@ async def test_issuers_profiles_and_health(running, ca):
     assert all(k["test_signature_ok"] for k in sections["hsm"]["keys"])
     assert sections["cas"]["class3"]["days_left"] > 2000
     assert sections["repository"]["consistent"] is True
+    assert times_that_are_not_timestamps(health) == []  # issue 11, item 11: Timestamps
+    server = profiles["server"]["rules"]  # every rule that can refuse a request is shown
+    assert server["subject"]["cn_sources"] == ["san"]
+    assert server["sans"]["allowed"]["dns"] == {
+        "max_count": 100, "wildcard": True, "allow_non_public": False,
+    }  # fmt: skip
+    assert server["keys"]["rsa"]["min_bits"] == 2048
+    assert server["validity"]["max_days"] == profiles["server"]["max_validity_days"]
 
 
 async def test_recorded_outcome_survives_restart(ca, tmp_path):

@@ -27,6 +27,7 @@ from signer.cli import (
     history_import,
     line_emulator,
     openpgp,
+    replication_secret,
     serve,
     webdb,
 )
@@ -54,6 +55,7 @@ VERBS: dict[str, Verb] = {
     "cluster": cluster,
     "import": history_import,
     "export": history_export,
+    "replication-secret": replication_secret,
 }
 
 

@@ -147,6 +147,10 @@ def _sign_x509_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--days", type=int, help="validity in days (default: the profile's)")
     parser.add_argument("--digest", default="sha256", choices=["sha256", "sha384", "sha512"])
+    parser.add_argument(
+        "--challenge",
+        help="the challenge the request must carry (SPKAC challenge, PKCS#10 challengePassword)",
+    )
     parser.add_argument("--out", type=Path, help="write the certificate here (PEM)")
 
 
@@ -158,6 +162,8 @@ def _sign_x509_build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         payload["sans"] = sans
     if args.days is not None:
         payload["validity_days"] = args.days
+    if args.challenge is not None:
+        payload["challenge"] = args.challenge
     payload["csr"] = read_input(args.csr)
     return "sign_x509", payload
 
@@ -201,8 +207,9 @@ def _sign_openpgp_arguments(parser: argparse.ArgumentParser) -> None:
         "--uid",
         action="append",
         required=True,
-        metavar="EMAIL",
-        help="e-mail address (or whole user ID) to certify (repeat)",
+        metavar="USER_ID",
+        help="a whole user ID to certify, exactly as on the key, e.g. 'Alice <alice@example.org>'"
+        " (repeat)",
     )
     parser.add_argument("--out", type=Path, help="write the certified key here (binary)")
 

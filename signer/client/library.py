@@ -4,7 +4,10 @@ Several requests may be in flight on one line; answers are matched by request id
 back in any order. A request that gets no answer in time is sent again with the SAME request id,
 which the signer treats as the same request (it never issues twice), so retrying is always safe.
 When the signer reports a broken frame (an error answer without an id, i.e. line noise ate a
-request), every request still waiting is re-sent at once instead of waiting for its timeout.
+request), or an answer arrives broken, every request still waiting is re-sent instead of waiting
+for its timeout: at once for the first such event of a quiet interval (RESEND_INTERVAL),
+once more at the interval's end if others followed, never once per event (a noisy line would
+otherwise multiply the traffic).
 """
 
 from __future__ import annotations
@@ -13,15 +16,21 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from signer.errors import ErrorCode, LinkDown, RequestTimeout, SignerError
+from signer.link.ratelimit import Coalescer
 from signer.link.serial_link import LinkSettings, SerialLink
 from signer.wire.framing import Frame, FrameError, FrameEvent
 from signer.wire.protocol import ErrorResponse, Response, decode_response, encode_request
 
 log = logging.getLogger(__name__)
+
+# At most one re-send of every waiting request per this many seconds, on nil-id errors and on
+# broken answers: a noisy line must not multiply the traffic, yet lost answers come back fast.
+RESEND_INTERVAL = 0.25
 
 
 @dataclass
@@ -30,6 +39,7 @@ class ClientStats:
     sends: int = 0
     retries: int = 0
     fast_resends: int = 0
+    resend_rounds: int = 0  # times every waiting request was re-sent (at most one per interval)
     timeouts: int = 0
     stray_answers: int = 0
     signer_saw_broken_frames: int = 0
@@ -58,6 +68,7 @@ class SignerClient:
         timeout: float = 30.0,
         attempts: int = 3,
         name: str = "client",
+        resend_interval: float = RESEND_INTERVAL,
     ):
         self._link = SerialLink(settings, self._on_event, name)
         self._pending: dict[str, _Pending] = {}
@@ -65,6 +76,8 @@ class SignerClient:
         self.timeout = timeout
         self.attempts = attempts
         self.stats = ClientStats()
+        self._last_noise = ""
+        self._resends = Coalescer(self._resend_waiting, resend_interval)
 
     @property
     def link(self) -> SerialLink:
@@ -74,6 +87,7 @@ class SignerClient:
         await self._link.start()
 
     async def close(self) -> None:
+        self._resends.cancel()
         for pending in self._pending.values():
             pending.future.cancel()
         await self._link.close()
@@ -165,6 +179,7 @@ class SignerClient:
         if isinstance(event, FrameError):
             self.stats.broken_frames_received += 1
             log.warning("broken frame from the signer (%s): %s", event.code.value, event.detail)
+            self._resends.note("broken_answer")  # probably an answer we wait for: ask again
             return
         assert isinstance(event, Frame)
         try:
@@ -183,7 +198,13 @@ class SignerClient:
 
     def _signer_saw_noise(self, answer: Response | ErrorResponse) -> None:
         self.stats.signer_saw_broken_frames += 1
-        text = answer.error if isinstance(answer, ErrorResponse) else answer.result
-        log.warning("the signer received a broken frame (%s): re-sending waiting requests", text)
+        self._last_noise = str(answer.error if isinstance(answer, ErrorResponse) else answer.result)
+        self._resends.note("noise")
+
+    def _resend_waiting(self, counts: Counter[str]) -> None:
+        """Re-send every waiting request: once per interval, however many reports came."""
+        self.stats.resend_rounds += 1
+        text = f"{counts.total()} reports, last: {self._last_noise}"
+        log.warning("the signer received broken frames (%s): re-sending waiting requests", text)
         for pending in self._pending.values():
             pending.resend.set()

@@ -8,6 +8,11 @@ one 0x00 so the peer's decoder drops its own half frame too.
 
 Both sides use the same class; `on_event` receives every `Frame` and `FrameError` in the event
 loop, and `send` writes one whole frame at a time, waiting while the transport's buffer is full.
+The signer answers through `post` instead, which never waits: frames go into a queue bounded in
+frames and bytes that one writer task empties; while the queue is over its bound the link stops
+reading (back-pressure: the peer's writes block, as a real UART's do), and reads again once half
+of it has gone out. What is queued when the port is lost is dropped (the client asks again by
+request id). `close` is bounded whatever the port does.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +45,9 @@ log = logging.getLogger(__name__)
 
 LinkState = Literal["open", "down"]
 HANG_UP_TIMEOUT = 1.0  # seconds close() waits for the transport to let go of the port
+CLOSE_TIMEOUT = 3.0  # seconds close() waits for the supervisor and writer to end
+DEFAULT_QUEUE_FRAMES = 64
+DEFAULT_QUEUE_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,9 @@ class LinkSettings:
     xonxoff: bool = False
     reopen_interval: float = 1.0
     max_frame: int = DEFAULT_MAX_FRAME
+    queue_frames: int = DEFAULT_QUEUE_FRAMES  # `post`: reading stops above this many frames
+    queue_bytes: int = DEFAULT_QUEUE_BYTES  # ... or above this many bytes queued
+    exclusive: bool = True  # flock the device: a second process on the same line is refused
 
     def __post_init__(self) -> None:
         # Checked here so that a bad setting fails at start-up, not as an endless reopen loop.
@@ -70,6 +81,8 @@ class LinkSettings:
             raise ValueError(f"reopen_interval must be positive, not {self.reopen_interval}")
         if self.max_frame <= 0:
             raise ValueError(f"max_frame must be positive, not {self.max_frame}")
+        if self.queue_frames <= 0 or self.queue_bytes <= 0:
+            raise ValueError("queue_frames and queue_bytes must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +98,11 @@ class LinkStats:
     bytes_in: int
     bytes_out: int
     reconnects: int
+    queued_frames: int  # answers waiting to go out (`post`)
+    queued_bytes: int
+    dropped_frames: int  # queued answers lost with the port
+    read_pauses: int  # times reading stopped because the queue was full (back-pressure)
+    reading_paused: bool
 
 
 @dataclass(slots=True)
@@ -95,6 +113,8 @@ class _Counters:
     bytes_in: int = 0
     bytes_out: int = 0
     reconnects: int = 0
+    dropped: int = 0
+    read_pauses: int = 0
 
 
 class _SerialTransport(serial_asyncio.SerialTransport):
@@ -167,24 +187,50 @@ class SerialLink:
         self._state: LinkState = "down"
         self._since = time.time()
         self._ever_opened = False
+        self._closing = False
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._queued = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._paused = False
 
     # -- public ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the supervisor; the port opens in the background, now or once it appears."""
+        self._closing = False
         if self._supervisor is None or self._supervisor.done():
             self._supervisor = asyncio.create_task(self._supervise(), name=f"link-{self.name}")
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued(), name=f"writer-{self.name}")
 
     async def close(self) -> None:
-        """Stop reopening and let go of the port; bytes not yet written are discarded."""
-        task, self._supervisor = self._supervisor, None
-        if task is not None:
+        """Stop reopening and let go of the port; bytes not yet written are discarded. Bounded:
+        a supervisor that does not end when cancelled (a cancellation swallowed by a wait that
+        completed at the same moment) is left behind, and can never reopen the port."""
+        self._closing = True  # checked by the supervisor before every (re)open
+        tasks = [t for t in (self._supervisor, self._writer) if t is not None]
+        self._supervisor = self._writer = None
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+            if stuck:
+                log.error("%s: %d task(s) did not stop in %g s", self.name, len(stuck),
+                          CLOSE_TIMEOUT)  # fmt: skip
         conn = self._conn
         if conn is not None:
             await self._hang_up(conn)
             self._went_down(conn, None)
+        self._drop_queue()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the queued frames to be written; True when they were."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._queue and self.connected and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return not self._queue
 
     @property
     def connected(self) -> bool:
@@ -218,17 +264,24 @@ class SerialLink:
         Raises `LinkDown` when the port is not open, or is lost while waiting.
         One frame at a time: concurrent senders never interleave, and memory stays bounded.
         """
+        await self._write(encode_frame(message))
+
+    def post(self, message: Any) -> bool:
+        """Queue one frame for the writer task, without waiting; False (and nothing queued)
+        when the port is not open. Above the queue's bound reading stops until it drains."""
+        if self._closing or not self.connected:
+            self._counters.dropped += 1
+            return False
         frame = encode_frame(message)
-        async with self._send_lock:
-            conn = self._conn
-            if conn is None or not conn.alive or conn.transport is None:
-                raise LinkDown(f"serial line {self.name} is down")
-            conn.transport.write(frame)
-            self._counters.frames_out += 1
-            self._counters.bytes_out += len(frame)
-            await conn.writable.wait()
-            if conn.lost.done():
-                raise LinkDown(f"serial line {self.name} lost while sending")
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        self._queued.set()
+        if not self._paused and (
+            len(self._queue) > self.settings.queue_frames
+            or self._queued_bytes > self.settings.queue_bytes
+        ):
+            self._pause_reading()
+        return True
 
     @property
     def stats(self) -> LinkStats:
@@ -243,14 +296,78 @@ class SerialLink:
             bytes_in=c.bytes_in,
             bytes_out=c.bytes_out,
             reconnects=c.reconnects,
+            queued_frames=len(self._queue),
+            queued_bytes=self._queued_bytes,
+            dropped_frames=c.dropped,
+            read_pauses=c.read_pauses,
+            reading_paused=self._paused,
         )
+
+    # -- the queue (post) --------------------------------------------------------------------
+
+    async def _write_queued(self) -> None:
+        """Write the queued frames in order, one at a time; only cancellation ends it."""
+        while True:
+            await self._queued.wait()
+            while self._queue:
+                frame = self._queue[0]
+                try:
+                    await self._write(frame)
+                except LinkDown:
+                    self._drop_queue()
+                    break
+                self._queue.popleft()
+                self._queued_bytes -= len(frame)
+                if self._paused and self._below_half():
+                    self._resume_reading()
+            if not self._queue:
+                self._queued.clear()
+
+    async def _write(self, frame: bytes) -> None:
+        async with self._send_lock:
+            conn = self._conn
+            if conn is None or not conn.alive or conn.transport is None:
+                raise LinkDown(f"serial line {self.name} is down")
+            conn.transport.write(frame)
+            self._counters.frames_out += 1
+            self._counters.bytes_out += len(frame)
+            await conn.writable.wait()
+            if conn.lost.done():
+                raise LinkDown(f"serial line {self.name} lost while sending")
+
+    def _below_half(self) -> bool:
+        return (
+            len(self._queue) <= self.settings.queue_frames // 2
+            and self._queued_bytes <= self.settings.queue_bytes // 2
+        )
+
+    def _drop_queue(self) -> None:
+        self._counters.dropped += len(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._queued.clear()
+        self._paused = False  # a new opening reads from the start
+
+    def _pause_reading(self) -> None:
+        self._paused = True
+        self._counters.read_pauses += 1
+        conn = self._conn
+        if conn is not None and conn.transport is not None and conn.alive:
+            conn.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        self._paused = False
+        conn = self._conn
+        if conn is not None and conn.transport is not None and conn.alive:
+            conn.transport.resume_reading()
 
     # -- supervisor --------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        """Open, serve until lost, wait, repeat. Only cancellation ends it."""
+        """Open, serve until lost, wait, repeat. Cancellation ends it, and so does `close`
+        even when a cancellation got lost: the port is never opened again once closing."""
         waiting_reported = False
-        while True:
+        while not self._closing:
             try:
                 conn = await self._open()
             except Exception as exc:
@@ -260,6 +377,9 @@ class SerialLink:
                 else:
                     log.debug("%s: still no device %s: %s", self.name, self._device, exc)
             else:
+                if self._closing:  # close() came while the port was opening
+                    await self._hang_up(conn)
+                    return
                 waiting_reported = False
                 await self._serve(conn)
             await asyncio.sleep(self.settings.reopen_interval)
@@ -274,6 +394,7 @@ class SerialLink:
             stopbits=s.stopbits,
             rtscts=s.rtscts,
             xonxoff=s.xonxoff,
+            exclusive=s.exclusive or None,
             do_not_open=True,
         )
         port.open()
@@ -330,6 +451,7 @@ class SerialLink:
         if self._conn is not conn:
             return
         self._conn = None
+        self._drop_queue()
         self._connected.clear()
         self._set_state("down")
         if reason is None:

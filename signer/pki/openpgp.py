@@ -6,10 +6,9 @@ packets, several primary keys, key algorithm and size) before any library parses
 else the key carries stays exactly as it was. The certification itself is made by
 signer/server/openpgp.py (PGPy, signing with the HSM key).
 
-How a request names user IDs: each item of `uids` is either an e-mail address (it contains `@`
-and no `<`), which names every user ID of the key whose e-mail part (`<...>`, or the whole user
-ID when it is a bare address) equals it, compared case-insensitively; or a whole user ID, which
-names the user ID equal to it byte for byte. Every item must name at least one valid user ID or
+How a request names user IDs: each item of `uids` is a whole user ID, which names the user ID
+whose bytes are its UTF-8 encoding, exactly (name and address; no case folding, no matching by
+address: `a@x` never names `CAcert Support <a@x>`). Every item must name a valid user ID or
 nothing is certified.
 """
 
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,8 +54,6 @@ CURVE_OIDS: dict[bytes, str] = {
     bytes.fromhex("2b240303020801010d"): "brainpoolP512r1",
     bytes.fromhex("2b8104000a"): "secp256k1",
 }
-
-_EMAIL_PART = re.compile(r"<([^<>]*)>\s*$")
 
 
 def refuse(code: ErrorCode, message: str) -> SignerError:
@@ -221,6 +217,7 @@ class UserIdBlock:
     """A User ID packet and the signature (and trust) packets that follow it."""
 
     text: str
+    raw: bytes  # the packet's body: what a requested user ID must equal
     packet: int  # index of the User ID packet
     after: int  # index of the first packet after its signatures
 
@@ -287,7 +284,7 @@ def _user_ids(data: bytes, packets: list[Packet]) -> list[UserIdBlock]:
         if body in seen:
             raise refuse(ErrorCode.PGP_MALFORMED, "the same user ID appears twice")
         seen.add(body)
-        blocks.append(UserIdBlock(body.decode("utf-8", "replace"), index, after))
+        blocks.append(UserIdBlock(body.decode("utf-8", "replace"), body, index, after))
     return blocks
 
 
@@ -337,18 +334,6 @@ def _mpi(data: bytes) -> tuple[int, bytes]:
 # --- user IDs --------------------------------------------------------------------------------
 
 
-def email_part(user_id: str) -> str | None:
-    """The address of `Name <addr>`, or the whole user ID when it is a bare address."""
-    found = _EMAIL_PART.search(user_id)
-    if found:
-        return found.group(1).strip()
-    return user_id.strip() if "@" in user_id and " " not in user_id.strip() else None
-
-
-def is_address(item: str) -> bool:
-    return "@" in item and "<" not in item and ">" not in item
-
-
 def check_requested(requested: Sequence[str]) -> None:
     for item in requested:
         if not item.strip():
@@ -362,13 +347,8 @@ def match_user_ids(user_ids: Sequence[UserIdBlock], requested: Sequence[str]) ->
     check_requested(requested)
     matches = []
     for item in requested:
-        wanted = item.strip().casefold() if is_address(item) else None
-        found = [
-            i
-            for i, uid in enumerate(user_ids)
-            if uid.text == item
-            or (wanted is not None and (email_part(uid.text) or "").casefold() == wanted)
-        ]
+        wanted = item.encode("utf-8", "surrogatepass")
+        found = [i for i, uid in enumerate(user_ids) if uid.raw == wanted]
         if not found:
             raise refuse(ErrorCode.PGP_NO_MATCHING_UID, f"the key has no user ID {item[:200]!r}")
         matches.append(found)

@@ -6,9 +6,9 @@ carried in the repository command, and reused verbatim by every CRL after it.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from signer.errors import ErrorCode, SignerError
+from signer.errors import ErrorCode, SignerError, bad_arguments
 from signer.pki.der import der_generalized_time, der_integer, der_time, der_tlv
 
 # RFC 5280 §5.3.1 CRLReason; 7 is unused; unspecified (0) is never encoded (omit the extension);
@@ -34,7 +34,6 @@ _ASN1_REASONS = {
     9: "privilege_withdrawn",
     10: "aa_compromise",
 }
-FUTURE_TOLERANCE = timedelta(minutes=5)
 _REASON_OID = bytes.fromhex("0603551d15")  # id-ce-cRLReasons 2.5.29.21
 _INVALIDITY_OID = bytes.fromhex("0603551d18")  # id-ce-invalidityDate 2.5.29.24
 
@@ -54,12 +53,28 @@ def reason_code(name: str | None) -> int | None:
         ) from None
 
 
-def revocation_time(requested: datetime | None, now: datetime) -> datetime:
-    """Whole seconds (what DER times hold), never in the future beyond clock tolerance."""
-    when = now if requested is None else requested.astimezone(UTC)
-    if when > now + FUTURE_TOLERANCE:
-        raise SignerError(ErrorCode.BAD_ARGUMENTS, "revoked_at lies in the future")
+def revocation_time(
+    requested: datetime | None, now: datetime, not_before: datetime | None
+) -> datetime:
+    """Whole seconds (what DER times hold); a requested time lies between the certificate's
+    notBefore (when known: an imported record may lack it) and the signer's clock."""
+    when = now if requested is None else bounded_time("revoked_at", requested, now, not_before)
     return when.replace(microsecond=0)
+
+
+def bounded_time(
+    field: str, requested: datetime, now: datetime, not_before: datetime | None
+) -> datetime:
+    """A caller's time for a certificate (revocation, invalidity), refused when it lies before
+    the certificate existed or after now: a CRL must never state either."""
+    when = requested.astimezone(UTC)
+    if when > now:
+        raise bad_arguments(field, f"{when:%Y-%m-%dT%H:%M:%SZ} lies after the signer's clock")
+    if not_before is not None and when < not_before:
+        raise bad_arguments(
+            field, f"{when:%Y-%m-%dT%H:%M:%SZ} lies before the certificate's notBefore"
+        )
+    return when
 
 
 def crl_entry(

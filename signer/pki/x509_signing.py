@@ -16,6 +16,7 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
+import hmac
 import ipaddress
 import math
 import re
@@ -29,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
-from cryptography.x509.oid import ExtensionOID, ObjectIdentifier
+from cryptography.x509.oid import AttributeOID, ExtensionOID, ObjectIdentifier
 
 from signer.errors import ErrorCode, SignerError
 from signer.pki.der import der_header
@@ -41,6 +42,7 @@ from signer.pki.profiles import (
     check_channel,
     short_attribute_name,
 )
+from signer.pki.suffixes import PublicSuffixes, shipped
 
 # Bounds applied before any parsing, so hostile input costs nothing.
 MAX_CSR_BYTES = 64 * 1024
@@ -122,6 +124,7 @@ class IssuanceRequest:
     sans: list[tuple[str, str]] | None = None
     validity_days: int | None = None
     digest: str = "sha256"
+    challenge: str | None = None  # what the proof of possession must carry; None: not compared
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ class _ParsedRequest:
     name: x509.Name | None
     csr: x509.CertificateSigningRequest | None
     fmt: str
+    challenge: str | None = None  # SPKAC's challenge string (PKCS#10: read on demand)
 
 
 def _looks_like_spkac_der(der: bytes) -> bool:
@@ -217,7 +221,7 @@ def _parse_spkac(
         pkac = spkac["public_key_and_challenge"]
         spki_der = pkac["spki"].dump()
         spki_oid = pkac["spki"]["algorithm"]["algorithm"].dotted
-        _ = pkac["challenge"].native
+        challenge = pkac["challenge"].native
         signed = pkac.dump()
         sig_alg = spkac["signature_algorithm"]
         algo, hash_name = sig_alg.signature_algo, sig_alg.hash_algo
@@ -237,7 +241,12 @@ def _parse_spkac(
     except Exception as exc:
         raise _err(ErrorCode.BAD_CSR, f"malformed SPKAC public key: {_short(str(exc))}") from None
     parsed = _ParsedRequest(
-        public_key=public_key, subject=text_subject or [], name=None, csr=None, fmt="spkac"
+        public_key=public_key,
+        subject=text_subject or [],
+        name=None,
+        csr=None,
+        fmt="spkac",
+        challenge=challenge if isinstance(challenge, str) else "",
     )
     return parsed, (algo, hash_name, signed, signature)
 
@@ -366,6 +375,23 @@ def _verify_pkcs10(csr: x509.CertificateSigningRequest, public_key: Any) -> None
         raise _err(
             ErrorCode.BAD_CSR_SIGNATURE, f"CSR signature cannot be checked: {_short(str(exc))}"
         ) from None
+
+
+def _check_challenge(parsed: _ParsedRequest, expected: str) -> None:
+    """The request's challenge (SPKAC) or challengePassword (PKCS#10) must be `expected`: it
+    binds the proof of possession to the session that handed the challenge out."""
+    carried = parsed.challenge
+    if parsed.csr is not None:
+        try:
+            attribute = parsed.csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD)
+            carried = attribute.value.decode("utf-8")
+        except x509.AttributeNotFound:
+            carried = None
+        except Exception:  # an attribute that is not a string
+            carried = None
+    if carried is None or not hmac.compare_digest(carried.encode(), expected.encode()):
+        what = "no challenge" if carried is None else "another challenge"
+        raise _err(ErrorCode.BAD_CHALLENGE, f"the {parsed.fmt} request carries {what}")
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -523,7 +549,7 @@ def _normalize_email(value: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
-def _check_san(kind: str, value: str, rule: Any) -> str:
+def _check_san(kind: str, value: str, rule: Any, suffixes: PublicSuffixes) -> str:
     """Validate one SAN; returns its canonical text form (BAD_SAN on syntax errors)."""
 
     def bad(reason: str) -> SignerError:
@@ -542,6 +568,10 @@ def _check_san(kind: str, value: str, rule: Any) -> str:
             raise bad("wildcards are not allowed in this profile")
         if not dns_name_ok(name, rule.wildcard):
             raise bad("not a valid DNS name (LDH labels, A-labels for IDNs, at least two labels)")
+        if name.startswith("*.") and suffixes.is_public(name[2:]):
+            raise bad(
+                f"a wildcard directly under the public suffix {name[2:]} (Public Suffix List)"
+            )
         return name
     if kind == "email":
         if not _email_ok(value):
@@ -712,7 +742,7 @@ def _resolve_subject(raw: object, profile: Profile, from_csr: bool) -> list[tupl
     return kept
 
 
-def _resolve_sans(raw: object, profile: Profile) -> list[tuple[str, str]]:
+def _resolve_sans(raw: object, profile: Profile, suffixes: PublicSuffixes) -> list[tuple[str, str]]:
     """Check SAN types, counts and syntax; returns canonical, de-duplicated pairs."""
     if not isinstance(raw, list | tuple):
         raise _err(ErrorCode.BAD_SAN, f"sans must be a list of pairs, got {type(raw).__name__}")
@@ -748,7 +778,7 @@ def _resolve_sans(raw: object, profile: Profile) -> list[tuple[str, str]]:
                 type=kind,
                 allowed=sorted(rules.allowed),
             )
-        canonical = _check_san(kind, value, rule)
+        canonical = _check_san(kind, value, rule, suffixes)
         if (kind, canonical) in seen:
             continue
         seen.add((kind, canonical))
@@ -1133,12 +1163,15 @@ def plan_certificate(
     issuer_cert: x509.Certificate,
     now: dt.datetime,
     channel: Channel = "line",
+    suffixes: PublicSuffixes | None = None,
 ) -> CertificatePlan:
     """Validate the request against the profile and decide every field but the serial.
 
     `channel` is who asks: the line (the default) may not use an operator profile (a CA, OCSP
-    or time-stamping certificate); only the operator's own tools pass "operator".
+    or time-stamping certificate); only the operator's own tools pass "operator". `suffixes`:
+    the Public Suffix List wildcards are checked against (default: the package's snapshot).
     """
+    suffixes = shipped() if suffixes is None else suffixes
     check_channel(profile, channel)
     if request.profile != profile.name:
         raise _err(
@@ -1165,6 +1198,8 @@ def plan_certificate(
         _verify_spkac(parsed.public_key, *spkac_sig)
     elif parsed.csr is not None:
         _verify_pkcs10(parsed.csr, parsed.public_key)
+    if request.challenge is not None:
+        _check_challenge(parsed, request.challenge)
 
     if request.subject is not None:
         subject = _resolve_subject(request.subject, profile, from_csr=False)
@@ -1178,11 +1213,11 @@ def plan_certificate(
         subject = _resolve_subject(parsed.subject or [], profile, from_csr=True)
 
     if request.sans is not None:
-        sans = _resolve_sans(request.sans, profile)
+        sans = _resolve_sans(request.sans, profile, suffixes)
     elif profile.sans.copy_csr_sans:
-        sans = _resolve_sans(_sans_from_csr(parsed.csr), profile)
+        sans = _resolve_sans(_sans_from_csr(parsed.csr), profile, suffixes)
     else:
-        sans = _resolve_sans([], profile)
+        sans = _resolve_sans([], profile, suffixes)
     subject = _apply_cn_rule(subject, sans, profile)
 
     try:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,15 @@ from signer.clock import utcnow
 from signer.errors import ErrorCode, SignerError
 from signer.pki.der import serial_hex
 from signer.pki.lint import sign_after_lint
-from signer.pki.profiles import ProfileSet
-from signer.pki.revocation import REASON_NAMES, crl_entry, reason_code, revocation_time
+from signer.pki.profiles import Profile, ProfileSet
+from signer.pki.revocation import (
+    REASON_NAMES,
+    bounded_time,
+    crl_entry,
+    reason_code,
+    revocation_time,
+)
+from signer.pki.suffixes import PublicSuffixes, shipped
 from signer.pki.x509_signing import (
     CertificatePlan,
     IssuanceRequest,
@@ -109,6 +116,7 @@ class CertificateAuthority:
         repository: Repository,
         commit_log: Log[Result],
         clock: Callable[[], datetime] = utcnow,
+        suffixes: PublicSuffixes | None = None,
     ):
         self.issuers = {issuer.name: issuer for issuer in issuers}
         self.profiles = profiles
@@ -117,6 +125,7 @@ class CertificateAuthority:
         self.log = commit_log
         self.recorder = Recorder(commit_log)
         self.clock = clock
+        self.suffixes = shipped() if suffixes is None else suffixes
         self._builders = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="x509-build")
         for profile in profiles.profiles.values():
             if profile.issuer not in self.issuers:
@@ -157,8 +166,11 @@ class CertificateAuthority:
             sans=None if args.sans is None else [(k, v) for k, v in args.sans],
             validity_days=args.validity_days,
             digest=args.digest,
+            challenge=args.challenge,
         )
-        plan = plan_certificate(request, profile, issuer.certificate, self.clock())
+        plan = plan_certificate(
+            request, profile, issuer.certificate, self.clock(), suffixes=self.suffixes
+        )
         serial = self._fresh_serial(issuer)
         loop = asyncio.get_running_loop()
         der = await loop.run_in_executor(self._builders, self._build, plan, serial, issuer)
@@ -228,8 +240,14 @@ class CertificateAuthority:
             )
         if certificate["revocation"] is not None:
             return self._revoked_result(certificate["revocation"], already=True)
-        revoked_at = revocation_time(args.revoked_at, self.clock())
-        invalidity = args.invalidity_date.replace(microsecond=0) if args.invalidity_date else None
+        now = self.clock()
+        known = certificate["not_before"]
+        not_before = None if known is None else datetime.fromtimestamp(known, UTC)
+        revoked_at = revocation_time(args.revoked_at, now, not_before)
+        invalidity = None
+        if args.invalidity_date is not None:
+            invalidity = bounded_time("invalidity_date", args.invalidity_date, now, not_before)
+            invalidity = invalidity.replace(microsecond=0)
         command = RevokeX509(
             request_id=ctx.request_id,
             request_digest=ctx.digest,
@@ -287,6 +305,7 @@ class CertificateAuthority:
                     digests=list(profile.digests),
                     subject_attributes=sorted(profile.subject.attributes),
                     san_types=sorted(profile.sans.allowed),
+                    rules=profile_rules(profile, now),
                 )
             )
         return ListProfilesResult(profiles=infos)
@@ -317,7 +336,7 @@ class CertificateAuthority:
         for issuer in self.issuers.values():
             expires = issuer.certificate.not_valid_after_utc
             days = (expires - now).days
-            data[issuer.name] = {"not_after": expires.isoformat(), "days_left": days}
+            data[issuer.name] = {"not_after": expires, "days_left": days}
             if days < 0:
                 errors.append(f"{issuer.name}: CA certificate expired on {expires:%Y-%m-%d}")
             elif days < CA_EXPIRY_WARNING_DAYS:
@@ -391,6 +410,24 @@ class CertificateAuthority:
             return self._issuer_by_key_id(key_id).name
         except SignerError:
             return key_id.hex()
+
+
+def profile_rules(profile: Profile, now: datetime) -> dict[str, Any]:
+    """What `list_profiles` shows of a profile: every rule that can refuse a request (subject,
+    SANs, keys, validity as in force now), so a client can tell why before it asks."""
+    validity = profile.validity.model_dump(by_alias=True)
+    validity["max_days"] = profile.validity.effective_max_days(now)
+    validity["schedule"] = [
+        {"from": datetime.combine(step.from_, time(), UTC), "max_days": step.max_days}
+        for step in profile.validity.schedule
+    ]
+    return {
+        "subject": profile.subject.model_dump(),
+        "sans": profile.sans.model_dump(),
+        "keys": profile.keys.model_dump(),
+        "validity": validity,
+        "digests": list(profile.digests),
+    }
 
 
 def _signed(

@@ -102,6 +102,12 @@ class SignerConfig(Section):
     link: LinkConfig
     extra_links: list[LinkConfig] = Field(default_factory=list, max_length=7)  # more lines
     max_in_flight: int = Field(default=32, ge=1, le=1024)
+    stop_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="seconds from SIGTERM to exit, whatever a request or the HSM does",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     repository: RepositoryConfig | None = None
     hsm: HsmSettings | None = None
@@ -111,6 +117,11 @@ class SignerConfig(Section):
         "aligned), or the path of a profiles file (docs/profiles.md)",
     )
     issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
+    public_suffix_list: Path | None = Field(
+        default=None,
+        description="a newer public_suffix_list.dat than the one the publicsuffixlist package "
+        "ships (wildcards directly under a public suffix are refused)",
+    )
     openpgp: OpenPgpConfig | None = None
     crl: CrlConfig = Field(default_factory=CrlConfig)
     replication: ReplicationSettings | None = None  # Raft between the signers
@@ -130,7 +141,7 @@ class SignerConfig(Section):
             return PROFILE_SETS[str(value)]
         return resolve(value, info)
 
-    _resolve = field_validator("control_socket")(resolve)
+    _resolve = field_validator("control_socket", "public_suffix_list")(resolve)
 
     @model_validator(mode="after")
     def _one_socket(self) -> SignerConfig:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from signer import __version__
@@ -29,6 +29,41 @@ class Section:
 
 
 Provider = Callable[[], Awaitable[Section]]
+
+
+def timestamp(value: Any) -> Any:
+    """A time as health reports it: a datetime (a msgpack Timestamp on the line), from Unix
+    seconds or an ISO 8601 string; None and anything else pass unchanged."""
+    if isinstance(value, bool) or value is None or isinstance(value, datetime):
+        return value
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return value
+
+
+def with_timestamps(data: dict[str, Any], *paths: str) -> dict[str, Any]:
+    """`data` with the values at dotted `paths` made timestamps (`*` matches every key)."""
+    for path in paths:
+        _convert(data, path.split("."))
+    return data
+
+
+def _convert(node: Any, parts: list[str]) -> None:
+    if not isinstance(node, dict) or not parts:
+        return
+    head, rest = parts[0], parts[1:]
+    keys = list(node) if head == "*" else [head] if head in node else []
+    for key in keys:
+        if rest:
+            _convert(node[key], rest)
+        else:
+            node[key] = timestamp(node[key])
 
 
 class Health:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from replication.errors import StartRefused
@@ -20,20 +23,69 @@ from signer.config import ConfigError
 from signer.errors import SignerError
 from signer.link.serial_link import LinkSettings, SerialLink
 from signer.pki.profiles import load_profiles
+from signer.pki.suffixes import PublicSuffixes, shipped
 from signer.server.ca import CertificateAuthority, Issuer, KeyMismatchError
 from signer.server.config import SignerConfig
 from signer.server.control import ControlServer
 from signer.server.crl import CrlService
 from signer.server.dispatch import Handler, ProtocolHandler, RequestContext
-from signer.server.health import Health, Section
+from signer.server.health import Health, Section, with_timestamps
 from signer.server.hsm import Hsm
 from signer.server.importer import ImportService
+from signer.server.instance import InstanceLock
 from signer.server.openpgp import OpenPgpService
 from signer.server.reconcile import Reconciler
 from signer.wire.protocol import COMMANDS, HealthArgs, RequestStatusArgs, RequestStatusResult
 from storage import Repository, Result
 
 log = logging.getLogger(__name__)
+
+
+WATCHDOG_MARGIN = 2.0  # seconds past stop_timeout before the watchdog ends the process
+EXIT_FORCED = 1  # the process had to be ended: something did not stop in time
+
+
+def hard_exit(code: int) -> None:
+    """End the process now, whatever its threads do (a PKCS#11 call that never returns would
+    block the interpreter's exit); the repository and the journal are crash-safe by design."""
+    logging.shutdown()
+    os._exit(code)
+
+
+def start_watchdog(seconds: float) -> threading.Timer:
+    """After `seconds`, log and end the process (stopping is bounded whatever a task does)."""
+
+    def expire() -> None:
+        log.critical("the signer did not stop within %g s: exiting now", seconds)
+        hard_exit(EXIT_FORCED)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+async def _bounded(step: Awaitable[Any], seconds: float, what: str) -> None:
+    """One step of stopping, given at most `seconds`; its failure is logged, never raised."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.error("stopping: %s did not finish in %.1f s", what, seconds)
+    except Exception:
+        log.exception("stopping: %s failed", what)
+
+
+def public_suffixes(path: Path | None) -> PublicSuffixes:
+    """The operator's newer Public Suffix List, or the package's snapshot."""
+    if path is None:
+        suffixes = shipped()
+    else:
+        try:
+            suffixes = PublicSuffixes.parse(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the public suffix list: {exc}") from None
+    log.info("public suffix list %s (version %s)", suffixes.source, suffixes.version or "unknown")
+    return suffixes
 
 
 def as_dict(stats: Any) -> dict[str, Any]:
@@ -53,13 +105,25 @@ def _open_repository(config: SignerConfig) -> Repository:
 class SignerServer:
     def __init__(self, config: SignerConfig):
         self.config = config
+        self.instance_lock = InstanceLock()  # one signer per repository and per line
+        try:
+            if config.repository is not None:
+                self.instance_lock.hold_directory(config.repository.path)
+            for line in (config.link, *config.extra_links):
+                self.instance_lock.check_device(line.device)
+            self._wire(config)
+        except BaseException:
+            self.instance_lock.release()
+            raise
+
+    def _wire(self, config: SignerConfig) -> None:
         self.health = Health()
         self.handlers: dict[str, Handler] = {
             "health": self._health,
             "request_status": self._request_status,
         }
         self.link = SerialLink(config.link.settings(), self._on_event, "signer")
-        self.protocol = ProtocolHandler(self.handlers, self.link.send, config.max_in_flight)
+        self.protocol = ProtocolHandler(self.handlers, self.link.post, config.max_in_flight)
         self.health.add("link", self._link_section)
         self.lines: list[tuple[SerialLink, ProtocolHandler]] = []  # further serial lines
         for number, extra in enumerate(config.extra_links, start=2):
@@ -87,7 +151,7 @@ class SignerServer:
                 scheduling=self._schedules_crls,
             )
             self.handlers.update(self.crl.handlers())
-            self.health.add("crls", self.crl.health_section)
+            self.health.add("crls", self._crls_section)
         self.openpgp: OpenPgpService | None = None
         if config.openpgp is not None:
             repository, commit_log, hsm = self._shared(config)
@@ -154,7 +218,12 @@ class SignerServer:
             for name, issuer in config.issuers.items()
         ]
         return CertificateAuthority(
-            issuers, load_profiles(config.profiles), hsm, repository, commit_log
+            issuers,
+            load_profiles(config.profiles),
+            hsm,
+            repository,
+            commit_log,
+            suffixes=public_suffixes(config.public_suffix_list),
         )
 
     def _on_event(self, event: Any) -> None:
@@ -165,7 +234,7 @@ class SignerServer:
         start(). Answers go back on the line the request came on; a request id sent on two
         lines at once may run twice, but the repository records it once, so it issues once."""
         protocol = ProtocolHandler(
-            self.handlers, lambda message: link.send(message), self.config.max_in_flight
+            self.handlers, lambda message: link.post(message), self.config.max_in_flight
         )
         link = SerialLink(settings, protocol.on_frame, name)
         self.lines.append((link, protocol))
@@ -196,30 +265,57 @@ class SignerServer:
             log.warning("cannot check the CA keys now (%s); the HSM is retried per request", exc)
 
     async def stop(self) -> None:
+        """Stop in order and within `stop_timeout`: no new request (answered `shutting_down`);
+        running ones finish within half of it or are answered `shutting_down`; queued answers
+        go out; then the links, the control socket, the HSM, the log and the repository close.
+        Every step is bounded; `serve_forever`'s watchdog ends the process whatever a step (or
+        a thread stuck in the HSM) does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.stop_timeout
+
+        def left() -> float:
+            return max(0.1, deadline - loop.time())
+
+        protocols = [self.protocol, *(protocol for _, protocol in self.lines)]
+        links = [self.link, *(link for link, _ in self.lines)]
+        for protocol in protocols:
+            protocol.begin_shutdown()
+        grace = self.config.stop_timeout / 2
+        await asyncio.gather(*(protocol.drain(grace) for protocol in protocols))
+        await asyncio.gather(*(link.flush(min(1.0, left())) for link in links))
         if self.crl is not None:
-            await self.crl.stop()
-        await self.protocol.close()
-        await self.link.close()
-        for link, protocol in self.lines:
-            await protocol.close()
-            await link.close()
+            await _bounded(self.crl.stop(), left(), "the CRL scheduler")
+        for link in links:
+            await _bounded(link.close(), left(), f"serial line {link.name}")
         if self.control is not None:
-            await self.control.close()
+            await _bounded(self.control.close(), left(), "the control socket")
         for close in self._closers:
-            close()
+            await _bounded(asyncio.to_thread(close), left(), getattr(close, "__qualname__", ""))
+        self._closers.clear()
+        self.instance_lock.release()
 
     async def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT."""
+        """Run until SIGTERM or SIGINT; then stop within `stop_timeout`, or be ended by the
+        watchdog. A second signal ends the process at once."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def signalled(signum: int) -> None:
+            if stop.is_set():
+                log.warning("signal %d again: exiting now", signum)
+                hard_exit(EXIT_FORCED)
+            stop.set()
+            start_watchdog(self.config.stop_timeout + WATCHDOG_MARGIN)
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, signalled, signum)
         await self.start()
         try:
             await stop.wait()
         finally:
-            log.info("signer stopping")
+            log.info("signer stopping (at most %g s)", self.config.stop_timeout)
             await self.stop()
+            log.info("signer stopped")
 
     async def _health(self, _args: HealthArgs, _ctx: RequestContext) -> Any:
         return await self.health.report()
@@ -235,14 +331,24 @@ class SignerServer:
     async def _cluster_section(self) -> Section:
         assert self.cluster is not None
         health = await self.cluster.health()
-        return Section(health.data, health.warnings, health.errors)
+        data = with_timestamps(dict(health.data), "snapshot.created", "cluster.at")
+        return Section(data, health.warnings, health.errors)
+
+    async def _crls_section(self) -> Section:
+        assert self.crl is not None
+        section = await self.crl.health_section()
+        with_timestamps(section.data, "*.this_update", "*.next_update")
+        return section
 
     async def _link_section(self) -> Section:
-        link = as_dict(self.link.stats)
+        link = with_timestamps(as_dict(self.link.stats), "since")
         link["handler"] = as_dict(self.protocol.stats)
         link["in_flight"] = self.protocol.in_flight
         warnings = [] if self.link.connected else ["the serial line is down"]
         if self.lines:
-            link["extra_lines"] = {extra.name: as_dict(extra.stats) for extra, _ in self.lines}
+            link["extra_lines"] = {
+                extra.name: with_timestamps(as_dict(extra.stats), "since")
+                for extra, _ in self.lines
+            }
             warnings += [f"{x.name} is down" for x, _ in self.lines if not x.connected]
         return Section(link, warnings)

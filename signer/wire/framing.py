@@ -117,18 +117,19 @@ class FrameDecoder:
             size, self._oversize = self._oversize + 1, 0
             return FrameError(
                 ErrorCode.FRAME_TOO_LARGE,
-                f"frame of {size} bytes exceeds the limit of {self._max_encoded} encoded bytes",
+                f"frame of {size} bytes exceeds the limit of {self.max_payload} payload bytes",
                 size,
             )
         body = bytes(self._buffer)
         self._buffer.clear()
         if not body:
             return None  # a lone 0x00: idle fill or a resynchronisation marker, not a frame
-        return decode_body(body)
+        return decode_body(body, self.max_payload)
 
 
-def decode_body(body: bytes) -> FrameEvent:
-    """Decode one frame body (the bytes between two delimiters)."""
+def decode_body(body: bytes, max_payload: int = DEFAULT_MAX_FRAME) -> FrameEvent:
+    """Decode one frame body (the bytes between two delimiters); the payload is bounded by
+    `max_payload` (the encoded bound above only limits what is buffered meanwhile)."""
     size = len(body) + 1
     try:
         raw = cobs.decode(body)
@@ -136,6 +137,9 @@ def decode_body(body: bytes) -> FrameEvent:
         return FrameError(ErrorCode.BAD_FRAME, f"COBS decoding failed: {exc}", size)
     if len(raw) <= CRC_SIZE:
         return FrameError(ErrorCode.BAD_FRAME, "frame shorter than its checksum", size)
+    if len(raw) - CRC_SIZE > max_payload:
+        text = f"payload of {len(raw) - CRC_SIZE} bytes exceeds the limit of {max_payload}"
+        return FrameError(ErrorCode.FRAME_TOO_LARGE, text, size)
     payload, crc = raw[:-CRC_SIZE], raw[-CRC_SIZE:]
     if zlib.crc32(payload).to_bytes(CRC_SIZE, "big") != crc:
         return FrameError(ErrorCode.BAD_CRC, "CRC32 mismatch", size)

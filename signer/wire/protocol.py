@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from signer.errors import ErrorCode, ProtocolError, SignerError
+from signer.errors import MAX_MESSAGE_CHARS, ErrorCode, ProtocolError, SignerError
 from signer.wire.framing import pack_message
 
 PROTOCOL_VERSION = 1
@@ -29,6 +29,8 @@ SUPPORTED_VERSIONS = (1,)
 MAX_REQUEST_ID = 128
 MAX_CSR = 64 * 1024
 MAX_OPENPGP_KEY = 1024 * 1024
+MAX_PROBLEMS = 10  # `details.problems` of one refusal
+MAX_DETAILS_BYTES = 1024  # an error answer's `details`, msgpack-encoded
 
 Bin = bytes
 Name = str
@@ -95,6 +97,7 @@ class ProfileInfo(Result):
     digests: list[str]
     subject_attributes: list[str]
     san_types: list[str]
+    rules: dict[str, Any] = Field(default_factory=dict)  # every rule that can refuse a request
 
 
 class ListProfilesResult(Result):
@@ -111,6 +114,7 @@ class SignX509Args(Args):
     sans: list[Pair] | None = Field(default=None, max_length=1000)
     validity_days: int | None = Field(default=None, ge=1, le=36500)
     digest: str = Field(default="sha256", max_length=16)
+    challenge: str | None = Field(default=None, max_length=256)
 
 
 class SignX509Result(Result):
@@ -261,6 +265,11 @@ class ErrorResponse:
 # --- requests (signer side) ------------------------------------------------------------------
 
 
+ENVELOPE_FIELDS = ("v", "id", "cmd", "args")
+# pydantic's error types for a value over its size bound: `field_too_large`, not `bad_arguments`
+_TOO_LARGE = frozenset({"string_too_long", "bytes_too_long", "too_long"})
+
+
 def decode_request(message: Any) -> Request:
     """Check one decoded frame as a request; raise `SignerError` carrying what is wrong.
 
@@ -269,14 +278,20 @@ def decode_request(message: Any) -> Request:
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, "a request must be a msgpack map")
     request_id = _request_id(message)
-    known = {"v", "id", "cmd", "args"}
-    if unknown := sorted(str(k) for k in message if k not in known):
-        raise _with_id(ErrorCode.BAD_ENVELOPE, f"unknown envelope fields: {unknown}", request_id)
-    version = message.get("v")
+    if unknown := [k for k in message if k not in ENVELOPE_FIELDS]:
+        shown = ", ".join(repr(k)[:40] for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise _with_id(
+            ErrorCode.BAD_ENVELOPE, f"unknown envelope fields: {shown}{more}", request_id
+        )
+    if missing := [k for k in ENVELOPE_FIELDS if k not in message]:
+        text = f"the envelope lacks {', '.join(missing)}"
+        raise _with_id(ErrorCode.BAD_ENVELOPE, text, request_id)
+    version = message["v"]
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise _with_id(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version!r} is not supported",
+            f"protocol version {_shown(version)} is not supported",
             request_id,
             supported=list(SUPPORTED_VERSIONS),
         )
@@ -284,17 +299,42 @@ def decode_request(message: Any) -> Request:
         raise ProtocolError(
             ErrorCode.BAD_ENVELOPE, f"id must be a string of 1 to {MAX_REQUEST_ID} characters"
         )
-    name = message.get("cmd")
-    command = COMMANDS.get(name) if isinstance(name, str) else None
+    name = message["cmd"]
+    if not isinstance(name, str):
+        raise _with_id(ErrorCode.BAD_ENVELOPE, "cmd must be a string", request_id)
+    command = COMMANDS.get(name)
     if command is None:
         raise _with_id(
-            ErrorCode.UNKNOWN_COMMAND, f"unknown command {name!r}", request_id, known=list(COMMANDS)
+            ErrorCode.UNKNOWN_COMMAND,
+            f"unknown command {_shown(name)}",
+            request_id,
+            known=list(COMMANDS),
         )
-    raw_args = message.get("args", {})
+    raw_args = message["args"]
     if not isinstance(raw_args, dict):
-        raise _with_id(ErrorCode.BAD_ARGUMENTS, "args must be a map", request_id)
+        raise _with_id(
+            ErrorCode.BAD_ARGUMENTS,
+            "args must be a map",
+            request_id,
+            problems=[{"field": "args", "problem": "must be a map"}],
+        )
+    raw_args = _without_nil(command, raw_args)
     args = _validate_args(command, raw_args, request_id)
     return Request(request_id, command, args, request_digest(command.name, raw_args))
+
+
+def _without_nil(command: Command, raw: dict[Any, Any]) -> dict[Any, Any]:
+    """nil for an optional argument is the same as leaving it out (also for the digest)."""
+    fields = command.args.model_fields
+    return {
+        k: v for k, v in raw.items() if v is not None or k not in fields or fields[k].is_required()
+    }
+
+
+def _shown(value: Any) -> str:
+    """A bounded rendering of a value from the line, for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def request_digest(command: str, args: dict[str, Any]) -> bytes:
@@ -327,28 +367,75 @@ def _validate_args(command: Command, raw: dict[str, Any], request_id: str) -> Ar
     try:
         return command.args.model_validate(raw)
     except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
         problems = [
-            {"field": ".".join(str(p) for p in err["loc"]) or "args", "problem": err["msg"]}
-            for err in exc.errors(include_url=False, include_input=False)
+            {"field": ".".join(str(p) for p in err["loc"])[:100] or "args", "problem": err["msg"]}
+            for err in errors[:MAX_PROBLEMS]
         ]
+        too_large = all(err["type"] in _TOO_LARGE for err in errors)
         first = problems[0]
         raise _with_id(
-            ErrorCode.BAD_ARGUMENTS,
+            ErrorCode.FIELD_TOO_LARGE if too_large else ErrorCode.BAD_ARGUMENTS,
             f"{command.name}: {first['field']}: {first['problem']}",
             request_id,
-            problems=problems[:10],
+            problems=problems,
         ) from None
 
 
 def encode_response(event: Response | ErrorResponse) -> dict[str, Any]:
-    """The msgpack-ready map for an answer."""
+    """The msgpack-ready map for an answer. An error is bounded whatever raised it: its
+    message to MAX_MESSAGE_CHARS, its details to MAX_DETAILS_BYTES (else `{"truncated": true}`),
+    and `bad_arguments` / `field_too_large` always carry `details.problems`."""
     if isinstance(event, Response):
         return {"v": PROTOCOL_VERSION, "id": event.request_id, "ok": True, "result": event.result}
-    error = event.error.to_wire()
-    error.get("details", {}).pop("id", None)
-    if not error.get("details"):
-        error.pop("details", None)
-    return {"v": PROTOCOL_VERSION, "id": event.request_id, "ok": False, "error": error}
+    return {
+        "v": PROTOCOL_VERSION,
+        "id": event.request_id,
+        "ok": False,
+        "error": bounded_error(event.error),
+    }
+
+
+def bounded_error(error: SignerError) -> dict[str, Any]:
+    """An error as the line carries it (see `encode_response`)."""
+    message = error.message
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    details = {k: v for k, v in error.details.items() if k != "id"}
+    if error.code in (ErrorCode.BAD_ARGUMENTS, ErrorCode.FIELD_TOO_LARGE):
+        problems = details.get("problems")
+        if not isinstance(problems, list) or not problems:
+            field = details.get("field")
+            where = field if isinstance(field, str) else "args"
+            details["problems"] = [{"field": where, "problem": message}]
+        else:
+            details["problems"] = problems[:MAX_PROBLEMS]
+    wire: dict[str, Any] = {"code": error.code.value, "message": message}
+    if details:
+        wire["details"] = _bounded_details(details)
+    return wire
+
+
+def _bounded_details(details: dict[str, Any]) -> dict[str, Any]:
+    """Details within MAX_DETAILS_BYTES: long strings and lists cut first, then everything."""
+    if len(pack_message(details)) <= MAX_DETAILS_BYTES:
+        return details
+    cut = _cut(details, depth=0)
+    if isinstance(cut, dict) and len(pack_message(cut)) <= MAX_DETAILS_BYTES:
+        return {**cut, "truncated": True}
+    return {"truncated": True}
+
+
+def _cut(value: Any, depth: int) -> Any:
+    if depth > 3:
+        return None
+    if isinstance(value, str | bytes):
+        return value[:120]
+    if isinstance(value, list | tuple):
+        return [_cut(v, depth + 1) for v in value[:MAX_PROBLEMS]]
+    if isinstance(value, dict):
+        return {str(k)[:40]: _cut(v, depth + 1) for k, v in list(value.items())[:MAX_PROBLEMS]}
+    return value
 
 
 def error_response_for(exc: SignerError) -> ErrorResponse:

@@ -42,7 +42,7 @@ OPTIONS: dict[tuple[str, ...], list[str]] = {
                   "list-profiles", "sign-openpgp", "fetch-crl", "request-status"],
     ("client", "health"): [],
     ("client", "sign-x509"): ["--csr", "--profile", "--subject", "--san", "--days", "--digest",
-                              "--out"],
+                              "--challenge", "--out"],
     ("client", "revoke-x509"): ["--issuer", "--serial", "--reason"],
     ("client", "list-issuers"): [],
     ("client", "list-profiles"): [],
@@ -63,6 +63,7 @@ OPTIONS: dict[tuple[str, ...], list[str]] = {
     ("import",): ["--config", "--history", "--webdb-rows", "--rootcert", "--dry-run", "--no-crl",
                   "--json"],
     ("export",): ["--config", "--out", "--issuer", "--json"],
+    ("replication-secret",): ["--out"],
 }  # fmt: skip
 
 

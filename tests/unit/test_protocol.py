@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,12 +24,24 @@ from replication.errors import (
     QueueFull,
     StartRefused,
 )
-from signer.errors import ErrorCode, SignerError
+from signer.errors import MAX_MESSAGE_CHARS, ErrorCode, SignerError
+from signer.pki.profiles import (
+    AttributeRule,
+    KeyRules,
+    RsaRule,
+    SanRules,
+    SanTypeRule,
+    SubjectRules,
+    ValidityRules,
+)
 from signer.server.dispatch import ProtocolHandler
 from signer.server.errors import REJECTION_CODES, rejection_error, wire_error
 from signer.wire.framing import Frame, FrameDecoder, encode_frame
 from signer.wire.protocol import (
     COMMANDS,
+    MAX_CSR,
+    MAX_DETAILS_BYTES,
+    MAX_PROBLEMS,
     ErrorResponse,
     Response,
     decode_request,
@@ -37,6 +52,8 @@ from signer.wire.protocol import (
 from storage import InvalidArgument, Reason, Rejected, RepositoryError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+# The profile rules that can refuse a request: `list_profiles` exposes every field of each.
+RULE_MODELS = (SubjectRules, AttributeRule, SanRules, SanTypeRule, KeyRules, RsaRule, ValidityRules)
 
 
 def request(cmd="health", args=None, rid="r1", v=1):
@@ -56,12 +73,12 @@ def code_of(message) -> ErrorCode:
         ({**request(), "extra": 1}, ErrorCode.BAD_ENVELOPE),
         (request(v=2), ErrorCode.UNSUPPORTED_VERSION),
         (request(v="1"), ErrorCode.UNSUPPORTED_VERSION),
-        ({"id": "r1", "cmd": "health", "args": {}}, ErrorCode.UNSUPPORTED_VERSION),
+        ({"id": "r1", "cmd": "health", "args": {}}, ErrorCode.BAD_ENVELOPE),
         (request(rid=""), ErrorCode.BAD_ENVELOPE),
         (request(rid=7), ErrorCode.BAD_ENVELOPE),
         (request(rid="x" * 129), ErrorCode.BAD_ENVELOPE),
         (request(cmd="format_disk"), ErrorCode.UNKNOWN_COMMAND),
-        (request(cmd=None), ErrorCode.UNKNOWN_COMMAND),
+        (request(cmd=None), ErrorCode.BAD_ENVELOPE),
         ({**request(), "args": []}, ErrorCode.BAD_ARGUMENTS),
         (request("health", {"x": 1}), ErrorCode.BAD_ARGUMENTS),
         (
@@ -73,7 +90,7 @@ def code_of(message) -> ErrorCode:
             request("sign_x509", {"profile": "s", "csr": b"x", "validity_days": 0}),
             ErrorCode.BAD_ARGUMENTS,
         ),
-        (request("sign_x509", {"profile": "s", "csr": b"x" * 70000}), ErrorCode.BAD_ARGUMENTS),
+        (request("sign_x509", {"profile": "s", "csr": b"x" * 70000}), ErrorCode.FIELD_TOO_LARGE),
         (
             request("sign_x509", {"profile": "s", "csr": b"x", "sans": [["dns"]]}),
             ErrorCode.BAD_ARGUMENTS,
@@ -123,14 +140,189 @@ def test_response_round_trip():
     assert err.request_id is None
 
 
+def doc_sections() -> dict[str, str]:
+    r"""Each command's section (`### \`name\``) of docs/protocol.md, by command name."""
+    parts = re.split(r"^### `(\w+)`$", DOCS.read_text(), flags=re.MULTILINE)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def table_rows(section: str, header: str) -> dict[str, tuple[str, str]]:
+    """name -> (type, meaning) of a section's table whose first column is `header`."""
+    rows: dict[str, tuple[str, str]] = {}
+    inside = False
+    for line in section.splitlines():
+        if line.startswith(f"| {header} |"):
+            inside = True
+        elif inside and line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            if found := re.fullmatch(r"`([\w.\[\]]+)`", cells[0]):
+                rows[found.group(1)] = (cells[1], cells[2])
+        elif inside:
+            inside = False
+    return rows
+
+
+def upper_bounds(info: Any) -> list[int]:
+    """The caps a field's schema puts on its size or value."""
+    bounds = []
+    for rule in info.metadata:
+        for name in ("max_length", "le", "lt"):
+            if isinstance(getattr(rule, name, None), int):
+                bounds.append(getattr(rule, name))
+    return bounds
+
+
+def number_forms(n: int) -> set[str]:
+    """How the document may write a cap: 36500, 36,500, 64 KiB, 1 MiB, 2^64."""
+    forms = {str(n), f"{n:,}"}
+    if n >= 1024 and n % 1024 == 0:
+        forms.add(f"{n // 1024} KiB")
+    if n >= 2**20 and n % 2**20 == 0:
+        forms.add(f"{n // 2**20} MiB")
+    if n > 2 and n & (n - 1) == 0:
+        forms.add(f"2^{n.bit_length() - 1}")
+    return forms
+
+
 def test_every_command_field_and_error_code_is_documented():
+    """docs/protocol.md is normative: every command, argument, result field and error code of the
+    code is in it; each optional argument (nil = absent) is marked `?` and each required one is
+    not; every cap of an argument's schema is written in its row; the error-shape bounds and the
+    rules `list_profiles` exposes are documented."""
     text = DOCS.read_text()
+    sections = doc_sections()
     for name, command in COMMANDS.items():
-        assert f"`{name}`" in text, name
-        for field in list(command.args.model_fields) + list(command.result.model_fields):
-            assert f"`{field}`" in text, f"{name}.{field}"
+        assert f"`{name}`" in text and name in sections, name
+        arguments = table_rows(sections[name], "argument")
+        for field, info in command.args.model_fields.items():
+            assert field in arguments, f"{name}.{field}: no row in the argument table"
+            kind, meaning = arguments[field]
+            assert kind.endswith("?") != info.is_required(), f"{name}.{field}: `?` is {kind}"
+            for bound in upper_bounds(info):
+                assert number_forms(bound) & set(
+                    re.findall(r"\d+(?:,\d{3})*(?:\^\d+)?(?: [KM]iB)?", meaning)
+                ), f"{name}.{field}: the cap {bound} is not in the document"
+        results = table_rows(sections[name], "result field")
+        for field in command.result.model_fields:
+            assert f"`{field}`" in sections[name], f"{name} result field {field}"
+            assert field in results or f"`{field}`" in text, f"{name}.{field}"
     for code in ErrorCode:
         assert f"`{code.value}`" in text, code.value
+    for phrase in (
+        f"at most {MAX_PROBLEMS} problems",
+        f"at most {MAX_MESSAGE_CHARS} characters",
+        f"at most {MAX_DETAILS_BYTES} bytes",
+    ):
+        assert phrase in text, phrase
+    for model in RULE_MODELS:
+        for field in model.model_fields:
+            assert f"`{field}`" in sections["list_profiles"], f"{model.__name__}.{field}"
+
+
+# --- docs/protocol.md against behaviour (issue 11, item 11) -------------------------------
+
+
+SAMPLE_ARGS: dict[str, dict[str, Any]] = {
+    "health": {},
+    "list_issuers": {},
+    "list_profiles": {},
+    "sign_x509": {"profile": "server", "csr": b"x"},
+    "revoke_x509": {"issuer": "class3", "serial": "0A"},
+    "fetch_crl": {"issuer": "class3"},
+    "sign_openpgp": {"public_key": b"k", "uids": ["Alice <a@example.org>"]},
+    "request_status": {"request_id": "r"},
+    "record_x509": {"certificate": b"c"},
+}
+
+
+def test_nil_is_the_same_as_absent_for_every_optional_argument():
+    """`digest: nil` was refused although the document says nil equals absent."""
+    assert set(SAMPLE_ARGS) == set(COMMANDS)
+    for name, command in COMMANDS.items():
+        absent = decode_request(request(name, SAMPLE_ARGS[name]))
+        for field, info in command.args.model_fields.items():
+            if info.is_required():
+                with pytest.raises(SignerError) as caught:
+                    decode_request(request(name, {**SAMPLE_ARGS[name], field: None}))
+                assert caught.value.code is ErrorCode.BAD_ARGUMENTS
+                assert caught.value.details["problems"][0]["field"] == field
+                continue
+            with_nil = decode_request(request(name, {**SAMPLE_ARGS[name], field: None}))
+            assert with_nil.args == absent.args, f"{name}.{field}"
+            assert with_nil.digest == absent.digest, f"{name}.{field}"
+
+
+@pytest.mark.parametrize("missing", ["v", "id", "cmd", "args"])
+def test_a_request_without_an_envelope_field_is_a_bad_envelope(missing):
+    message = request()
+    del message[missing]
+    with pytest.raises(SignerError) as caught:
+        decode_request(message)
+    assert caught.value.code is ErrorCode.BAD_ENVELOPE
+    if missing != "id":  # the answer still reaches the request that could be named
+        assert caught.value.details["id"] == "r1"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"profile": "server", "csr": b"x" * (MAX_CSR + 1)}, "csr"),
+        ({"profile": "p" * 65, "csr": b"x"}, "profile"),
+        ({"profile": "server", "csr": b"x", "sans": [["dns", "a.example"]] * 1001}, "sans"),
+        ({"profile": "server", "csr": b"x", "subject": [["CN", "x" * 1025]]}, "subject.0.1"),
+    ],
+)
+def test_an_oversized_field_is_field_too_large_with_its_problems(args, field):
+    with pytest.raises(SignerError) as caught:
+        decode_request(request("sign_x509", args))
+    assert caught.value.code is ErrorCode.FIELD_TOO_LARGE
+    assert caught.value.details["problems"][0]["field"] == field
+
+
+async def test_bad_arguments_always_carries_its_problems():
+    """A refusal raised anywhere with bad_arguments or field_too_large reaches the line with
+    `details.problems`, even when whoever raised it gave only a message."""
+
+    async def refusing(args, ctx):
+        raise SignerError(ErrorCode.BAD_ARGUMENTS, "offset 9 lies beyond the CRL")
+
+    h = Harness({"fetch_crl": refusing, "health": echo})
+    h.feed(encode_frame(request("fetch_crl", {"issuer": "class3"}, "a")))
+    h.feed(encode_frame(request("health", {"x": 1}, "b")))
+    h.feed(encode_frame({**request(rid="c"), "args": []}))
+    sent = {m["id"]: m for m in await h.settle(3)}
+    for rid in "abc":
+        problems = sent[rid]["error"]["details"]["problems"]
+        assert problems and all(set(p) == {"field", "problem"} for p in problems), sent[rid]
+    assert sent["a"]["error"]["details"]["problems"] == [
+        {"field": "args", "problem": "offset 9 lies beyond the CRL"}
+    ]
+
+
+async def test_error_answers_stay_small_whatever_the_request():
+    """10,000 unknown envelope fields made an 89 KB answer, bigger than max_frame."""
+    h = Harness({"health": echo})
+    envelope = {**request(rid="wide"), **{f"field{i}": i for i in range(10_000)}}
+    h.feed(encode_frame(envelope))
+    h.feed(encode_frame(request("health", {f"a{i}": i for i in range(10_000)}, "args")))
+    h.feed(encode_frame({**request(rid="cmd"), "cmd": "x" * 100_000}))
+    sent = await h.settle(3)
+    for answer in sent:
+        assert len(encode_frame(answer)) <= 2048, answer["id"]
+        assert len(answer["error"]["message"]) <= MAX_MESSAGE_CHARS
+    problems = next(m for m in sent if m["id"] == "args")["error"]["details"]["problems"]
+    assert len(problems) == MAX_PROBLEMS
+
+
+def test_the_size_bound_is_on_the_payload_as_documented():
+    """The bound was on the encoded frame: a payload over max_frame that COBS encodes compactly
+    (zeros cost nothing extra) got through."""
+    payload_bound = 1000
+    message = b"\x00" * 997  # msgpack: bin16 header (3 bytes) + 997 zero bytes = 1000
+    [fits] = FrameDecoder(payload_bound).feed(encode_frame(message))
+    assert isinstance(fits, Frame)
+    [over] = FrameDecoder(payload_bound).feed(encode_frame(b"\x00" * 1000))  # 1003 bytes
+    assert not isinstance(over, Frame) and over.code is ErrorCode.FRAME_TOO_LARGE
 
 
 # --- the handler --------------------------------------------------------------------------------
@@ -139,15 +331,16 @@ def test_every_command_field_and_error_code_is_documented():
 class Harness:
     """A ProtocolHandler whose answers are collected instead of written to a line."""
 
-    def __init__(self, handlers, max_in_flight=4):
+    def __init__(self, handlers, max_in_flight=4, report_interval=0.05):
         self.sent: list[dict] = []
-        self.handler = ProtocolHandler(handlers, self._send, max_in_flight)
+        self.handler = ProtocolHandler(handlers, self._post, max_in_flight, report_interval)
 
-    async def _send(self, message):
+    def _post(self, message) -> bool:
         # Through the real codec, so everything answered is encodable.
         [frame] = FrameDecoder().feed(encode_frame(message))
         assert isinstance(frame, Frame)
         self.sent.append(frame.message)
+        return True
 
     def feed(self, raw: bytes):
         for event in FrameDecoder().feed(raw):
@@ -233,7 +426,10 @@ async def test_failures_of_storage_and_replication_get_their_wire_codes():
         h.feed(encode_frame(request(rid=f"h{number}")))
     sent = {m["id"]: m for m in await h.settle(len(FAILURES_BELOW))}
     for number, (failure, code) in enumerate(FAILURES_BELOW):
-        assert sent[f"h{number}"]["error"] == {"code": code, "message": str(failure)}
+        expected = {"code": code, "message": str(failure)}
+        if code == "bad_arguments":  # the one shape of a refused argument (docs/protocol.md)
+            expected["details"] = {"problems": [{"field": "args", "problem": str(failure)}]}
+        assert sent[f"h{number}"]["error"] == expected
 
 
 def test_every_rejection_reason_has_its_documented_wire_code():
@@ -359,13 +555,62 @@ def test_fuzzed_input_never_crashes_and_a_valid_request_after_it_is_answered(chu
     asyncio.run(scenario())
 
 
-async def test_every_broken_frame_gets_an_error_frame():
+async def test_every_broken_frame_is_reported():
+    """The first broken frame of a quiet interval is answered at once (the client re-sends what
+    it waits for); the ones after it in the interval once, with their count, at its end."""
     h = Harness({"health": echo})
     bad = bytearray(encode_frame(request()))
     bad[3] ^= 0x10
-    h.feed(bytes(bad) + b"\x07\x07\x00" + encode_frame(request(rid="ok")))
+    h.feed(bytes(bad) + b"\x07\x07\x00" + b"\x01\x00" + encode_frame(request(rid="ok")))
     sent = await h.settle(3)
     errors = [m for m in sent if not m["ok"]]
     assert [m["id"] for m in errors] == [None, None]
     assert {m["error"]["code"] for m in errors} <= {"bad_crc", "bad_frame", "bad_msgpack"}
+    assert "details" not in errors[0]["error"]  # the first: as it came
+    assert errors[1]["error"]["details"]["count"] == 2  # the rest of the interval: counted
     assert any(m["id"] == "ok" and m["ok"] for m in sent)
+
+
+async def test_a_flood_of_broken_frames_costs_one_answer_and_one_line_per_interval(caplog):
+    """Issue 11, item 2: 50,000 broken frames made 50,000 answers and 50,000 WARNING lines."""
+    h = Harness({"health": echo}, report_interval=0.2)
+    with caplog.at_level("WARNING"):
+        for _ in range(50):
+            h.feed(b"\x01\x00" * 1000)
+        h.feed(encode_frame({"v": 1, "cmd": "health", "args": {}}) * 1000)  # no id to answer
+        sent = await h.settle(2)
+        await asyncio.sleep(0.5)
+    assert [m["id"] for m in h.sent] == [None, None]
+    assert h.sent[1]["error"]["details"]["count"] == 50_999
+    assert h.sent[1]["error"]["details"]["by_code"] == {"bad_frame": 49_999, "bad_envelope": 1000}
+    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]
+    del sent
+
+
+async def test_stopping_answers_new_and_unfinished_requests_shutting_down():
+    """Issue 11, item 10: after SIGTERM no new request runs, and a request that does not end
+    (or ignores its cancellation) neither holds the stop nor goes unanswered."""
+    started, released = asyncio.Event(), asyncio.Event()
+
+    async def stubborn(args, ctx):
+        started.set()
+        while not released.is_set():  # ignores every cancellation until the test ends
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+        return {"late": True}
+
+    h = Harness({"sign_openpgp": stubborn, "health": echo})
+    h.feed(encode_frame(request("sign_openpgp", {"public_key": b"k", "uids": ["a"]}, "slow")))
+    await started.wait()
+    h.handler.begin_shutdown()
+    h.feed(encode_frame(request(rid="late")))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await h.handler.drain(0.2)
+    assert loop.time() - began < 2.0  # 0.2 s of grace, 1 s for a cancellation to be heard
+    sent = {m["id"]: m for m in h.sent}
+    assert sent["late"]["error"]["code"] == "shutting_down"
+    assert sent["slow"]["error"]["code"] == "shutting_down"
+    released.set()
+    await asyncio.sleep(0.05)
+    assert [m["id"] for m in h.sent].count("slow") == 1  # its late result is never sent

@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from x509_helpers import (
@@ -314,6 +314,32 @@ def test_spkac_from_openssl_issues(tmp_path: Path, env: Env) -> None:
     assert env.issue(env.good("client", csr=spkac.replace(b"\n", b"\r\n"))).serial_number
 
 
+def test_the_expected_challenge_is_checked_when_the_request_carries_it(
+    tmp_path: Path, env: Env
+) -> None:
+    """Issue 11, item 5: the SPKAC's challenge was ignored. When the request names the challenge
+    the web application handed out (keygen's `challenge`, PKCS#10's challengePassword), the
+    proof of possession must carry exactly it; without one, nothing is compared."""
+    spkac = make_spkac(env.rsa, tmp_path, challenge="f00dfeed", digest="sha256")
+    assert env.issue(env.good("client", csr=spkac, challenge="f00dfeed")).serial_number
+    assert env.issue(env.good("client", csr=spkac)).serial_number  # not asked: not compared
+    for wrong in ("f00dfeeD", "f00dfee", "", "x" * 100):
+        with pytest.raises(SignerError) as info:
+            env.plan(env.good("client", csr=spkac, challenge=wrong))
+        assert info.value.code is ErrorCode.BAD_CHALLENGE, wrong
+        assert "f00dfeed" not in info.value.message  # the expected secret is never echoed
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")])
+    )
+    with_password = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD, b"s3cret")
+    csr = with_password.sign(env.rsa, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    assert env.issue(env.good("client", csr=csr, challenge="s3cret")).serial_number
+    for blob, challenge in ((csr, "other"), (env.rsa_csr, "s3cret")):
+        with pytest.raises(SignerError) as info:
+            env.plan(env.good("client", csr=blob, challenge=challenge))
+        assert info.value.code is ErrorCode.BAD_CHALLENGE
+
+
 def test_spkac_with_dn_lines_gives_the_subject(tmp_path: Path, env: Env) -> None:
     extra = "emailAddress=bob@example.org\nchallenge=ignored\n"
     spkac = make_spkac(env.p256, tmp_path, extra=extra, digest="sha256")
@@ -550,6 +576,46 @@ def test_wildcards_only_where_the_profile_allows_them(env: Env) -> None:
     request = env.good("server", subject=[], sans=[("dns", "*.example.org")])
     with pytest.raises(SignerError) as info:
         plan_certificate(request, profile, issuer.cert, NOW)
+    assert info.value.code is ErrorCode.BAD_SAN
+
+
+@pytest.mark.parametrize(
+    "wildcard",
+    [
+        "*.co.uk",
+        "*.CO.UK",
+        "*.github.io",
+        "*.kawasaki.jp",
+        "*.foo.ck",
+        "*.xn--55qx5d.cn",
+        "*.com.au",
+    ],
+)
+def test_no_wildcard_directly_under_a_public_suffix(env: Env, wildcard: str) -> None:
+    """Issue 11, item 4: `*.co.uk` was issued. A wildcard is refused when what it stands under is
+    a public suffix of the Public Suffix List (ICANN and private sections, wildcard rules)."""
+    request = env.good("server", subject=[], sans=[("dns", wildcard)])
+    with pytest.raises(SignerError) as info:
+        env.plan(request)
+    assert info.value.code is ErrorCode.BAD_SAN
+    assert "public suffix" in info.value.message
+
+
+def test_wildcards_under_a_registered_domain_are_issued(env: Env) -> None:
+    for name in ("*.example.co.uk", "*.www.ck", "*.city.kawasaki.jp", "*.static.example.org"):
+        cert = env.issue(env.good("server", subject=[], sans=[("dns", name)]))
+        assert san_pairs(cert) == [("dns", name)]
+
+
+def test_the_operator_updates_the_public_suffix_list_without_a_code_change(env: Env) -> None:
+    from signer.pki.suffixes import PublicSuffixes
+
+    newer = PublicSuffixes.parse("// a list the operator copied to the signer\norg\nexample.org\n")
+    profile = env.profile("server")
+    request = env.good("server", subject=[], sans=[("dns", "*.example.org")])
+    env.plan(request)  # the shipped list: example.org is a registered domain
+    with pytest.raises(SignerError) as info:
+        plan_certificate(request, profile, env.issuer(profile).cert, NOW, "operator", newer)
     assert info.value.code is ErrorCode.BAD_SAN
 
 
