@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signer.cli.common import EXIT_OK, setup_logging
+from signer.cli.common import EXIT_OK, add_log_format, setup_logging
 from signer.errors import Unreachable
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--once", action="store_true", help="one pass (requests, CRLs, health), then exit"
     )
+    add_log_format(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     config = load(args.config, WebdbClientConfig)
     if config.database.password_file:
         check_secret_file(config.database.password_file)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, args.log_format)
     return asyncio.run(_run(config, args.once))
 
 
