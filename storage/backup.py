@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from storage.errors import RepositoryError
 from storage.layout import DATA_FILE
@@ -252,7 +252,7 @@ def _archive(path: Path) -> Iterator[tarfile.TarFile]:
         raise BackupError(Path(path), [f"not a readable backup: {exc}"]) from None
 
 
-def _member(path: Path, archive: tarfile.TarFile, name: str) -> BinaryIO:
+def _member(path: Path, archive: tarfile.TarFile, name: str) -> IO[bytes]:
     try:
         info = archive.getmember(name)
     except KeyError:
@@ -270,7 +270,7 @@ def _manifest_of(path: Path, archive: tarfile.TarFile) -> Manifest:
         raise BackupError(path, [f"bad manifest: {exc}"]) from None
 
 
-def _copy(src: BinaryIO, target: Path, total: int, progress: Progress | None) -> tuple[str, int]:
+def _copy(src: IO[bytes], target: Path, total: int, progress: Progress | None) -> tuple[str, int]:
     digest = hashlib.sha256()
     done = 0
     with target.open("wb") as out:

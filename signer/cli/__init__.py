@@ -21,6 +21,7 @@ from signer import __version__
 from signer.cli import (
     backup,
     ceremony,
+    check,
     client,
     cluster,
     demo,
@@ -56,6 +57,7 @@ VERBS: dict[str, Verb] = {
     "import": history_import,
     "export": history_export,
     "backup": backup,
+    "check": check,
 }
 
 

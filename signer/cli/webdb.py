@@ -42,8 +42,12 @@ def run(args: argparse.Namespace) -> int:
 
 async def _run(config: WebdbClientConfig, once: bool) -> int:
     from signer.client.webdb import WebdbClient
+    from signer.tools.progress import Progress
 
-    async with WebdbClient(config) as client:
+    def progress(what: str) -> Progress:
+        return Progress(what, "bytes", out=None)  # a service: lines in its log
+
+    async with WebdbClient(config, progress=progress) as client:
         if once:
             report = await client.run_once()
             if report.unanswered_lines:

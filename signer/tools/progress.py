@@ -48,8 +48,10 @@ class Progress:
         self.total: int | None = None
 
     def __call__(self, done: int, total: int | None = None) -> None:
-        self.done, self.total = done, total if total is not None else self.total
         now = self.clock()
+        if done < self.done:  # the same Progress reused for the next operation
+            self.started, self._shown_at = now, None
+        self.done, self.total = done, total if total is not None else self.total
         if self._shown_at is None or now - self._shown_at >= self.every:
             self._shown_at = now
             self._show(final=False)
