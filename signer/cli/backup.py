@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from signer.cli.common import EXIT_OK, CommandFailed, UsageError, print_json, show_mapping
@@ -20,7 +21,12 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="the signer's YAML file")
-    parser.add_argument("--out", type=Path, help="the backup file to write (.tar)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the backup file to write (.tar); a directory: repository-<UTC time>.tar in it",
+    )
+    parser.add_argument("--verify", action="store_true", help="verify the file once written")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     sub = parser.add_subparsers(dest="backup_command", metavar="COMMAND")
     verify = sub.add_parser("verify", help="check a backup file against its manifest")
@@ -44,8 +50,14 @@ def run(args: argparse.Namespace) -> int:
             if args.config is None or args.out is None:
                 raise UsageError("signer backup needs --config and --out (or: verify FILE)")
             config = load(args.config, SignerConfig)
-            manifest = backup.backup(config, args.config, args.out, out)
-            title = f"{args.out}: written"
+            target = args.out
+            if target.is_dir():
+                target = target / time.strftime("repository-%Y%m%dT%H%M%SZ.tar", time.gmtime())
+            manifest = backup.backup(config, args.config, target, out)
+            title = f"{target}: written"
+            if args.verify:
+                backup.verify(target, out)
+                title += " and verified"
     except BackupError as exc:
         raise CommandFailed("bad_backup", str(exc)) from None
     except RepositoryError as exc:
