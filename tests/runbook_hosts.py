@@ -76,6 +76,8 @@ class Host:
         """Output as the doc shows it: the doc's addresses and paths."""
         for doc, here in self.network.map.items():
             text = text.replace(here, doc)
+        for device, path in self.serial.items():
+            text = text.replace(str(path), device)
         for doc, here in (("/etc/cacert-signer", self.etc), ("/var/lib/cacert-signer", self.var)):
             text = text.replace(str(here), doc)
         return text
@@ -86,14 +88,20 @@ class Host:
             return self.systemctl(command)
         text = self.substitute(command)
         if any(mark in text for mark in SHELL):
-            argv = ["bash", "-c", text.replace("signer ", f"{sys.executable} -m signer ", 1)
-                    if text.startswith("signer ") else text]  # fmt: skip
+            argv = [
+                "bash",
+                "-c",
+                text.replace("signer ", f"{sys.executable} -m signer ", 1)
+                if text.startswith("signer ")
+                else text,
+            ]
         else:
             argv = shlex.split(text)
             if argv[0] == "signer":
                 argv = [sys.executable, "-m", "signer", *argv[1:]]
-        done = subprocess.run(argv, capture_output=True, text=True, cwd=self.root,
-                              timeout=timeout, check=False)  # fmt: skip
+        done = subprocess.run(
+            argv, capture_output=True, text=True, cwd=self.root, timeout=timeout, check=False
+        )
         if code is not None:
             assert done.returncode == code, (
                 f"{self.name}$ {command}\nexit {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -108,8 +116,10 @@ class Host:
             if holds(done):
                 return done
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}$ {command}: not as expected within {timeout} s"
-                                     f"\n{done.stdout}\n{done.stderr}\n{self.tail()}")  # fmt: skip
+                raise AssertionError(
+                    f"{self.name}$ {command}: not as expected within {timeout} s"
+                    f"\n{done.stdout}\n{done.stderr}\n{self.tail()}"
+                )
             time.sleep(0.3)
 
     # -- the service ------------------------------------------------------------------------
@@ -127,10 +137,19 @@ class Host:
         assert self.process is None or self.process.poll() is not None, "already running"
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "signer", "serve", "--config", str(self.etc / "signer.yaml")],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                [
+                    sys.executable,
+                    "-m",
+                    "signer",
+                    "serve",
+                    "--config",
+                    str(self.etc / "signer.yaml"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+            )
 
     def stop(self, how: int = signal.SIGTERM) -> int | None:
         if self.process is None:
@@ -159,8 +178,13 @@ class Host:
         return path
 
 
-def signer_yaml(host: Host, ca: tuple[Path, Any], replication: dict[str, Any] | None,
-                hsm: bool = True, **extra: Any) -> dict[str, Any]:  # fmt: skip
+def signer_yaml(
+    host: Host,
+    ca: tuple[Path, Any],
+    replication: dict[str, Any] | None,
+    hsm: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
     """/etc/cacert-signer/signer.yaml as config/signer-a.yaml has it (this host's paths, the
     test token, fast Raft timings); `hsm=False`: a third voter (stores and votes only)."""
     base, token = ca
@@ -176,14 +200,18 @@ def signer_yaml(host: Host, ca: tuple[Path, Any], replication: dict[str, Any] | 
         with os.fdopen(fd, "w") as handle:
             handle.write(token.pin + "\n")
         config |= {
-            "hsm": {"module": token.store.module, "token_label": token.label,
-                    "pin_file": "/etc/cacert-signer/hsm.pin"},
+            "hsm": {
+                "module": token.store.module,
+                "token_label": token.label,
+                "pin_file": "/etc/cacert-signer/hsm.pin",
+            },
             "profiles": "cacert",
-            "issuers": {
+            "issuers": extra.pop("issuers", None)
+            or {
                 "class1": {"certificate": str(base / "ca" / "class1.crt"), "key": "root"},
                 "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
             },
-        }  # fmt: skip
+        }
     if replication is not None:
         config["replication"] = {
             "secret_file": "/etc/cacert-signer/replication.secret",
@@ -194,3 +222,71 @@ def signer_yaml(host: Host, ca: tuple[Path, Any], replication: dict[str, Any] | 
     config |= extra
     text = yaml.safe_dump(config, sort_keys=False)
     return yaml.safe_load(host.substitute(text))
+
+
+def webdb_yaml(web: Host) -> dict[str, Any]:
+    """/etc/cacert-signer/webdb-client.yaml on the WebDB host: SQLite for the WebDB, one line."""
+    config = {
+        "database": {"driver": "sqlite", "path": "/var/lib/cacert-webdb/webdb.sqlite"},
+        "base_dir": "/var/lib/cacert-webdb/www",
+        "lines": [{"device": "/dev/ttyUSB0", "baudrate": BAUD, "reopen_interval": 0.1}],
+        "timeout": 3,
+        "attempts": 2,
+        "crl": {
+            "outputs": {
+                "class1": "/var/lib/cacert-webdb/www/revoke.crl",
+                "class3": "/var/lib/cacert-webdb/www/class3-revoke.crl",
+            }
+        },
+        "monitoring": {"metrics_file": "/var/lib/cacert-webdb/metrics/cacert-signer.prom"},
+    }
+    (web.var / "www").mkdir(exist_ok=True)
+    return yaml.safe_load(web.substitute(yaml.safe_dump(config, sort_keys=False)))
+
+
+def ceremony_yaml(host: Host, token: Any, class3_days: int = 3000) -> dict[str, Any]:
+    """/etc/cacert-signer/ceremony.yaml as config/ceremony.yaml has it (smaller keys)."""
+    pin = host.etc / "hsm.pin"
+    fd = os.open(pin, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token.pin + "\n")
+    subject = [["O", "CAcert Inc."], ["OU", "http://www.CAcert.org"]]
+    config = {
+        "hsm": {
+            "module": token.store.module,
+            "token_label": token.label,
+            "pin_file": "/etc/cacert-signer/hsm.pin",
+        },
+        "output_dir": "/etc/cacert-signer/ca",
+        "keys": [
+            {"label": "cacert-root", "kind": "ec-p256"},
+            {"label": "cacert-class3", "kind": "ec-p256"},
+        ],
+        "certificates": [
+            {
+                "name": "root",
+                "key": "cacert-root",
+                "issuer": "self",
+                "validity_days": 7305,
+                "path_length": 1,
+                "subject": [*subject, ["CN", "CAcert Class 1 Root"]],
+                "crl": {"next_update_days": 7, "url": "http://crl.cacert.org/revoke.crl"},
+            },
+            {
+                "name": "class3",
+                "key": "cacert-class3",
+                "issuer": "root",
+                "validity_days": class3_days,
+                "path_length": 0,
+                "subject": [*subject, ["CN", "CAcert Class 3 Root"]],
+                "crl": {"next_update_days": 7, "url": "http://crl.cacert.org/class3-revoke.crl"},
+            },
+        ],
+    }
+    return yaml.safe_load(host.substitute(yaml.safe_dump(config, sort_keys=False)))
+
+
+CEREMONY_ISSUERS = {
+    "class1": {"certificate": "/etc/cacert-signer/ca/root.crt", "key": "cacert-root"},
+    "class3": {"certificate": "/etc/cacert-signer/ca/class3.crt", "key": "cacert-class3"},
+}

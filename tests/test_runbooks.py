@@ -9,6 +9,7 @@ runs `signer serve` as the unit does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -17,9 +18,19 @@ from pathlib import Path
 
 import pytest
 from ceremony_ca import make_ceremony_ca
-from runbook_hosts import BAUD, Host, Network, signer_yaml
+from runbook_hosts import (
+    BAUD,
+    CEREMONY_ISSUERS,
+    Host,
+    Network,
+    ceremony_yaml,
+    signer_yaml,
+    webdb_yaml,
+)
 
+from signer.client.webdb import Database, DatabaseConfig
 from signer.tools.line_emulator import LineEmulator
+from signer.tools.webdb_fixture import create_schema
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,10 +65,14 @@ def machines(tmp_path: Path, names: str = "ab") -> Iterator[dict[str, Host]]:
 def pair(hosts: dict[str, Host], ca) -> None:
     """Signers a and b configured as config/signer-a.yaml and signer-b.yaml say."""
     a, b = hosts["a"], hosts["b"]
-    a.write_yaml("signer.yaml", signer_yaml(a, ca, {"self_address": "10.99.0.1:4321",
-                                                    "peers": ["10.99.0.2:4321"]}))  # fmt: skip
-    b.write_yaml("signer.yaml", signer_yaml(b, ca, {"self_address": "10.99.0.2:4321",
-                                                    "peers": ["10.99.0.1:4321"]}))  # fmt: skip
+    a.write_yaml(
+        "signer.yaml",
+        signer_yaml(a, ca, {"self_address": "10.99.0.1:4321", "peers": ["10.99.0.2:4321"]}),
+    )
+    b.write_yaml(
+        "signer.yaml",
+        signer_yaml(b, ca, {"self_address": "10.99.0.2:4321", "peers": ["10.99.0.1:4321"]}),
+    )
 
 
 def healthy(done) -> bool:
@@ -88,8 +103,9 @@ def caught_up(done) -> bool:
 
 def field(done, key: str) -> str:
     """A top-level `key: value` of a command's human output."""
-    return next(line.split(": ", 1)[1] for line in done.stdout.splitlines()
-                if line.startswith(f"{key}: "))  # fmt: skip
+    return next(
+        line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith(f"{key}: ")
+    )
 
 
 def start_the_pair(hosts: dict[str, Host]) -> None:
@@ -123,9 +139,15 @@ def test_runbook_add_and_remove_a_signer(ca, tmp_path):
         start_the_pair(hosts)
         a, c = hosts["a"], hosts["c"]
         shutil.copy2(a.etc / "replication.secret", c.etc / "replication.secret")
-        c.write_yaml("signer.yaml", signer_yaml(c, ca, {
-            "self_address": "10.99.0.3:4321", "peers": ["10.99.0.1:4321", "10.99.0.2:4321"]},
-            hsm=False))  # fmt: skip
+        c.write_yaml(
+            "signer.yaml",
+            signer_yaml(
+                c,
+                ca,
+                {"self_address": "10.99.0.3:4321", "peers": ["10.99.0.1:4321", "10.99.0.2:4321"]},
+                hsm=False,
+            ),
+        )
         added = a.run("signer cluster --config /etc/cacert-signer/signer.yaml add 10.99.0.3:4321")
         assert field(added, "status") == "added"
         c.run("systemctl start cacert-signer")
@@ -143,10 +165,14 @@ def test_runbook_add_and_remove_a_signer(ca, tmp_path):
         assert members(a, status) == {"10.99.0.1:4321", "10.99.0.2:4321"}
 
 
-CSR = ("openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout www.key "
-       "-subj /CN=www.example.org -out req.pem")  # fmt: skip
-SIGN = ("signer client --port /dev/ttyUSB0 sign-x509 --csr req.pem --profile server "
-        "--san dns:www.example.org --out www.crt")  # fmt: skip
+CSR = (
+    "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout www.key "
+    "-subj /CN=www.example.org -out req.pem"
+)
+SIGN = (
+    "signer client --port /dev/ttyUSB0 sign-x509 --csr req.pem --profile server "
+    "--san dns:www.example.org --out www.crt"
+)
 
 
 def test_runbook_force_standalone_and_rejoin(ca, tmp_path):
@@ -188,8 +214,10 @@ def test_runbook_replace_a_failed_signer(ca, tmp_path):
         )
         # The new machine c: the CA keys in its HSM, the secret, an empty state directory.
         shutil.copy2(a.etc / "replication.secret", c.etc / "replication.secret")
-        c.write_yaml("signer.yaml", signer_yaml(c, ca, {"self_address": "10.99.0.3:4321",
-                                                        "peers": ["10.99.0.1:4321"]}))  # fmt: skip
+        c.write_yaml(
+            "signer.yaml",
+            signer_yaml(c, ca, {"self_address": "10.99.0.3:4321", "peers": ["10.99.0.1:4321"]}),
+        )
         a.run("signer cluster --config /etc/cacert-signer/signer.yaml add 10.99.0.3:4321")
         c.run("systemctl start cacert-signer")
         status = c.until(STATUS, caught_up)
@@ -204,3 +232,159 @@ def test_runbook_replace_a_failed_signer(ca, tmp_path):
         b.run("rm -rf /var/lib/cacert-signer/repository /var/lib/cacert-signer/raft")
         status = a.run(STATUS)
         assert members(a, status) == {"10.99.0.1:4321", "10.99.0.3:4321"} and quorum(status)
+
+
+# --- one signer and the WebDB host ------------------------------------------------------------
+
+
+def answering(done) -> bool:
+    """`signer client health` answered (whatever its status)."""
+    return done.returncode == 0 and done.stdout.startswith("status:")
+
+
+def standalone(hosts: dict[str, Host], ca, ready=healthy, **extra) -> tuple[Host, Host]:
+    """Signer a alone (no replication) and the WebDB host with its WebDB and client config."""
+    a, web = hosts["a"], hosts["web"]
+    a.write_yaml("signer.yaml", signer_yaml(a, ca, None, **extra))
+    web.write_yaml("webdb-client.yaml", webdb_yaml(web))
+    asyncio.run(_schema(web.var / "webdb.sqlite"))
+    a.run("systemctl start cacert-signer")
+    web.until("signer client --port /dev/ttyUSB0 health", ready)
+    return a, web
+
+
+async def _schema(path: Path) -> None:
+    db = Database(DatabaseConfig(driver="sqlite", path=path))
+    try:
+        await create_schema(db)
+    finally:
+        await db.close()
+
+
+ONCE = "signer webdb-client --config /etc/cacert-signer/webdb-client.yaml --once"
+CHECK = "signer check --config /etc/cacert-signer/webdb-client.yaml"
+
+
+def test_runbook_line_unplugged(ca, tmp_path):
+    with machines(tmp_path, "a") as hosts:
+        a, web = standalone(hosts, ca)
+        web.run(ONCE)
+        assert web.run(CHECK).stdout.startswith("SIGNER OK - 1 of 1 signer(s) answering")
+        a.line.set_faults(drop=1.0)  # the cable is pulled: nothing goes through
+        web.run(ONCE, code=3)
+        check = web.run(CHECK, code=2)
+        line = web.substitute_back(check.stdout)
+        assert line.startswith("SIGNER CRITICAL - the signer on line /dev/ttyUSB0 is not answering")
+        down = web.run("signer client --port /dev/ttyUSB0 --timeout 5 health", code=3)
+        assert down.stderr.startswith("error: timeout: no answer to")
+        a.line.set_faults()  # plugged back: the signer never noticed, the client reconnects
+        web.run("signer client --port /dev/ttyUSB0 --timeout 5 health")
+        web.run(ONCE)
+        web.run(CHECK)
+
+
+def test_runbook_hsm_pin_locked(softhsm_token_factory, tmp_path):
+    token = softhsm_token_factory()
+    with machines(tmp_path, "a") as hosts:
+        a, web = hosts["a"], hosts["web"]
+        a.write_yaml("ceremony.yaml", ceremony_yaml(a, token))
+        a.run("signer ceremony --config /etc/cacert-signer/ceremony.yaml")
+        (a.root / "hsm-so.pin").write_text(token.so_pin + "\n")
+        a.network.map["/root/hsm-so.pin"] = str(a.root / "hsm-so.pin")
+        a.network.map["/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"] = token.store.module
+        a.network.map["--token-label cacert "] = f"--token-label {token.label} "
+        standalone(hosts, (None, token), issuers=CEREMONY_ISSUERS)
+        # The token's user PIN no longer is the one in hsm.pin (locked, or reset by its SO).
+        a.run(
+            "pkcs11-tool --module /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so --token-label "
+            'cacert --login --login-type so --so-pin "$(cat /root/hsm-so.pin)" --init-pin '
+            "--new-pin 99999999"
+        )
+        a.run("systemctl restart cacert-signer")
+        health = web.until(
+            "signer client --port /dev/ttyUSB0 health",
+            lambda d: d.returncode == 0 and "status:  error" in d.stdout,
+        )
+        assert "hsm: key cacert-root: hsm_login_failed: token" in health.stdout
+        web.run(ONCE)
+        check = web.run(CHECK, code=2)
+        assert "the HSM of the signer on line" in check.stdout and "is not usable" in check.stdout
+        # The security officer sets a new user PIN, the PIN file gets it, the signer restarts (a
+        # PKCS#11 module may keep the token's old PIN in the process: SoftHSM2 does).
+        a.run("(umask 077; openssl rand -hex 8 > /etc/cacert-signer/hsm.pin.new)")
+        a.run(
+            "pkcs11-tool --module /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so --token-label "
+            'cacert --login --login-type so --so-pin "$(cat /root/hsm-so.pin)" --init-pin '
+            '--new-pin "$(cat /etc/cacert-signer/hsm.pin.new)"'
+        )
+        a.run("mv /etc/cacert-signer/hsm.pin.new /etc/cacert-signer/hsm.pin")
+        a.run("systemctl restart cacert-signer")
+        web.until("signer client --port /dev/ttyUSB0 health", healthy)
+        web.run(ONCE)
+        web.run(CHECK)
+        assert a.running()
+
+
+def test_runbook_crl_stale(ca, tmp_path):
+    with machines(tmp_path, "a") as hosts:
+        _, web = standalone(hosts, ca)
+        published = web.var / "www" / "class3-revoke.crl"
+        published.mkdir()  # in the way: the client cannot publish there
+        web.run(ONCE)
+        check = web.run(CHECK, code=2)
+        assert "no valid CRL of class3 is published" in check.stdout
+        health = web.run("signer client --port /dev/ttyUSB0 health")
+        assert "hours_left: 168.0" in health.stdout  # the signer's own CRL is fresh
+        published.rmdir()  # what was in the way is gone
+        web.run(ONCE)
+        web.run(CHECK)
+        dump = web.run(
+            "openssl crl -inform DER -in /var/lib/cacert-webdb/www/class3-revoke.crl "
+            "-noout -nextupdate"
+        )
+        assert dump.stdout.startswith("nextUpdate=")
+
+
+def test_runbook_ca_certificate_nearing_expiry(softhsm_token_factory, tmp_path):
+    token = softhsm_token_factory()
+    with machines(tmp_path, "a") as hosts:
+        a, web = hosts["a"], hosts["web"]
+        ceremony = ceremony_yaml(a, token, class3_days=20)
+        a.write_yaml("ceremony.yaml", ceremony)
+        a.run("signer ceremony --config /etc/cacert-signer/ceremony.yaml")
+        standalone(hosts, (None, token), issuers=CEREMONY_ISSUERS, ready=answering)
+        web.run(ONCE)
+        check = web.run(CHECK, code=2)
+        assert "CA certificate class3 expires in 19 days" in check.stdout
+        # A new certificate for the same key and subject (class3-2), then the signer uses it.
+        renewed = {**ceremony["certificates"][1], "name": "class3-2", "validity_days": 3652}
+        ceremony["certificates"].append(renewed)
+        a.write_yaml("ceremony.yaml", ceremony)
+        made = a.run("signer ceremony --config /etc/cacert-signer/ceremony.yaml")
+        assert "certificate class3-2: created" in made.stdout + made.stderr
+        a.run(
+            "openssl verify -CAfile /etc/cacert-signer/ca/root.crt "
+            "/etc/cacert-signer/ca/class3-2.crt"
+        )
+        a.run("sed -i 's#ca/class3.crt#ca/class3-2.crt#' /etc/cacert-signer/signer.yaml")
+        a.run("systemctl restart cacert-signer")
+        health = web.until("signer client --port /dev/ttyUSB0 health", healthy)
+        assert "days_left: 3651" in health.stdout
+        web.run(ONCE)
+        web.run(CHECK)
+
+
+def test_runbook_ceremony(softhsm_token_factory, tmp_path):
+    token = softhsm_token_factory()
+    with machines(tmp_path, "a") as hosts:
+        a = hosts["a"]
+        a.write_yaml("ceremony.yaml", ceremony_yaml(a, token))
+        made = a.run("signer ceremony --config /etc/cacert-signer/ceremony.yaml")
+        assert "ceremony: done, 6 item(s) created, imported or repaired" in made.stdout
+        again = a.run("signer ceremony --config /etc/cacert-signer/ceremony.yaml --json")
+        record = json.loads(again.stdout)
+        assert record["changed"] is False
+        assert {item["status"] for item in record["items"]} == {"exists"}
+        a.run(
+            "openssl verify -CAfile /etc/cacert-signer/ca/root.crt /etc/cacert-signer/ca/class3.crt"
+        )

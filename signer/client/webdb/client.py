@@ -230,7 +230,7 @@ class WebdbClient:
                     if self.progress is not None:
                         self._refreshers[name].progress = self.progress(f"CRL of {name}")
                 outcome[name] = await publish_crl(self._refreshers[name], path)
-            except (SignerError, ClientFailure) as exc:
+            except (SignerError, ClientFailure, OSError) as exc:  # OSError: cannot write it
                 outcome[name] = f"failed: {exc}"
                 log.error("operator: the CRL of %s was not published: %s", name, exc)
         return outcome
