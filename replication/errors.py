@@ -39,6 +39,16 @@ class ApplyFailed(ReplicationError):
     received snapshot could not be restored)."""
 
 
+class JournalFailed(ApplyFailed):
+    """A signer cannot write its Raft journal (disk full, I/O error): nothing can be committed
+    until it can; it carries on by itself once it can write again."""
+
+
+class EntryTooLarge(ReplicationError):
+    """A log entry over the bound (`replication.log.MAX_ENTRY_BYTES`): refused before it is
+    proposed, so no entry that large ever exists."""
+
+
 class MembershipRefused(ReplicationError):
     """A membership change that cannot be made as asked (bad address, already a member, the
     cluster still has quorum, ...)."""

@@ -9,6 +9,14 @@ interface (`pysyncobj.journal.Journal`) with three differences:
   before a follower acknowledges them, and before anything is applied to the repository.
 - Records carry a CRC32; a torn tail (power cut mid-append) is cut off at the next open.
 - Compaction writes a new file and renames it over the old one, so a crash leaves either.
+- A write that fails (disk full, I/O error) never raises into pysyncobj: the entry stays in
+  memory, `sync()` writes what the file lacks before it flushes and returns False while it
+  cannot (`failure` says why), and `durable_index` stays where the disk is. Nothing is
+  counted as stored before `sync()` succeeded (replication/transport.py), so a full disk
+  stops commits instead of losing them, and they go on by themselves once there is space.
+- Term, vote and commit index live in two fixed slots of a small file, overwritten in place
+  (a CRC and a sequence number each): storing them needs no new disk blocks, and a torn write
+  leaves the other slot.
 
 `clear()` followed by the two `add()`s of a snapshot load keeps the entries after the
 snapshot's last entry when this journal holds that same entry (Raft's rule for snapshots),
@@ -18,6 +26,8 @@ between writing a snapshot and compacting the journal must not lose committed en
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -26,17 +36,21 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from pysyncobj.journal import Journal
+from replication.pysyncobj_adapter import MEMBERSHIP, NO_OP, Journal
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"cacert-signer raft journal v1\n"
 _RECORD = struct.Struct("<II")  # payload length, CRC32 of the payload
 _ENTRY = struct.Struct("<QQ")  # index, term
-NO_OP = b"\x01"  # pysyncobj's _COMMAND_TYPE.NO_OP
-MEMBERSHIP = 2  # pysyncobj's _COMMAND_TYPE.MEMBERSHIP
+_SLOT = struct.Struct("<QII")  # sequence number, payload length, CRC32 of the payload
+SLOT_BYTES = 512
+META_MAGIC = b"cacert-signer raft state v1\n"
 
 Entry = tuple[bytes, int, int]  # (command, index, term), as pysyncobj keeps them
+
+
+_fdatasync = os.fdatasync  # (bench/replication.py measures the journal without it)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,14 +101,18 @@ class DurableJournal(Journal):
             log.warning("journal %s: cut off a torn tail of %d bytes", self.path, size - end)
         self._entries, self._offsets = entries, offsets
         self._fd = -1
+        self._end = end
+        self._unwritten = len(entries)  # entries from this position are not in the file yet
+        self._needs_rewrite = False
+        self.failure: str | None = None  # why the file cannot be written now
         if not end:
             self._rewrite()
         else:
             self._fd = os.open(self.path, os.O_RDWR)
             os.ftruncate(self._fd, end)
-            self._end = end
+        self.durable_index = self.last_index
         self._dirty = False
-        self._meta = self._load_meta()
+        self._meta_fd, self._meta_seq, self._meta = self._open_meta()
         self._meta_dirty = False
         self._stash: list[Entry] | None = None
         self.retain_suffix = True
@@ -108,11 +126,9 @@ class DurableJournal(Journal):
         if self._stash is not None:
             self._after_clear()
             return
-        record = _encode(entry)
-        os.pwrite(self._fd, record, self._end)
-        self._offsets.append(self._end)
-        self._end += len(record)
         self._dirty = True
+        if self._unwritten == len(self._entries) - 1 and not self._needs_rewrite:
+            self._write_pending()
 
     def clear(self) -> None:
         """Called only by pysyncobj's snapshot load, which adds the snapshot's two entries next."""
@@ -123,16 +139,25 @@ class DurableJournal(Journal):
         self._settle()
         if entryFrom >= len(self._entries):
             return
-        self._end = self._offsets[entryFrom]
         del self._entries[entryFrom:]
-        del self._offsets[entryFrom:]
-        os.ftruncate(self._fd, self._end)
+        self.durable_index = min(self.durable_index, self.last_index)
         self._dirty = True
+        if self._needs_rewrite:
+            return
+        if entryFrom < self._unwritten:
+            self._end = self._offsets[entryFrom]
+            self._unwritten = entryFrom
+            del self._offsets[entryFrom:]
+            try:
+                os.ftruncate(self._fd, self._end)
+            except OSError as exc:
+                self._fail(exc)
+                self._needs_rewrite = True
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         self._settle()
         self._entries = self._entries[entryTo:]
-        self._rewrite()
+        self._try_rewrite()
 
     def __getitem__(self, item: Any) -> Any:
         return self._entries[item]
@@ -141,11 +166,8 @@ class DurableJournal(Journal):
         return len(self._entries)
 
     def _destroy(self) -> None:
-        if self._fd >= 0:
-            self.sync()
-            self._store_meta()
-            os.close(self._fd)
-            self._fd = -1
+        """pysyncobj's name for close()."""
+        self.close()
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if self._meta.get("commit") != raftCommitIndex:
@@ -169,17 +191,44 @@ class DurableJournal(Journal):
 
     def onOneSecondTimer(self) -> None:
         if self._meta_dirty:
-            self._store_meta()
+            try:
+                self._store_meta()
+            except OSError:
+                log.exception("journal %s: storing the commit index failed", self.path)
 
     # --- durability -----------------------------------------------------------------------
 
-    def sync(self) -> None:
-        """Make every entry added so far durable (no-op when nothing changed)."""
+    def sync(self) -> bool:
+        """Make every entry added so far durable (no-op when nothing changed); False when the
+        file cannot be written now (`failure` says why): nothing new is durable then."""
         self._settle()
+        if self._needs_rewrite and not self._try_rewrite():
+            return False
+        if self._unwritten < len(self._entries) and not self._write_pending():
+            return False
         if self._dirty:
-            os.fdatasync(self._fd)
+            try:
+                _fdatasync(self._fd)
+            except OSError as exc:
+                self._fail(exc)
+                return False
             self._dirty = False
             self.syncs += 1
+        if self.failure is not None:
+            log.warning("journal %s: writing again", self.path)
+            self.failure = None
+        self.durable_index = self.last_index
+        return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.sync()
+            self._store_meta()
+            os.close(self._fd)
+            self._fd = -1
+        if self._meta_fd >= 0:
+            os.close(self._meta_fd)
+            self._meta_fd = -1
 
     @property
     def last_index(self) -> int:
@@ -196,11 +245,35 @@ class DurableJournal(Journal):
             if command[:1] == bytes([MEMBERSHIP]):
                 self._entries[i] = (NO_OP, index, term)
                 changed += 1
-        if changed:
-            self._rewrite()
+        if changed and not self._try_rewrite():
+            raise OSError(f"journal {self.path}: cannot rewrite: {self.failure}")
         return changed
 
     # --- internals ------------------------------------------------------------------------
+
+    def _fail(self, exc: OSError) -> None:
+        if self.failure is None:
+            log.error("journal %s: cannot write: %s", self.path, exc)
+        self.failure = f"{exc.strerror or exc} (journal {self.path})"
+
+    def _write_pending(self) -> bool:
+        """Append the records the file lacks; False (and `failure`) when it cannot."""
+        records = [_encode(entry) for entry in self._entries[self._unwritten :]]
+        data = b"".join(records)
+        try:
+            written = os.pwrite(self._fd, data, self._end)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
+        except OSError as exc:
+            self._fail(exc)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._end)  # no torn record left behind
+            return False
+        for record in records:
+            self._offsets.append(self._end)
+            self._end += len(record)
+        self._unwritten = len(self._entries)
+        return True
 
     def _after_clear(self) -> None:
         """After clear(): once the snapshot's two entries are in, keep what followed them."""
@@ -216,13 +289,29 @@ class DurableJournal(Journal):
                         log.info("journal: kept %d entries after the snapshot", len(kept))
                     self._entries.extend(kept)
                     break
-        self._rewrite()
+        self.durable_index = 0
+        self._try_rewrite()
 
     def _settle(self) -> None:
         """A clear() not followed by its adds (never seen): write what we have."""
         if self._stash is not None:
             self._stash = None
+            self._try_rewrite()
+
+    def _try_rewrite(self) -> bool:
+        """The file made to hold exactly the entries in memory; on failure it is retried by
+        the next sync(), which fails until then (the file keeps its old content meanwhile)."""
+        try:
             self._rewrite()
+        except OSError as exc:
+            self._fail(exc)
+            self._needs_rewrite = True
+            self._dirty = True
+            self.durable_index = min(self.durable_index, self.last_index)
+            return False
+        self._needs_rewrite = False
+        self.durable_index = self.last_index
+        return True
 
     def _rewrite(self) -> None:
         """Write all entries to a new file, make it durable, rename it over the journal."""
@@ -230,10 +319,15 @@ class DurableJournal(Journal):
         records = [_encode(entry) for entry in self._entries]
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, MAGIC + b"".join(records))
+            data = MAGIC + b"".join(records)
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
             os.fsync(fd)
-        finally:
+        except OSError:
             os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         os.replace(temp, self.path)
         _fsync_dir(self.path.parent)
         if self._fd >= 0:
@@ -245,24 +339,65 @@ class DurableJournal(Journal):
             self._offsets.append(pos)
             pos += len(record)
         self._end = pos
+        self._unwritten = len(self._entries)
         self._dirty = False
 
-    def _load_meta(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads(self._meta_path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{self._meta_path}: unreadable raft state: {exc}") from exc
+    # --- term, vote, commit index: two slots overwritten in place ---------------------------
 
-    def _store_meta(self) -> None:
-        temp = self._meta_path.with_name(self._meta_path.name + ".tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def _open_meta(self) -> tuple[int, int, dict[str, Any]]:
+        """The state file (created with both slots allocated), its newest slot's sequence
+        number and content. A legacy JSON file (written by rename) is read and converted."""
         try:
-            os.write(fd, json.dumps(self._meta, sort_keys=True).encode())
+            raw = self._meta_path.read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        except OSError as exc:
+            raise ValueError(f"{self._meta_path}: unreadable raft state: {exc}") from exc
+        if raw.startswith(META_MAGIC):
+            seq, meta = _newest_slot(raw[len(META_MAGIC) :])
+            fd = os.open(self._meta_path, os.O_RDWR)
+            return fd, seq, meta
+        meta = {}
+        if raw:
+            try:
+                meta = dict(json.loads(raw.decode("utf-8")))
+            except ValueError as exc:
+                raise ValueError(f"{self._meta_path}: unreadable raft state: {exc}") from exc
+        temp = self._meta_path.with_name(self._meta_path.name + ".tmp")
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, META_MAGIC + _slot(1, meta) + bytes(SLOT_BYTES))
             os.fsync(fd)
-        finally:
+        except OSError:
             os.close(fd)
+            raise
         os.replace(temp, self._meta_path)
         _fsync_dir(self._meta_path.parent)
+        return fd, 1, meta
+
+    def _store_meta(self) -> None:
+        if self._meta_fd < 0:
+            return
+        self._meta_seq += 1
+        offset = len(META_MAGIC) + (self._meta_seq % 2) * SLOT_BYTES
+        os.pwrite(self._meta_fd, _slot(self._meta_seq, self._meta), offset)
+        os.fdatasync(self._meta_fd)
         self._meta_dirty = False
+
+
+def _slot(seq: int, meta: dict[str, Any]) -> bytes:
+    payload = json.dumps(meta, sort_keys=True).encode()
+    if len(payload) > SLOT_BYTES - _SLOT.size:
+        raise ValueError("raft state too large for its slot")
+    record = _SLOT.pack(seq, len(payload), zlib.crc32(payload)) + payload
+    return record + bytes(SLOT_BYTES - len(record))
+
+
+def _newest_slot(data: bytes) -> tuple[int, dict[str, Any]]:
+    best: tuple[int, dict[str, Any]] = (0, {})
+    for offset in (0, SLOT_BYTES):
+        seq, size, crc = _SLOT.unpack_from(data.ljust(2 * SLOT_BYTES, b"\0"), offset)
+        payload = data[offset + _SLOT.size : offset + _SLOT.size + size]
+        if len(payload) == size and zlib.crc32(payload) == crc and seq > best[0]:
+            best = (seq, dict(json.loads(payload.decode())))
+    return best

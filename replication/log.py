@@ -21,6 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from replication.errors import EntryTooLarge
+
+# The largest log entry (a command's bytes). Replicated entries must stay below pysyncobj's
+# append batch size (replication/pysyncobj_adapter.py, A8); the standalone log keeps the same
+# bound, so that any repository can become the start of a replicated log.
+MAX_ENTRY_BYTES = 63 * 1024
+
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
@@ -75,6 +82,10 @@ class LocalLog(Generic[R]):
         self.commands = 0
 
     async def commit(self, entry: bytes) -> R:
+        if len(entry) > MAX_ENTRY_BYTES:  # the same bound as replicated: a signer may join later
+            raise EntryTooLarge(
+                f"a log entry of {len(entry)} bytes is over the bound of {MAX_ENTRY_BYTES}"
+            )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._queue.put((entry, loop, future))
@@ -126,3 +137,9 @@ def settle(future: asyncio.Future[Any], outcome: Any) -> None:
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def settle_all(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    """`settle` for several futures of one loop: one cross-thread wake-up for a batch."""
+    for future, outcome in outcomes:
+        settle(future, outcome)

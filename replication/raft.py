@@ -13,9 +13,8 @@ applies them and written in one LMDB transaction (one fsync) at the end of each 
 is also when waiting callers get their results. Snapshots are built and restored in worker
 threads, so the Raft thread never stalls past an election timeout.
 
-Guarantees and failure modes are in docs/replication.md. pysyncobj internals relied on (checked
-by tests, version pinned): the index of the entry being applied is `raftLastApplied + 1`; the
-snapshot serializer and its transmission reader are reached through `_SyncObj__serializer`.
+Guarantees and failure modes are in docs/replication.md. pysyncobj's internals are reached only
+through replication/pysyncobj_adapter.py (each reliance named there and checked by a test).
 """
 
 from __future__ import annotations
@@ -28,23 +27,19 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
-
-import pysyncobj.syncobj as syncobj_module
-from pysyncobj import SyncObj, SyncObjConf, replicated
-from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE
-from pysyncobj.node import TCPNode
-from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
 from replication import snapshot
 from replication.cluster import CLUSTER_META, ClusterRecord, Hello, Verdict, judge, next_record
 from replication.errors import (
     ApplyFailed,
     ClockBehind,
+    EntryTooLarge,
     Fenced,
+    JournalFailed,
     MembershipConflict,
     MembershipRefused,
     NoQuorum,
@@ -53,17 +48,26 @@ from replication.errors import (
     ReplicationError,
     StartRefused,
 )
-from replication.journal import NO_OP, DurableJournal, read_entries
-from replication.log import ReplicatedMachine, settle
+from replication.journal import DurableJournal, read_entries
+from replication.log import MAX_ENTRY_BYTES, ReplicatedMachine, settle, settle_all
+from replication.pysyncobj_adapter import (
+    FAIL_REASON,
+    NO_OP,
+    SERIALIZER_STATE,
+    TESTED_VERSIONS,
+    VERSION,
+    RaftNode,
+    TCPNode,
+    configuration,
+)
 from replication.settings import ReplicationSettings, parse_address
-from replication.transport import ReplicationTransport
+from replication.transport import MAX_MERGED_BYTES, ReplicationTransport
 
 log = logging.getLogger(__name__)
 
-TESTED_PYSYNCOBJ = ("0.3.17",)
+TESTED_PYSYNCOBJ = TESTED_VERSIONS
 MAX_BATCH = 2000  # entries applied in one LMDB transaction
 CATCH_UP_REPORT = 1000  # entries behind before catch-up progress is logged
-_CONSTRUCT_LOCK = threading.Lock()
 
 R = TypeVar("R")
 
@@ -110,20 +114,6 @@ def _failure(reason: int) -> ReplicationError:
     )
 
 
-class _RaftNode(SyncObj):
-    """pysyncobj's SyncObj with one replicated method that hands entries to the RaftLog."""
-
-    def __init__(self, owner: RaftLog[Any], address: str, peers: list[str], conf: SyncObjConf):
-        self.link_owner = owner
-        super().__init__(address, peers, conf, transportClass=owner.transport_class)
-
-    @replicated
-    def _entry(self, entry: Any) -> None:
-        # pysyncobj 0.3.17 applies entries in index order and counts raftLastApplied up after
-        # each one: the entry being applied is the next index (pinned and tested).
-        self.link_owner.on_entry(self.raftLastApplied + 1, entry)
-
-
 class RaftLog(Generic[R]):
     """The replicated commit log of one signer (see the module docstring)."""
 
@@ -155,7 +145,7 @@ class RaftLog(Generic[R]):
         self._floor_ms = 0
         self._view = View()
         self._peers = list(settings.peers)
-        self._node: _RaftNode | None = None
+        self._node: RaftNode | None = None
         self._journal: DurableJournal | None = None
         self._transport: ReplicationTransport | None = None
         self._thread: threading.Thread | None = None
@@ -179,15 +169,23 @@ class RaftLog(Generic[R]):
         self.snapshot_seconds: float | None = None
         self._catch_up_logged = 0.0
         self.max_loop = 0.0  # longest turn of the Raft loop, seconds (stalls show here)
-        self.counters = {"commits": 0, "barriers": 0, "applied": 0, "batches": 0}
+        self._term_start = (0, 0)  # (term, index of its first entry) while leader
+        self._read_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
+        self.counters = {
+            "commits": 0,
+            "barriers": 0,
+            "local_reads": 0,
+            "applied": 0,
+            "batches": 0,
+        }
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> RaftLog[R]:
         """Check the local state, then join the cluster; raises StartRefused when unsafe."""
-        if PYSYNCOBJ_VERSION not in TESTED_PYSYNCOBJ:
+        if VERSION not in TESTED_PYSYNCOBJ:
             raise StartRefused(
-                f"pysyncobj {PYSYNCOBJ_VERSION} is installed; this signer is tested with "
+                f"pysyncobj {VERSION} is installed; this signer is tested with "
                 f"{', '.join(TESTED_PYSYNCOBJ)} only (it relies on its apply order)"
             )
         if self._secret is None:
@@ -267,11 +265,12 @@ class RaftLog(Generic[R]):
                 self.machine, self._build_dir, self.snapshot_path, meta
             )
 
-    def recover_standalone(self) -> int:
+    def recover_standalone(self, first: Sequence[bytes] = ()) -> int:
         """Offline (signer stopped, journal directory empty): make this repository, restored
         from a backup after losing every signer, the start of a new log with this signer as the
-        only member; returns the new generation. Signers that kept other data are refused by it
-        (their histories diverge): they are wiped and added again."""
+        only member; returns the new generation. `first`: entries the owner applies before the
+        new log begins (the signer's restore rule). Signers that kept other data are refused by
+        it (their histories diverge): they are wiped and added again."""
         if self.journal_path.exists() or self.snapshot_path.exists():
             raise StartRefused(
                 f"{self.settings.journal_dir} is not empty: recovery starts a new log from the "
@@ -281,6 +280,9 @@ class RaftLog(Generic[R]):
         if not applied:
             raise StartRefused("the repository is empty: nothing to recover, just start")
         self.settings.journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if first:
+            self.machine.apply_batch([(applied + 1 + i, e) for i, e in enumerate(first)])
+            applied += len(first)
         self._load_record()
         record = next_record(self._record, [self.address], "recover from a backup")
         self.machine.apply_batch([(applied + 1, self._record_entry(record))])
@@ -346,13 +348,14 @@ class RaftLog(Generic[R]):
             node = self._construct()
         except Exception as exc:  # bind failure, bad state: the starter reports it
             if self._journal is not None:
-                self._journal._destroy()
+                self._journal.close()
             errors.append(StartRefused(f"replication could not start: {exc}"))
             started.set()
             return
         self._node = node
         node.addOnTickCallback(self._after_tick)
-        self._pace_snapshot_sends(node)
+        node.pace_snapshot_reads(self._may_send_snapshot_chunk)
+        node.enable_wakeups()
         started.set()
         log.info("replication: %s started with peers %s", self.address, self._peers or "none")
         first = True
@@ -376,7 +379,7 @@ class RaftLog(Generic[R]):
                 first = False
         self._shutdown(node)
 
-    def _shutdown(self, node: _RaftNode) -> None:
+    def _shutdown(self, node: RaftNode) -> None:
         try:
             self._flush()
         except Exception:
@@ -389,9 +392,9 @@ class RaftLog(Generic[R]):
         node.destroy()  # autoTick is off: destroys at once, closes the transport and the journal
         log.info("replication: %s stopped", self.address)
 
-    def _construct(self) -> _RaftNode:
+    def _construct(self) -> RaftNode:
         s = self.settings
-        conf = SyncObjConf(
+        conf = configuration(
             password=self._secret,
             autoTick=False,
             appendEntriesUseBatch=False,
@@ -418,28 +421,21 @@ class RaftLog(Generic[R]):
             onStateChanged=self._on_state_changed,
         )
         self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
-        journal = self._journal
-        with _CONSTRUCT_LOCK:  # pysyncobj has no journal option: hand it ours while it builds
-            original = syncobj_module.createJournal
-            syncobj_module.createJournal = lambda _path: journal
-            try:
-                return _RaftNode(self, self.address, self._peers, conf)
-            finally:
-                syncobj_module.createJournal = original
+        assert self._journal is not None
+        return RaftNode(
+            self.address,
+            self._peers,
+            conf,
+            self._journal,
+            self.on_entry,
+            self.transport_class,
+            link_owner=self,
+        )
 
-    def _pace_snapshot_sends(self, node: _RaftNode) -> None:
+    def _may_send_snapshot_chunk(self, peer: Any) -> bool:
         """Read the next snapshot chunk only when the peer's send buffer has room."""
-        serializer = node._SyncObj__serializer
-        read_chunk = serializer.getTransmissionData
-        limit = self.settings.snapshot_send_buffer
-
-        def paced(peer: Any) -> Any:
-            transport = self._transport
-            if transport is not None and transport.backlog(peer) > limit:
-                return None  # pysyncobj sends nothing this turn and asks again on the next
-            return read_chunk(peer)
-
-        serializer.getTransmissionData = paced
+        transport = self._transport
+        return transport is None or transport.backlog(peer) <= self.settings.snapshot_send_buffer
 
     # --- the transport's side (Raft thread) -----------------------------------------------
 
@@ -452,9 +448,25 @@ class RaftLog(Generic[R]):
     def judge(self, peer: Hello) -> tuple[Verdict, str]:
         return judge(self.hello(), peer)
 
-    def sync_journal(self) -> None:
-        if self._journal is not None:
-            self._journal.sync()
+    def sync_journal(self) -> bool:
+        """Make the journal durable; False while it cannot be written (disk full)."""
+        return self._journal is None or self._journal.sync()
+
+    def durable_index(self) -> int:
+        return 0 if self._journal is None else self._journal.durable_index
+
+    def journal_failure(self) -> str | None:
+        return None if self._journal is None else self._journal.failure
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self.settings.connection_timeout
+
+    @property
+    def frame_limit(self) -> int:
+        """The largest frame a member may send: a snapshot chunk or a coalesced append, as
+        Fernet's base64 grows them, with room to spare."""
+        return 2 * max(self.settings.snapshot_chunk_bytes, MAX_MERGED_BYTES) + (1 << 20)
 
     def snapshot_size(self) -> int:
         try:
@@ -498,7 +510,8 @@ class RaftLog(Generic[R]):
         """Apply what pysyncobj handed over in one transaction; answer the waiting callers."""
         if not self._pending or self._restoring:
             return
-        self.sync_journal()  # nothing reaches the repository before the journal holds it
+        if not self.sync_journal():
+            return  # nothing reaches the repository before the journal holds it
         pending = self._pending
         commands = [(index, command) for index, command, _ in pending if command is not None]
         try:
@@ -514,10 +527,15 @@ class RaftLog(Generic[R]):
             return
         self._apply_error = None
         self._pending = []
-        for _, command, pid in pending:
-            result = next(results) if command is not None else None
-            if pid is not None:
-                self._resolve(pid, result)
+        answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        with self._lock:
+            for _, command, pid in pending:
+                result = next(results) if command is not None else None
+                waiter = self._waiters.pop(pid, None) if pid is not None else None
+                if waiter is not None:
+                    answers.setdefault(waiter.loop, []).append((waiter.future, result))
+        for loop, settled in answers.items():  # one wake-up per event loop, not per answer
+            loop.call_soon_threadsafe(settle_all, settled)
         self.counters["applied"] += len(commands)
         self.counters["batches"] += 1
         if commands:
@@ -538,19 +556,33 @@ class RaftLog(Generic[R]):
             waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
             waiter.loop.call_soon_threadsafe(settle, waiter.future, error)
+        reads, self._read_waiters = self._read_waiters, []
+        for _, loop, future in reads:
+            loop.call_soon_threadsafe(settle, future, error)
 
     # --- every turn of the Raft loop ------------------------------------------------------
 
     def _after_tick(self) -> None:
-        self._flush()
+        """The end of each turn; applying and answering last, so that the loop waits for
+        events right after the answers (the event loop takes the interpreter then)."""
+        self._keep_sending_snapshots()
         if self._restored:
             self._restored = False
             self._load_record()
-        self._run_calls()
         self._update_view()
         self._check_membership()
         self._maybe_bootstrap_record()
         self._report_catch_up()
+        self._flush()
+        self._run_calls()
+        self._answer_reads()
+
+    def _keep_sending_snapshots(self) -> None:
+        """While a snapshot goes out, send its next chunks every turn the socket drained
+        (the poll wakes when it can write), not once per heartbeat period."""
+        transport, node = self._transport, self._node
+        if transport is not None and node is not None and transport.outgoing and node.is_leader:
+            node.send_appends()
 
     def _run_calls(self) -> None:
         while True:
@@ -567,24 +599,35 @@ class RaftLog(Generic[R]):
     def _update_view(self) -> None:
         node = self._node
         assert node is not None and self._journal is not None
-        leader = node._getLeader()
-        role = "leader" if node._isLeader() else "follower" if leader is not None else "electing"
+        leader = node.leader_id
+        role = "leader" if node.is_leader else "follower" if leader is not None else "electing"
         members = (self.address, *(peer.id for peer in node.otherNodes))
-        reachable = leader is not None and (
-            leader.id == self.address or node.isNodeConnected(leader)
-        )
+        term = node.raftCurrentTerm
+        if role == "leader" and self._term_start[0] != term:
+            self._term_start = (term, self._first_index_of(term))
         self._view = View(
             running=True,
             role=role,
-            leader=leader.id if leader is not None else None,
-            term=node.raftCurrentTerm,
+            leader=leader,
+            term=term,
             commit_index=node.raftCommitIndex,
             applied_index=node.raftLastApplied,
             last_index=self._journal.last_index,
             has_quorum=node.hasQuorum,
             members=tuple(sorted(members)),
-            leader_connected=reachable,
+            leader_connected=node.leader_connected(),
         )
+
+    def _first_index_of(self, term: int) -> int:
+        """The index of this term's first entry in the journal (a new leader's no-op)."""
+        journal = self._journal
+        assert journal is not None
+        position = len(journal)
+        if not position or journal[position - 1][2] != term:
+            return journal.last_index + 1
+        while position > 1 and journal[position - 2][2] == term:
+            position -= 1
+        return int(journal[position - 1][1])
 
     def _check_membership(self) -> None:
         """Removed by a committed record, once caught up: stop (a later re-add needs a wipe)."""
@@ -607,7 +650,7 @@ class RaftLog(Generic[R]):
         self._bootstrap_after = time.monotonic() + 5
         entry = self._record_entry(next_record(None, list(view.members), "create"))
         assert self._node is not None
-        self._node._entry(("c", (self.address, self._boot), 0, self._now_ms(), entry))
+        self._node.propose(("c", (self.address, self._boot), 0, self._now_ms(), entry), None)
 
     def _report_catch_up(self) -> None:
         view = self._view
@@ -724,6 +767,10 @@ class RaftLog(Generic[R]):
 
     async def commit(self, entry: bytes) -> R:
         """Commit `entry` on the cluster and apply it here; the state machine's result."""
+        if len(entry) > MAX_ENTRY_BYTES:
+            raise EntryTooLarge(
+                f"a log entry of {len(entry)} bytes is over the bound of {MAX_ENTRY_BYTES}"
+            )
         result: R = await self._propose("c", entry)
         self.counters["commits"] += 1
         return result
@@ -734,10 +781,62 @@ class RaftLog(Generic[R]):
         Writers call it before deciding anything (request-id lookup, serial, times): a retried
         request is then found here even if its first attempt was committed elsewhere, and this
         signer's clock is checked against the latest time the cluster recorded.
+
+        A leader of at most two voters that has committed an entry of its term waits for its
+        own commit index to be applied instead of committing a barrier entry: no other signer
+        can have committed anything it does not know (docs/replication.md, "The barrier").
         """
-        await self._propose("b", None)
-        self.counters["barriers"] += 1
+        await self._ready()
+        if await self._local_read():
+            self.counters["local_reads"] += 1
+        else:
+            await self._propose("b", None)
+            self.counters["barriers"] += 1
         await self._clock_guard()
+
+    async def _local_read(self) -> bool:
+        """Wait until the commit index of now is applied here, if this signer may read
+        locally (a leader of at most two voters, its term begun); False when it may not."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def register() -> bool:
+            target = self._local_read_target()
+            if target is None:
+                return False
+            self._read_waiters.append((target, loop, done))
+            return True
+
+        if not await self.on_raft_thread(register):
+            return False
+        try:
+            await asyncio.wait_for(done, self.settings.commit_timeout)
+        except TimeoutError:
+            raise NotCommitted("this signer could not apply what is committed in time") from None
+        return True
+
+    def _local_read_target(self) -> int | None:
+        """Raft thread: the index to have applied before deciding, or None (use a barrier)."""
+        node = self._node
+        if node is None or not node.is_leader or len(node.otherNodes) > 1:
+            return None
+        term = node.raftCurrentTerm
+        if self._term_start[0] != term or node.raftCommitIndex < self._term_start[1]:
+            return None
+        return int(node.raftCommitIndex)
+
+    def _answer_reads(self) -> None:
+        """Raft thread, after applying: local reads whose index is applied may go on."""
+        if not self._read_waiters or self._pending or self._node is None:
+            return
+        applied = self._node.raftLastApplied
+        waiting = []
+        for target, loop, future in self._read_waiters:
+            if target <= applied:
+                loop.call_soon_threadsafe(settle, future, True)
+            else:
+                waiting.append((target, loop, future))
+        self._read_waiters = waiting
 
     async def _clock_guard(self) -> None:
         lag = self._floor_ms / 1000 - time.time()
@@ -759,6 +858,7 @@ class RaftLog(Generic[R]):
                 raise Fenced(f"this signer is fenced: {self._fenced}")
             if self._restore_error is not None:
                 raise ApplyFailed(self._restore_error)
+            self._check_disks()
             view = self._view
             if view.running and view.has_quorum and view.leader_connected and self._record:
                 return  # (data is committed only after the cluster's identity)
@@ -777,6 +877,20 @@ class RaftLog(Generic[R]):
                 raise NoQuorum(f"replication: {what}")
             await asyncio.sleep(0.01)
 
+    def _check_disks(self) -> None:
+        """Refuse at once while this signer, or too many others, cannot write a journal."""
+        failure = self.journal_failure()
+        if failure is not None:
+            raise JournalFailed(f"this signer cannot write its Raft journal: {failure}")
+        transport = self._transport
+        if transport is None:
+            return
+        failing = {name: p.disk_error for name, p in transport.peers.items() if p.disk_error}
+        members = self._view.members
+        if failing and len(members) - len([m for m in members if m in failing]) <= len(members) / 2:
+            name, error = sorted(failing.items())[0]
+            raise JournalFailed(f"{name} cannot write its Raft journal: {error}")
+
     async def _propose(self, kind: str, payload: bytes | None) -> Any:
         await self._ready()
         loop = asyncio.get_running_loop()
@@ -790,7 +904,7 @@ class RaftLog(Generic[R]):
         entry = (kind, (self.address, self._boot), pid, self._now_ms(), payload)
         timeout = self.settings.commit_timeout
         try:
-            node._entry(entry, callback=functools.partial(self._callback, pid))
+            node.propose(entry, functools.partial(self._callback, pid))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise NotCommitted(
@@ -808,6 +922,9 @@ class RaftLog(Generic[R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._calls.put((function, loop, future))
+        node = self._node
+        if node is not None:
+            node.wake()
         return await asyncio.wait_for(future, timeout)
 
     def guard(self, handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -834,9 +951,10 @@ class RaftLog(Generic[R]):
         else:
             if not data["quorum"] or data["leader"] is None:
                 errors.append("no quorum: nothing can be issued or revoked (docs/operations.md)")
-            for problem in ("apply_error",):
-                if data.get(problem):
-                    errors.append(f"applying to the repository fails: {data[problem]}")
+            if data.get("apply_error"):
+                errors.append(f"applying to the repository fails: {data['apply_error']}")
+            if data["journal"].get("failure"):
+                errors.append(f"the Raft journal cannot be written: {data['journal']['failure']}")
             if self._restore_error:
                 errors.append(self._restore_error)
             elif data["restoring"]:
@@ -847,6 +965,8 @@ class RaftLog(Generic[R]):
 
     def _peer_warnings(self, peer: str, state: dict[str, Any], errors: list[str]) -> list[str]:
         warnings = []
+        if state.get("disk_error"):
+            errors.append(f"{peer} cannot write its Raft journal: {state['disk_error']}")
         if state["refused"]:
             errors.append(f"{peer} refused: {state['refused']}")
         elif not state["connected"]:
@@ -899,6 +1019,7 @@ class RaftLog(Generic[R]):
                 "clock_offset_s": _round(state.clock_offset, 4),
                 "rtt_ms": _round(state.rtt * 1000 if state.rtt is not None else None, 2),
                 "refused": state.refused,
+                "disk_error": state.disk_error,
             }
         return {
             "self": self.address,
@@ -919,7 +1040,13 @@ class RaftLog(Generic[R]):
             "fenced": self._fenced,
             "clock_floor_ms": self._floor_ms,
             "max_loop_ms": round(self.max_loop * 1000, 1),
-            "journal": {"entries": len(self._journal), "syncs": self._journal.syncs},
+            "journal": {
+                "entries": len(self._journal),
+                "syncs": self._journal.syncs,
+                "durable_index": self._journal.durable_index,
+                "failure": self._journal.failure,
+            },
+            "link": transport.counters.as_dict(),
             "counters": dict(self.counters),
         }
 
@@ -1035,7 +1162,7 @@ class RaftLog(Generic[R]):
         )
         self.last_snapshot = snapshot.build(self.machine, self._build_dir, self.snapshot_path, meta)
         journal.deleteEntriesTo(applied - 1 - first)
-        journal._destroy()
+        journal.close()
         self._journal = DurableJournal(self.journal_path)
         self._commit_up_to_snapshot()
         self._peers = []

@@ -20,6 +20,7 @@ from storage.commands import (
     IssueX509,
     Noop,
     PublishCrl,
+    RaiseCrlNumber,
     RecordCrl,
     RevokeX509,
     SetMeta,
@@ -31,9 +32,11 @@ from storage.errors import InvalidArgument, RepositoryError
 from storage.imports import ImportState
 from storage.layout import serial_bytes
 from storage.repository import DEFAULT_MAP_SIZE, CertificateRecord, Repository, RevokedEntry
+from storage.restore import apply_restore_rule, crl_number_floors
 from storage.results import (
     AlreadyRevoked,
     Certified,
+    CrlNumberRaised,
     CrlPublished,
     CrlRecorded,
     Done,
@@ -66,6 +69,7 @@ __all__ = [
     "CertifyOpenpgp",
     "Command",
     "ConsistencyReport",
+    "CrlNumberRaised",
     "CrlPublished",
     "CrlRecorded",
     "Done",
@@ -83,6 +87,7 @@ __all__ = [
     "MetaSet",
     "Noop",
     "PublishCrl",
+    "RaiseCrlNumber",
     "Reason",
     "RecordCrl",
     "Rejected",
@@ -97,7 +102,9 @@ __all__ = [
     "Revoked",
     "RevokedEntry",
     "SetMeta",
+    "apply_restore_rule",
     "crl_block_rows",
+    "crl_number_floors",
     "decode",
     "encode",
     "serial_bytes",

@@ -20,6 +20,7 @@ from storage.commands import (
     IssueX509,
     Noop,
     PublishCrl,
+    RaiseCrlNumber,
     RecordCrl,
     RequestCommand,
     RevokeX509,
@@ -27,7 +28,7 @@ from storage.commands import (
     decode,
     encode,
 )
-from storage.crl import apply_publish_crl, apply_record_crl
+from storage.crl import apply_publish_crl, apply_raise_crl_number, apply_record_crl
 from storage.imports import apply_begin_import, apply_finish_import, apply_import_x509, importing
 from storage.layout import cert_key, openpgp_key, revseq_key, serial_bytes
 from storage.results import (
@@ -251,6 +252,7 @@ _HANDLERS: dict[type[Any], Callable[[Writer, int, Any], Result]] = {
     RevokeX509: _apply_revoke,
     RecordCrl: apply_record_crl,
     PublishCrl: _apply_publish,
+    RaiseCrlNumber: apply_raise_crl_number,
     CertifyOpenpgp: _apply_certify,
     Noop: _apply_noop,
     SetMeta: _apply_set_meta,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 import msgpack
 
 from storage.layout import (
-    IMPORT_META_PREFIX,
+    OWN_META_PREFIXES,
     RESERVED_META,
     SERIAL_SIZE,
     pack,
@@ -45,6 +45,7 @@ CRL_REASONS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10})  # RFC 5280 CRLReason; 
 MAX_META_NAME_BYTES = 64
 MAX_META_BYTES = 1 << 20
 MAX_IMPORT_ENTRY_BYTES = 32 * 1024  # an import batch, encoded: small log entries only
+MAX_REMOVED = 1000  # serials leaving one CRL (~22 KB): the rest leave with the next ones
 MAX_IMPORT_ID_BYTES = 64
 MAX_SUBJECT_BYTES = 4096
 MAX_FILE_BYTES = 1024
@@ -100,7 +101,8 @@ class RecordCrl:
 
 @dataclass(frozen=True)
 class PublishCrl:
-    """A CRL the signer made, with what is needed to follow its membership (docs/crl.md)."""
+    """A CRL the signer made: what is needed to follow its membership and to rebuild its DER
+    byte for byte (docs/crl.md), not the DER itself, so that the log entry stays small."""
 
     op: ClassVar[str] = "publish_crl"
     issuer: bytes
@@ -114,8 +116,19 @@ class PublishCrl:
     expired_certs_on_crl: int | None
     signature_algorithm: bytes
     signature: bytes
-    sha256: bytes
-    der: bytes
+    sha256: bytes  # of the DER
+    size: int  # the DER's length
+
+
+@dataclass(frozen=True)
+class RaiseCrlNumber:
+    """The issuer's next CRL numbers are at least `at_least` (never lowered): after a restore
+    from a backup, past any number published since the backup (storage/restore.py)."""
+
+    op: ClassVar[str] = "raise_crl_number"
+    issuer: bytes
+    at_least: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -219,6 +232,7 @@ Command = (
     | RevokeX509
     | RecordCrl
     | PublishCrl
+    | RaiseCrlNumber
     | CertifyOpenpgp
     | Noop
     | SetMeta
@@ -235,6 +249,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         RevokeX509,
         RecordCrl,
         PublishCrl,
+        RaiseCrlNumber,
         CertifyOpenpgp,
         Noop,
         SetMeta,
@@ -245,7 +260,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
 }
 REQUEST_OPS = frozenset({IssueX509.op, RevokeX509.op, CertifyOpenpgp.op})
 IMPORT_OPS = frozenset({BeginImport.op, ImportX509.op, FinishImport.op})
-BIG_INT_FIELDS = frozenset({"serial", "crl_number"})  # carried as 20-byte bin
+BIG_INT_FIELDS = frozenset({"serial", "crl_number", "at_least"})  # carried as 20-byte bin
 BIG_INT_LISTS = frozenset({"removed"})
 
 
@@ -318,6 +333,8 @@ def from_fields(fields: Any) -> Command:
         raise Invalid(Reason.UNKNOWN_OP, f"unknown op {op[:64]!r}")
     if not all(isinstance(key, str) for key in fields):
         raise _bad("command field names must be str")
+    if op == PublishCrl.op and "der" in fields and "size" not in fields:
+        fields = _publish_crl_with_der(fields)
     spec = _SPECS[op]
     extra = sorted(set(fields) - set(spec) - {"op"})
     if extra:
@@ -329,6 +346,13 @@ def from_fields(fields: Any) -> Command:
     command = cls(**values)
     _check_cross_fields(command)
     return command
+
+
+def _publish_crl_with_der(fields: dict[str, Any]) -> dict[str, Any]:
+    """A `publish_crl` of schema 2 and before carried the DER: read as its size (what the
+    repository keeps of it since schema 3), so that replays give every replica one state."""
+    der = _v_blob("der", fields["der"])
+    return {**{k: v for k, v in fields.items() if k != "der"}, "size": len(der)}
 
 
 def _check_cross_fields(command: Command) -> None:
@@ -442,10 +466,14 @@ def _v_sha256(name: str, value: Any) -> bytes:
     return _bytes(name, value, (32,))
 
 
+def _v_size(name: str, value: Any) -> int:
+    return _int_in(name, value, 1, 2**32)
+
+
 def _v_serial_list(name: str, value: Any) -> tuple[int, ...]:
     """Serials in strictly ascending order (so a list is one set, in one canonical order)."""
-    if not isinstance(value, list):
-        raise _bad(f"{name} must be a list of serials")
+    if not isinstance(value, list) or len(value) > MAX_REMOVED:
+        raise _bad(f"{name} must be a list of at most {MAX_REMOVED} serials")
     serials = [_v_serial(f"{name}[{i}]", serial) for i, serial in enumerate(value)]
     if any(a >= b for a, b in itertools.pairwise(serials)):
         raise _bad(f"{name} must be strictly ascending")
@@ -460,7 +488,7 @@ def _v_uids(name: str, value: Any) -> tuple[str, ...]:
 
 def _v_meta_name(name: str, value: Any) -> str:
     text = _utf8(name, value, MAX_META_NAME_BYTES)
-    if text in RESERVED_META or text.startswith(IMPORT_META_PREFIX):
+    if text in RESERVED_META or text.startswith(OWN_META_PREFIXES):
         raise _bad(f"{name} {text!r} is the repository's own")
     return text
 
@@ -630,7 +658,12 @@ _SPECS: dict[str, dict[str, _Rule]] = {
         "signature_algorithm": _v_blob,
         "signature": _v_blob,
         "sha256": _v_sha256,
-        "der": _v_blob,
+        "size": _v_size,
+    },
+    RaiseCrlNumber.op: {
+        "issuer": _v_issuer,
+        "at_least": _v_crl_number,
+        "reason": _v_text,
     },
     CertifyOpenpgp.op: {
         **_REQUEST,

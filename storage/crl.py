@@ -15,20 +15,21 @@ from typing import Any
 
 import lmdb
 
-from storage.commands import PublishCrl, RecordCrl
+from storage.commands import PublishCrl, RaiseCrlNumber, RecordCrl
 from storage.layout import (
     ISSUER_SIZE,
     SERIAL_SIZE,
     Dbs,
     cert_key,
     crl_expiry_key,
+    crl_floor_key,
     crl_history_key,
     revseq_key,
     serial_bytes,
     serial_int,
     unpack,
 )
-from storage.results import CrlPublished, CrlRecorded, Reason, Rejected
+from storage.results import CrlNumberRaised, CrlPublished, CrlRecorded, Reason, Rejected
 from storage.writer import Writer
 
 CRL_BLOCK_ENTRIES = 128  # entries per block when blocks are (re)written
@@ -80,14 +81,31 @@ def _not_newer(w: Writer, issuer: bytes, crl_number: int) -> Rejected | None:
     return Rejected(Reason.CRL_NUMBER_NOT_NEWER, message)
 
 
-def _latest(crl_number: int, this_update: int, next_update: int, der: bytes) -> dict[str, Any]:
-    """A `crls` value (this key order is stored)."""
+def _latest(
+    crl_number: int, this_update: int, next_update: int, der: bytes | None
+) -> dict[str, Any]:
+    """A `crls` value (this key order is stored); `der` nil for a CRL published with history,
+    which is rebuilt from it."""
     return {
         "crl_number": serial_bytes(crl_number),
         "this_update": this_update,
         "next_update": next_update,
         "der": der,
     }
+
+
+# --------------------------------------------------------------------------- raise_crl_number
+
+
+def crl_number_floor(w: Writer, issuer: bytes) -> int:
+    stored = w.txn.get(crl_floor_key(issuer), db=w.dbs["meta"])
+    return 0 if stored is None else serial_int(unpack(stored))
+
+
+def apply_raise_crl_number(w: Writer, index: int, c: RaiseCrlNumber) -> CrlNumberRaised:
+    floor = max(crl_number_floor(w, c.issuer), c.at_least)
+    w.put("meta", crl_floor_key(c.issuer), serial_bytes(floor))
+    return CrlNumberRaised(c.issuer, floor)
 
 
 # --------------------------------------------------------------------------- publish_crl
@@ -135,10 +153,10 @@ def apply_publish_crl(w: Writer, index: int, c: PublishCrl) -> CrlPublished | Re
         "signature_algorithm": c.signature_algorithm,
         "signature": c.signature,
         "sha256": c.sha256,
-        "size": len(c.der),
+        "size": c.size,
     }
     w.put("crl_history", crl_history_key(issuer, c.crl_number), history)
-    w.put("crls", issuer, _latest(c.crl_number, c.this_update, c.next_update, c.der))
+    w.put("crls", issuer, _latest(c.crl_number, c.this_update, c.next_update, None))
     return CrlPublished(
         issuer,
         c.crl_number,
@@ -156,6 +174,10 @@ def _publish_rejection(w: Writer, c: PublishCrl, last: tuple[int, Any] | None) -
     stale = _not_newer(w, c.issuer, c.crl_number)
     if stale is not None:
         return stale
+    floor = crl_number_floor(w, c.issuer)
+    if c.crl_number < floor:
+        message = f"crl_number {c.crl_number} is below the floor {floor} (raised after a restore)"
+        return Rejected(Reason.CRL_NUMBER_NOT_NEWER, message)
     if last is not None and c.crl_number <= last[0]:
         message = f"crl_number {c.crl_number} is not greater than the last published {last[0]}"
         return Rejected(Reason.CRL_NUMBER_NOT_NEWER, message)

@@ -32,6 +32,8 @@ META_SCHEMA_VERSION = b"schema_version"
 META_APPLIED_INDEX = b"applied_index"
 RESERVED_META = frozenset({META_SCHEMA_VERSION.decode(), META_APPLIED_INDEX.decode()})
 IMPORT_META_PREFIX = "import:"  # meta names of the imports, one per issuer (storage/imports.py)
+CRL_FLOOR_META_PREFIX = "crl-floor:"  # an issuer's lowest next CRL number (raise_crl_number)
+OWN_META_PREFIXES = (IMPORT_META_PREFIX, CRL_FLOOR_META_PREFIX)
 DATA_FILE = "data.mdb"
 RESTORE_TEMP = "data.mdb.restoring"
 
@@ -80,6 +82,11 @@ def crl_history_key(issuer: bytes, crl_number: int) -> bytes:
 def openpgp_key(fingerprint: bytes, request_id: str) -> bytes:
     """Key of `openpgp`: len(fingerprint) (1) || fingerprint || request id (UTF-8)."""
     return bytes([len(fingerprint)]) + fingerprint + request_id.encode("utf-8")
+
+
+def crl_floor_key(issuer: bytes) -> bytes:
+    """The `meta` key of an issuer's CRL number floor (`crl-floor:` + the key id in hex)."""
+    return CRL_FLOOR_META_PREFIX.encode() + issuer.hex().encode()
 
 
 def import_meta_key(issuer: bytes) -> bytes:

@@ -51,8 +51,10 @@ from storage.layout import (
     META_SCHEMA_VERSION,
     RESTORE_TEMP,
     SEQ_SIZE,
+    SERIAL_SIZE,
     Dbs,
     cert_key,
+    crl_floor_key,
     crl_history_key,
     import_meta_key,
     revseq_key,
@@ -101,10 +103,19 @@ class Repository:
     (apply, apply_batch, restore) are serialised by an in-process lock.
     """
 
-    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        map_size: int = DEFAULT_MAP_SIZE,
+        readonly: bool = False,
+        metasync: bool = True,
+    ):
         self.path = Path(path)
         self.map_size = map_size
         self.readonly = readonly  # reads only, beside the signer that writes (an export)
+        # False: one fdatasync per commit instead of two; an OS crash may then undo the last
+        # commit, so only for an owner that replays it (the replicated log's journal, §2).
+        self.metasync = metasync
         self._lock = threading.Lock()
         self._env: lmdb.Environment | None = None
         self._dbs: Dbs = {}
@@ -128,7 +139,7 @@ class Repository:
                 subdir=True,
                 max_dbs=len(DB_NAMES) + 2,
                 sync=True,
-                metasync=True,
+                metasync=self.metasync,
                 writemap=False,
                 map_async=False,
                 lock=True,
@@ -412,6 +423,38 @@ class Repository:
             "next_update": crl["next_update"],
             "der": crl["der"],
         }
+
+    def crl_number_floor(self, issuer: bytes) -> int:
+        """The lowest number the issuer's next CRL may have (0: none set; raise_crl_number)."""
+        issuer = _check_arg_issuer(issuer)
+        with self._reading() as txn:
+            raw = txn.get(crl_floor_key(issuer), db=self._dbs["meta"])
+        return 0 if raw is None else serial_int(unpack(raw))
+
+    def crl_issuers(self) -> list[bytes]:
+        """Issuers with a CRL recorded, published or imported, in key order."""
+        with self._reading() as txn:
+            found = {bytes(key) for key, _ in txn.cursor(self._dbs["crls"])}
+            cursor = txn.cursor(self._dbs["crl_history"])
+            more = cursor.first()
+            while more:  # one step per issuer: past its highest possible number
+                issuer = bytes(cursor.key()[:ISSUER_SIZE])
+                found.add(issuer)
+                more = cursor.set_range(issuer + b"\xff" * SERIAL_SIZE)
+        return sorted(found)
+
+    def last_crl_number(self, issuer: bytes) -> int:
+        """The highest CRL number the issuer's CRLs took here (recorded, published, imported
+        or reserved by a floor), 0 when none."""
+        history, latest = self.last_crl_history(issuer), self.latest_crl(issuer)
+        numbers = [0, self.crl_number_floor(issuer) - 1]
+        numbers += [int(r["crl_number"]) for r in (history, latest) if r is not None]
+        return max(numbers)
+
+    def last_crl_time(self, issuer: bytes) -> int:
+        """The newest thisUpdate among the issuer's CRLs here (0 when none)."""
+        history, latest = self.last_crl_history(issuer), self.latest_crl(issuer)
+        return max([0] + [int(r["this_update"]) for r in (history, latest) if r is not None])
 
     def iter_crl_blocks(self, issuer: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
         """The entries of the issuer's last published CRL, block by block in serial order, as

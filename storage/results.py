@@ -106,6 +106,15 @@ class CrlPublished:
 
 
 @dataclass(frozen=True)
+class CrlNumberRaised:
+    """An issuer's CRL numbers now start at `floor` at the lowest (it never goes down)."""
+
+    status: ClassVar[str] = "raised"
+    issuer: bytes
+    floor: int
+
+
+@dataclass(frozen=True)
 class MetaSet:
     status: ClassVar[str] = "recorded"
     name: str
@@ -165,6 +174,7 @@ Result = (
     | Certified
     | CrlRecorded
     | CrlPublished
+    | CrlNumberRaised
     | MetaSet
     | ImportProgress
     | Done

@@ -16,12 +16,14 @@ from storage.layout import (
     META_APPLIED_INDEX,
     META_SCHEMA_VERSION,
     Dbs,
+    crl_history_key,
     new_counters,
     pack,
+    serial_int,
     unpack,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _migrate_0_to_1(txn: lmdb.Transaction, dbs: Dbs) -> None:
@@ -45,10 +47,26 @@ def _migrate_1_to_2(txn: lmdb.Transaction, dbs: Dbs) -> None:
     signer that does not know them from opening a store that has them."""
 
 
+def _migrate_2_to_3(txn: lmdb.Transaction, dbs: Dbs) -> None:
+    """Version 3 keeps no DER of a CRL published with history (`publish_crl` no longer carries
+    it; it is rebuilt from the history): the `crls` value of such a CRL gets `der` nil. CRLs
+    recorded without history (the ceremony's) keep theirs. Adds `raise_crl_number` floors."""
+    changed = []
+    for issuer, raw in txn.cursor(dbs["crls"]):
+        latest = unpack(raw)
+        key = crl_history_key(bytes(issuer), serial_int(latest["crl_number"]))
+        history = txn.get(key, db=dbs["crl_history"])
+        if history is not None and "imported" not in unpack(history) and latest["der"]:
+            changed.append((bytes(issuer), {**latest, "der": None}))
+    for issuer, latest in changed:
+        txn.put(issuer, pack(latest), db=dbs["crls"])
+
+
 # MIGRATIONS[v] upgrades a store from version v to v + 1, inside the opening write transaction.
 MIGRATIONS: dict[int, Callable[[lmdb.Transaction, Dbs], None]] = {
     0: _migrate_0_to_1,
     1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
 }
 
 

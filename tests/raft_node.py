@@ -77,6 +77,8 @@ async def handle(raft: RaftLog[Result], line: bytes) -> None:
             "applied_index": view.applied_index,
             "repository_index": raft.machine.last_applied_index() if not raft._restoring else -1,
             "max_loop_ms": raft.max_loop * 1000,
+            "journal_failure": raft.journal_failure(),
+            "apply_error": raft._apply_error,
         }
         if request.get("digest") and not raft._restoring:
             result["digest"] = raft.machine.content_digest().hex()
@@ -98,7 +100,7 @@ async def handle(raft: RaftLog[Result], line: bytes) -> None:
 
 async def main(settings_json: str, repository_dir: str) -> None:
     settings = ReplicationSettings.model_validate_json(settings_json)
-    repository = Repository(Path(repository_dir), 1 << 30)
+    repository = Repository(Path(repository_dir), 1 << 30, metasync=False)
     raft: RaftLog[Result] = RaftLog(
         settings, repository, secret=b"test replication secret 0123456789"
     ).start()

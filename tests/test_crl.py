@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asn1crypto import core
@@ -29,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import CRLEntryExtensionOID, SignatureAlgorithmOID
 
+from replication.log import MAX_ENTRY_BYTES
 from signer.client.crl_refresh import CrlRefresher
 from signer.client.library import SignerClient
 from signer.config import load
@@ -40,6 +42,7 @@ from signer.server.config import SignerConfig
 from signer.server.hsm import Hsm
 from signer.server.process import SignerServer
 from signer.tools.line_emulator import LineEmulator
+from storage import decode
 
 EXPIRED_CERTS_ON_CRL = x509.ObjectIdentifier("2.5.29.60")
 
@@ -313,6 +316,7 @@ async def test_the_periodic_task_runs(make_harness) -> None:
     await harness.service.start()
     try:
         await harness.revoke()
+        harness.advance(dt.timedelta(seconds=1))  # a CRL per second at most (the restore rule)
         async with asyncio.timeout(10):
             while harness.repository.last_crl_history(harness.key_id)["revocation_seq"] < 1:  # type: ignore[index]
                 await asyncio.sleep(0.05)
@@ -449,3 +453,38 @@ async def test_openssl_sees_the_revoked_certificate_as_revoked(ceremony_ca, tmp_
         capture_output=True,
     )
     assert check.returncode == 0 and b"verify OK" in check.stderr
+
+
+async def test_a_crl_is_rebuilt_byte_for_byte_from_its_small_log_entry(make_harness) -> None:
+    """publish_crl carries no DER (docs/crl.md §4): a restarted signer serves the very CRL that
+    was published, rebuilt from the membership and the history, and the log entry stays small
+    however many entries the CRL lists."""
+    harness = make_harness(min_interval_seconds=0)
+    commands: list[bytes] = []
+    commit = harness.log.commit
+
+    async def recording(entry: bytes) -> Any:
+        commands.append(entry)
+        return await commit(entry)
+
+    harness.log.commit = recording  # type: ignore[method-assign]
+    for _ in range(2000):
+        await harness.revoke(valid_for=2 * DAY)
+    first = await harness.service.publish("test")
+    harness.advance(3 * DAY)  # the entries expire; they leave with the CRLs after the next
+    for _ in range(5):
+        await harness.revoke()
+    await harness.service.publish("test")
+    for _ in range(2):  # at most MAX_REMOVED (1000) leave with one CRL
+        harness.advance(dt.timedelta(hours=1))
+        last = await harness.service.publish("test")
+    assert first.record["entries"] == 2000 and last.record["entries"] == 5
+    assert harness.repository.latest_crl(harness.key_id)["der"] is None  # type: ignore[index]
+    restarted = harness.new_service()  # nothing in memory
+    rebuilt = await restarted.current("test")
+    assert rebuilt is not None and rebuilt.der == last.der  # byte for byte
+    again = await restarted._pinned(restarted._states["test"], first.number)
+    assert again is not None and again.der == first.der  # and an earlier one too
+    sizes = [len(c) for c in commands if decode(c).op == "publish_crl"]
+    assert len(sizes) == 4
+    assert len(first.der) > MAX_ENTRY_BYTES and max(sizes) < 32 * 1024  # the CRL is large

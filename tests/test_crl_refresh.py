@@ -147,10 +147,10 @@ async def _scenario(
             else:
                 outcome = await refresher.refresh(held[value])
                 event(f"refresh: {outcome.kind}")
-                latest = harness.repository.latest_crl(harness.key_id)
+                latest = await harness.service.current("test")
                 assert latest is not None
-                assert outcome.crl_number == latest["crl_number"]
-                assert outcome.der == latest["der"]  # byte-identical to the full CRL
+                assert outcome.crl_number == latest.number
+                assert outcome.der == latest.der  # byte-identical to the full CRL
                 assert not outcome.fell_back
                 if outcome.crl_number not in published:  # made on the request path (none yet)
                     expected = model.publish(revoked, int(harness.now.timestamp()))

@@ -211,15 +211,17 @@ async def _switch(legacy, migrated, tmp, config_path, config, server, client, li
         assert first["crl_number"] == int((legacy.directory(name) / "crlnumber").read_text(), 16)
         # the CRL equals what openssl ca -gencrl makes of the same index.txt, less the entries
         # of certificates that had expired when the earlier CA's last CRL listed them
-        ours = repo.latest_crl(key_id)
+        assert server.crl is not None
+        ours = await server.crl.current(name)
+        assert ours is not None
         openssl = openssl_gencrl(legacy, name, tmp)
         assert (
-            ours["crl_number"]
+            ours.number
             == openssl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
         )
         expired = legacy.expired[name]
-        assert crl_serials(ours["der"]) == {e.serial_number for e in openssl} - expired
-        assert len(crl_serials(ours["der"])) == first["entries"] == 5
+        assert crl_serials(ours.der) == {e.serial_number for e in openssl} - expired
+        assert len(crl_serials(ours.der)) == first["entries"] == 5
         assert repo.counts()["issuers"][key_id]["certificates"] == len(legacy.issued[name])
     await _webdb_revokes_an_old_certificate(server, client, line, tmp)
     await _new_certificates_verify_against_the_old_chain(legacy, client, tmp)
@@ -707,8 +709,9 @@ async def test_webdb_rows_alone_continue_above_the_signers_own_crl(
             assert done.returncode == 0, done.stderr
             assert "the imported CRL takes number 3" in done.stdout
             assert "first CRL after the import: number 4, 1 entries" in done.stdout
-            key_id = server.ca.issuers["class3"].key_id
-            assert {e.serial_number for e in x509.load_der_x509_crl(
-                server.ca.repository.latest_crl(key_id)["der"])} == {0x3001}  # fmt: skip
+            assert server.crl is not None
+            current = await server.crl.current("class3")
+            assert current is not None
+            assert {e.serial_number for e in x509.load_der_x509_crl(current.der)} == {0x3001}
         finally:
             await server.stop()

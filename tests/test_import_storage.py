@@ -227,7 +227,7 @@ def publish(issuer: bytes, number: int):
     from storage import PublishCrl
 
     return PublishCrl(issuer, number, NOW, NOW + 9, 0, (), 0, None, None, b"a", b"s",
-                      hashlib.sha256(b"crl").digest(), b"crl")  # fmt: skip
+                      hashlib.sha256(b"crl").digest(), 3)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -256,7 +256,7 @@ def test_an_import_entry_over_32_kib_is_refused(repo: Repository) -> None:
     assert result.reason is Reason.MALFORMED and "over 32768" in result.message
 
 
-def test_a_version_1_store_opens_as_version_2_unchanged(tmp_path: Path) -> None:
+def test_a_version_1_store_opens_as_version_3_unchanged(tmp_path: Path) -> None:
     path = tmp_path / "repo"
     with Repository(path) as repo:
         applied(repo, [IssueX509("i1", b"d", ISSUER, 5, b"c", "p", NOW, NOW + 9, NOW)])
@@ -266,7 +266,7 @@ def test_a_version_1_store_opens_as_version_2_unchanged(tmp_path: Path) -> None:
         txn.put(b"schema_version", msgpack.packb(1), db=env.open_db(b"meta", txn=txn))
     env.close()
     with Repository(path) as repo:
-        assert repo.schema_version() == 2 and repo.content_digest() == digest
+        assert repo.schema_version() == 3 and repo.content_digest() == digest
 
 
 READER = """

@@ -52,6 +52,24 @@ async def pair(cluster):
     return cluster
 
 
+def refused(raft: RaftLog) -> int:
+    """Connections of stale or foreign peers this signer closed: hellos judged unacceptable,
+    or peers that are no members."""
+    counters = raft._transport.counters if raft._transport else None
+    return counters.refused_peers + counters.strangers if counters else 0
+
+
+def turned_away(survivor: RaftLog, old: RaftLog) -> bool:
+    """The old signer was refused or fenced itself, or had all the time it needs to connect
+    (when the survivor, not knowing it, never dials it: the higher address dials)."""
+    return bool(refused(survivor) or old._fenced or time.monotonic() > old._settled_at)
+
+
+def frames_refused(raft: RaftLog) -> int:
+    """Frames this signer's link refused (over the limit, or not made with the secret)."""
+    return raft._transport.counters.refused_frames if raft._transport else 0
+
+
 def entry_command(raw: bytes) -> Command | None:
     """The command carried by a journal entry (our one replicated method, pickled by pysyncobj;
     the command as the repository's codec encoded it)."""
@@ -314,7 +332,7 @@ async def test_force_standalone_then_a_replacement_joins(tmp_path):
         check_invariants([cluster.repos[a], cluster.repos[c]], acknowledged)
         # The fenced signer comes back with its old data: nobody talks to it, it gets nothing.
         old_b = cluster.start(b, peers=[a])
-        await asyncio.sleep(1.0)  # TODO(issue 14): wait for the refusal instead
+        await wait_for(lambda: turned_away(survivor, old_b), 10, "b refused")
         assert not old_b.view.has_quorum
         with pytest.raises(NoQuorum):
             await commit(old_b, issue(999))
@@ -398,7 +416,11 @@ async def test_a_peer_without_the_secret_is_not_heard(tmp_path):
         )
         intruder.start()
         try:
-            await asyncio.sleep(1.5)  # TODO(issue 14): wait for the unauthenticated close
+            await wait_for(  # whichever dials, the other refuses its first frame
+                lambda: frames_refused(cluster.logs[a]) + frames_refused(intruder) >= 2,
+                10,
+                "frames refused",
+            )
             assert cluster.logs[a].view.has_quorum is False
             assert intruder.view.has_quorum is False
         finally:
@@ -460,7 +482,7 @@ async def test_recovery_from_a_backup_after_losing_both_signers(tmp_path):
         assert cluster.repos[a].get_request("issue-10") is None  # newer than the backup
         # b, with its old data (and issue-10), is not a member any more: nobody answers it
         old_b = cluster.start(b)
-        await asyncio.sleep(1.0)  # TODO(issue 14): wait for the refusal instead
+        await wait_for(lambda: turned_away(survivor, old_b), 10, "b refused")
         assert not old_b.view.has_quorum
         status = await survivor.status()
         assert status["members"] == [a]

@@ -364,3 +364,89 @@ async def test_control_socket_is_private_and_refuses_bad_requests(tmp_path):
         await server.close()
         repository.close()
     assert not server.path.exists()
+
+
+# --- the journal on a failing disk ---------------------------------------------------------
+
+
+def _failing(monkeypatch, name: str) -> list[bool]:
+    """Make `os.<name>` in the journal fail with ENOSPC while the returned flag is set."""
+    import errno
+    import os
+
+    from replication import journal as journal_module
+
+    flag = [True]
+    real = getattr(os, name)
+
+    def maybe(*args):
+        if flag[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    fake_os = type("os", (), {k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+    setattr(fake_os, name, staticmethod(maybe))
+    monkeypatch.setattr(journal_module, "os", fake_os)
+    return flag
+
+
+def test_journal_appends_that_fail_are_written_by_a_later_sync(tmp_path, monkeypatch):
+    path = tmp_path / "raft.journal"
+    journal = DurableJournal(path)
+    for entry in entries(3):
+        journal.add(*entry)
+    assert journal.sync() and journal.durable_index == 3
+    failing = _failing(monkeypatch, "pwrite")
+    for entry in entries(3, start=4):
+        journal.add(*entry)  # never raises into pysyncobj
+    assert len(journal) == 6 and journal.last_index == 6
+    assert journal.sync() is False and "No space left" in (journal.failure or "")
+    assert journal.durable_index == 3  # nothing new counts as stored
+    assert [e[1] for e in read_entries(path)[0]] == [1, 2, 3]
+    failing[0] = False  # space again
+    assert journal.sync() and journal.failure is None and journal.durable_index == 6
+    journal._destroy()
+    assert list(DurableJournal(path)) == entries(6)
+
+
+def test_journal_a_failed_compaction_leaves_the_file_and_is_redone(tmp_path, monkeypatch):
+    path = tmp_path / "raft.journal"
+    journal = DurableJournal(path)
+    for entry in entries(10):
+        journal.add(*entry)
+    journal.sync()
+    failing = _failing(monkeypatch, "write")
+    journal.deleteEntriesTo(4)  # compaction after a snapshot: the new file cannot be written
+    assert list(journal) == entries(10)[4:]
+    assert journal.sync() is False
+    assert [e[1] for e in read_entries(path)[0]] == list(range(1, 11))  # the old file, whole
+    journal.add(*entries(1, start=11)[0])
+    failing[0] = False
+    assert journal.sync() and journal.durable_index == 11
+    journal._destroy()
+    assert [e[1] for e in DurableJournal(path)] == list(range(5, 12))
+
+
+def test_journal_state_is_overwritten_in_place_and_old_json_is_read(tmp_path):
+    import json
+
+    path = tmp_path / "raft.journal"
+    (tmp_path / "raft.journal.meta").write_text(json.dumps({"term": 4, "voted_for": "x"}))
+    journal = DurableJournal(path)  # an earlier version's JSON file, converted
+    assert journal.getCurrentTerm() == 4 and journal.getVotedForNodeId() == "x"
+    size = (tmp_path / "raft.journal.meta").stat().st_size
+    for term in range(5, 12):
+        journal.setCurrentTerm(term, f"node-{term}")
+    journal.setRaftCommitIndex(99)
+    journal.onOneSecondTimer()
+    assert (tmp_path / "raft.journal.meta").stat().st_size == size  # no new blocks needed
+    journal._destroy()
+    reopened = DurableJournal(path)
+    assert (reopened.getCurrentTerm(), reopened.getRaftCommitIndex()) == (11, 99)
+    reopened._destroy()  # (stores once more: both slots now hold term 11)
+    data = bytearray((tmp_path / "raft.journal.meta").read_bytes())
+    data[len(b"cacert-signer raft state v1\n") + 20] ^= 0xFF  # one slot torn
+    (tmp_path / "raft.journal.meta").write_bytes(bytes(data))
+    fallback = DurableJournal(path)
+    assert (fallback.getCurrentTerm(), fallback.getRaftCommitIndex()) == (11, 99)
+    fallback._destroy()

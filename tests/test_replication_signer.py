@@ -43,7 +43,9 @@ def ca(softhsm_token_factory, tmp_path_factory):
     return base, token
 
 
-def pair_configs(ca, tmp: Path, lines: list[LineEmulator]) -> list[SignerConfig]:
+def pair_configs(
+    ca, tmp: Path, lines: list[LineEmulator], crl: dict | None = None
+) -> list[SignerConfig]:
     base, token = ca
     sections = ReplicationSettings.local_pair(tmp, tuple(free_ports(2)), **FAST)
     configs = []
@@ -59,6 +61,7 @@ def pair_configs(ca, tmp: Path, lines: list[LineEmulator]) -> list[SignerConfig]
                 "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
             },
             "replication": section,
+            **({"crl": crl} if crl else {}),
         }  # fmt: skip
         path = tmp / f"signer-{name}.yaml"
         path.write_text(yaml.safe_dump(text))
@@ -151,5 +154,56 @@ async def test_a_pair_issues_on_either_signer(ca, tmp_path):
         finally:
             for client in clients:
                 await client.close()
+            for server in servers:
+                await server.stop()
+
+
+async def test_only_the_leader_schedules_crls_and_a_follower_reports_the_replicated_one(
+    ca, tmp_path
+):
+    with (
+        LineEmulator(tmp_path / "line-a", baud=None) as line_a,
+        LineEmulator(tmp_path / "line-b", baud=None) as line_b,
+    ):
+        crl = {"poll_seconds": 0.1, "min_interval_seconds": 0}
+        configs = pair_configs(ca, tmp_path, [line_a, line_b], crl)
+        servers = [SignerServer(config) for config in configs]
+        try:
+            for server in servers:
+                await server.start()
+            await wait_for(
+                lambda: {s.cluster.view.role for s in servers} == {"leader", "follower"},
+                20,
+                "roles",
+            )
+            leader = next(s for s in servers if s.cluster.view.role == "leader")
+            follower = next(s for s in servers if s is not leader)
+            key_id = leader.ca.issuers["class3"].key_id
+
+            def published(server: SignerServer) -> int:
+                last = server.ca.repository.last_crl_history(key_id)
+                return 0 if last is None else int(last["crl_number"])
+
+            await wait_for(lambda: published(follower) >= 2, 20, "the first CRLs, replicated")
+            # a stale failure of the follower's (from before it applied the leader's CRL)
+            state = follower.crl._states["class3"]
+            state.last_error, state.failed_after = "no_quorum: lost the pair", 1
+            before = published(leader)
+            settings = LinkSettings(device=str(line_b.end_b if follower is servers[1]
+                                               else line_a.end_b), baudrate=BAUD,
+                                    reopen_interval=0.1)  # fmt: skip
+            async with SignerClient(settings, timeout=20) as client:
+                args = {"profile": "server", "csr": csr(), "sans": [["dns", "www.example.org"]]}
+                issued = await client.call("sign_x509", args, request_id="s1")
+                await client.call("revoke_x509", {"issuer": "class3", "serial": issued["serial"]})
+                await wait_for(lambda: published(follower) > before, 20, "the leader's new CRL")
+                health = await client.call("health")
+            crls = health["sections"]["crls"]["class3"]
+            assert crls["crl_number"] == published(leader) and crls["last_error"] is None
+            assert not [w for w in health["warnings"] if "CRL" in w]
+            for name in ("class1", "class3"):  # the follower never signed a CRL
+                assert follower.crl._states[name].build_seconds is None
+            assert leader.crl._states["class3"].build_seconds is not None
+        finally:
             for server in servers:
                 await server.stop()

@@ -650,7 +650,7 @@ def layout_log() -> list[Command]:
             signature_algorithm=b"\x30\x0a",
             signature=b"sig%d" % number,
             sha256=hashlib.sha256(der).digest(),
-            der=der,
+            size=len(der),
         )
 
     return [
@@ -673,6 +673,9 @@ LAYOUT_DIGEST = "f2c07a512cf47ecbed04294715475626e8569b2a47643e0dc3328a0816d7de0
 LAYOUT_DIGEST_V2 = "861800a17a3596c1d0855ace91b13d5eec2cce86b0afe066316aceb63dbb9efc"
 
 
+LAYOUT_DIGEST_V3 = "36385a7b81af08f13d5185f5969f7211b16ca76a6669e8f5ac18a3dee59e245a"
+
+
 def test_the_stored_bytes_are_those_of_the_earlier_version(repo: Repository) -> None:
     results = repo.apply_batch(list(enumerate(layout_log(), start=1)))
     assert [r.status for r in results] == [
@@ -688,12 +691,34 @@ def test_the_stored_bytes_are_those_of_the_earlier_version(repo: Repository) -> 
         "rejected",
     ]
     assert repo.check_consistency().ok
-    assert repo.content_digest().hex() == LAYOUT_DIGEST_V2
+    assert repo.content_digest().hex() == LAYOUT_DIGEST_V3
     repo.close()
+    # Version 3 changed one value: the last published CRL's DER is no longer kept (it is
+    # rebuilt from the history). With it put back, the bytes are version 2's and version 1's.
+    _put_crl_der(repo.path, ISSUER_A, b"crl3")
+    _set_version(repo.path, 2)
+    env = lmdb.open(str(repo.path), max_dbs=16, readonly=True)
+    try:
+        assert _digest_of(env).hex() == LAYOUT_DIGEST_V2
+    finally:
+        env.close()
     _set_version(repo.path, 1)  # version 2 (imports) changed no byte of this log's state but that
     env = lmdb.open(str(repo.path), max_dbs=16, readonly=True)
     try:
         assert _digest_of(env).hex() == LAYOUT_DIGEST
+    finally:
+        env.close()
+    with Repository(repo.path) as migrated:  # 1 -> 2 -> 3: the DER goes, as if applied today
+        assert migrated.content_digest().hex() == LAYOUT_DIGEST_V3
+
+
+def _put_crl_der(path: Path, issuer: bytes, der: bytes) -> None:
+    env = lmdb.open(str(path), max_dbs=16)
+    try:
+        with env.begin(write=True) as txn:
+            crls = env.open_db(b"crls", txn=txn)
+            value = msgpack.unpackb(txn.get(issuer, db=crls))
+            txn.put(issuer, msgpack.packb({**value, "der": der}, use_bin_type=True), db=crls)
     finally:
         env.close()
 

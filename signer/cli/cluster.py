@@ -4,6 +4,7 @@ socket (signer/server/control.py), and the offline `recover` (signer host)."""
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="each other voter, confirming it is fenced and can never run again as is",
     )
-    sub.add_parser(
+    recover = sub.add_parser(
         "recover",
         help="signer stopped, every signer lost: restart replication from this repository "
-        "(restored from a backup) with this signer alone",
+        "(restored from a backup) with this signer alone; its next CRL numbers skip past "
+        "any that can have been published since the backup",
+    )
+    recover.add_argument(
+        "--crl-number",
+        action="append",
+        default=[],
+        metavar="ISSUER=N",
+        help="the highest CRL number of an issuer (by its configured name) known published: "
+        "the next is N + 1 instead of the estimate (docs/operations.md, Restore)",
     )
 
 
@@ -79,7 +89,8 @@ def _recover(args: argparse.Namespace) -> int:
     from replication.raft import RaftLog
     from signer.config import load
     from signer.server.config import SignerConfig
-    from storage import Repository, RepositoryError
+    from signer.tools.history import issuer_cas
+    from storage import Repository, RepositoryError, crl_number_floors, encode
 
     if args.config is None:
         raise ConfigError("recover needs --config (the signer's YAML file)")
@@ -92,15 +103,41 @@ def _recover(args: argparse.Namespace) -> int:
         pass
     else:
         raise ConfigError("the signer is running: stop it before recovering")
+    published = _published_numbers(config, args.crl_number)
     repository = Repository(config.repository.path, config.repository.map_size_gb << 30)
     try:
-        generation = RaftLog(config.replication, repository).recover_standalone()
+        floors = crl_number_floors(repository, int(time.time()), published)
+        first = [encode(command) for command in floors]
+        generation = RaftLog(config.replication, repository).recover_standalone(first)
     except (ReplicationError, RepositoryError) as exc:  # the situation does not allow it: why
         raise CommandFailed("recover_refused", str(exc)) from None
     finally:
         repository.close()
+    try:
+        names = {issuer.key_id: name for name, issuer in issuer_cas(config).items()}
+    except ConfigError:  # a replica without issuers: key ids then
+        names = {}
+    for command in floors:
+        name = names.get(command.issuer, command.issuer.hex())
+        print(f"CRLs of {name}: the next is numbered {command.at_least} at least")
     print(f"recovered: this signer alone, generation {generation}; start it, then add the others")
+    print("then run `signer webdb-client --reconcile` on the WebDB host (docs/operations.md)")
     return EXIT_OK
+
+
+def _published_numbers(config: Any, given: list[str]) -> dict[bytes, int]:
+    """--crl-number ISSUER=N, by configured issuer name, as key id -> N."""
+    from signer.tools.history import issuer_cas
+
+    issuers = issuer_cas(config) if given else {}
+    numbers: dict[bytes, int] = {}
+    for item in given:
+        name, _, number = item.partition("=")
+        if name not in issuers or not number.isdigit():
+            known = ", ".join(issuers) or "none configured"
+            raise ConfigError(f"--crl-number {item!r}: expected ISSUER=N with ISSUER in {known}")
+        numbers[issuers[name].key_id] = int(number)
+    return numbers
 
 
 def _socket_from_config(path: Path) -> Path:

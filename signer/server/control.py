@@ -25,12 +25,14 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from signer.errors import ErrorCode, SignerError
 from signer.server.errors import wire_error
+from storage import Repository, crl_number_floors, encode
 
 if TYPE_CHECKING:
     from replication.raft import RaftLog
@@ -158,7 +160,21 @@ class ControlServer:
         fenced = request["fenced"]
         if not isinstance(fenced, list) or not all(isinstance(x, str) for x in fenced):
             raise ValueError("fenced must be a list of addresses")
-        return dict(await self._raft().force_standalone(fenced))
+        raft = self._raft()
+        answer = dict(await raft.force_standalone(fenced))
+        if len(fenced) > 1:  # of three or more, the fenced ones may have committed without us
+            answer["crl_floors"] = await self._restore_rule(raft)
+        return answer
+
+    @staticmethod
+    async def _restore_rule(raft: RaftLog[Any]) -> dict[str, int]:
+        """Raise each issuer's next CRL number past what may have been published without this
+        signer (storage/restore.py), through the log."""
+        repository = cast(Repository, raft.machine)
+        floors = await asyncio.to_thread(crl_number_floors, repository, int(time.time()))
+        for command in floors:
+            await raft.commit(encode(command))
+        return {command.issuer.hex(): command.at_least for command in floors}
 
 
 def error_answer(exc: SignerError) -> dict[str, Any]:

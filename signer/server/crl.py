@@ -35,7 +35,15 @@ from signer.server.errors import rejection_error
 from signer.server.health import Section
 from signer.server.recorder import Recorder
 from signer.wire.protocol import FetchCrlArgs, FetchCrlResult
-from storage import CrlPublished, PublishCrl, Rejected, RevokedEntry, crl_block_rows, serial_bytes
+from storage import (
+    CrlPublished,
+    PublishCrl,
+    Rejected,
+    RevokedEntry,
+    crl_block_rows,
+    serial_bytes,
+)
+from storage.commands import MAX_REMOVED
 
 if TYPE_CHECKING:
     from replication.log import Log
@@ -157,8 +165,8 @@ def draft_crl(
     if last is not None:
         threshold = last["this_update"] - int(config.grace_days * 86400)
         for not_after, serial in repository.iter_crl_expiry(key_id):
-            if not_after >= threshold:
-                first_kept = not_after
+            if not_after >= threshold or len(removed) == MAX_REMOVED:
+                first_kept = not_after  # (at MAX_REMOVED, the rest leave with the next CRLs)
                 break
             removed.append(serial)
             removed_before = max(removed_before or 0, not_after + 1)
@@ -276,6 +284,7 @@ class _IssuerCrls:
     current: PublishedCrl | None = None
     older: OrderedDict[int, PublishedCrl] = field(default_factory=OrderedDict)
     last_error: str | None = None
+    failed_after: int | None = None  # the newest CRL number when `last_error` happened
     build_seconds: float | None = None  # the last CRL: decided, assembled and signed
     commit_seconds: float | None = None  # the last CRL: recorded through the log
 
@@ -315,8 +324,10 @@ class CrlService:
         commit_log: Log[Result],
         config: CrlConfig,
         clock: Callable[[], datetime] = utcnow,
+        scheduling: Callable[[], bool] = lambda: True,
     ):
         self.hsm = hsm
+        self.scheduling = scheduling  # in a pair: only the leader's scheduler publishes
         self.repository = repository
         self.log = commit_log
         self.recorder = Recorder(commit_log)
@@ -362,6 +373,8 @@ class CrlService:
             return "no CRL yet"
         if last.get("imported"):
             return "first CRL after the import"
+        if now <= last["this_update"]:
+            return None  # one CRL per second at most: the restore rule counts on it
         if now >= last["next_update"] - self.config.refresh_margin_hours * 3600:
             return "nextUpdate is near"
         if now >= last["this_update"] + self.config.reissue_hours * 3600:
@@ -373,8 +386,12 @@ class CrlService:
         return None
 
     async def refresh_due(self) -> dict[str, str]:
-        """Publish every CRL that is due; a failure is logged and retried at the next poll."""
-        outcome = {}
+        """Publish every CRL that is due; a failure is logged and retried at the next poll.
+        Only where `scheduling()` holds: in a pair the leader publishes, the other signer
+        follows through the log (no HSM signature lost in a race for the number)."""
+        outcome: dict[str, str] = {}
+        if not self.scheduling():
+            return outcome
         for name, state in self._states.items():
             try:
                 async with state.lock:
@@ -389,14 +406,19 @@ class CrlService:
                 outcome[name] = f"published {race.theirs} by the other signer"
                 log.info("CRL of %s: number %s was taken by the other signer", name, race.ours)
             except SignerError as exc:
-                state.last_error = f"{exc.code.value}: {exc.message}"
+                self._failed(state, f"{exc.code.value}: {exc.message}")
                 outcome[name] = f"failed: {state.last_error}"
                 log.error("CRL of %s not published: %s", name, exc)
             except Exception as exc:  # the scheduler must outlive any bug
-                state.last_error = f"internal error: {type(exc).__name__}"
+                self._failed(state, f"internal error: {type(exc).__name__}")
                 outcome[name] = f"failed: {state.last_error}"
                 log.exception("CRL of %s not published", name)
         return outcome
+
+    def _failed(self, state: _IssuerCrls, error: str) -> None:
+        last = self.repository.last_crl_history(state.key_id)
+        state.last_error = error
+        state.failed_after = None if last is None else int(last["crl_number"])
 
     async def publish(self, name: str) -> PublishedCrl:
         """Publish a new CRL of `name` now, due or not."""
@@ -447,12 +469,15 @@ class CrlService:
 
     def _next_number(self, key_id: bytes) -> int:
         """After the last one published (or imported: the earlier CA's numbers go on); the
-        first after one recorded without history (the ceremony's)."""
+        first after one recorded without history (the ceremony's); at least the floor a
+        restore set (storage/restore.py)."""
+        floor = self.repository.crl_number_floor(key_id)
         last = self.repository.last_crl_history(key_id)
         if last is not None:
-            return int(last["crl_number"]) + 1
+            return max(int(last["crl_number"]) + 1, floor)
         recorded = self.repository.latest_crl(key_id)  # one recorded without history
-        return max(FIRST_CRL_NUMBER, 0 if recorded is None else recorded["crl_number"] + 1)
+        first = 0 if recorded is None else recorded["crl_number"] + 1
+        return max(FIRST_CRL_NUMBER, first, floor)
 
     def _draft(self, state: _IssuerCrls, number: int, now: int) -> tuple[CrlDraft, bytes]:
         draft = draft_crl(self.repository, state.crl_issuer, state.key_id, number, now, self.config)
@@ -492,7 +517,7 @@ class CrlService:
                 if current is None or self._now() >= current.record["next_update"] - margin:
                     current = await self._publish(state)
         except SignerError as exc:
-            state.last_error = f"{exc.code.value}: {exc.message}"
+            self._failed(state, f"{exc.code.value}: {exc.message}")
             if current is None:
                 raise SignerError(
                     ErrorCode.CRL_UNAVAILABLE,
@@ -501,6 +526,11 @@ class CrlService:
                 ) from exc
             log.error("serving a stale CRL of %s: %s", state.issuer.name, exc)
         return current
+
+    async def current(self, name: str) -> PublishedCrl | None:
+        """The newest published CRL of `name` (its DER rebuilt from the history when it is not
+        in memory), None before the first."""
+        return await self._current(self._state(name))
 
     async def _current(self, state: _IssuerCrls) -> PublishedCrl | None:
         """The newest published CRL, from memory when it is still the newest (None before the
@@ -511,8 +541,8 @@ class CrlService:
         if state.current is not None and state.current.number == last["crl_number"]:
             return state.current
         stored = await asyncio.to_thread(self.repository.latest_crl, state.key_id)
-        if stored is not None and stored["crl_number"] == last["crl_number"]:
-            der = stored["der"]
+        if stored is not None and stored["crl_number"] == last["crl_number"] and stored["der"]:
+            der = stored["der"]  # (a CRL stored whole by an earlier version)
         else:
             der = await asyncio.to_thread(self._rebuild, state, last["crl_number"])
         if der is None or await asyncio.to_thread(_sha256, der) != last["sha256"]:
@@ -563,6 +593,8 @@ class CrlService:
         warnings, errors = [], []
         for name, state in self._states.items():
             last = self.repository.last_crl_history(state.key_id)
+            if last is not None and state.failed_after != last["crl_number"]:
+                state.last_error = None  # a newer CRL was published since (here or replicated)
             if last is None or last.get("imported"):
                 errors.append(f"{name}: no CRL ({state.last_error or 'not made yet'})")
                 data[name] = {"crl_number": None, "last_error": state.last_error}
@@ -599,6 +631,7 @@ def finish_crl(draft: CrlDraft, signature: bytes) -> tuple[bytes, bytes]:
 
 
 def _command(draft: CrlDraft, signature: bytes, sha256: bytes, der: bytes) -> PublishCrl:
+    """The log entry: everything to rebuild the CRL byte for byte, not its DER (docs/crl.md)."""
     header = draft.header
     return PublishCrl(
         issuer=draft.key_id,
@@ -613,7 +646,7 @@ def _command(draft: CrlDraft, signature: bytes, sha256: bytes, der: bytes) -> Pu
         signature_algorithm=header.algorithm.der,
         signature=signature,
         sha256=sha256,
-        der=der,
+        size=len(der),
     )
 
 

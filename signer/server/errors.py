@@ -12,6 +12,7 @@ from __future__ import annotations
 from replication.errors import (
     ApplyFailed,
     ClockBehind,
+    EntryTooLarge,
     MembershipConflict,
     MembershipRefused,
     NoQuorum,
@@ -44,7 +45,8 @@ EXCEPTION_CODES: tuple[tuple[type[Exception], ErrorCode], ...] = (
     (NotCommitted, ErrorCode.NOT_COMMITTED),
     (ClockBehind, ErrorCode.CLOCK_BEHIND),
     (QueueFull, ErrorCode.BUSY),
-    (ApplyFailed, ErrorCode.REPOSITORY_ERROR),
+    (EntryTooLarge, ErrorCode.INPUT_TOO_LARGE),
+    (ApplyFailed, ErrorCode.REPOSITORY_ERROR),  # also JournalFailed (a full disk)
     (MembershipRefused, ErrorCode.BAD_ARGUMENTS),
     (MembershipConflict, ErrorCode.REPOSITORY_ERROR),
     (ReplicationError, ErrorCode.INTERNAL_ERROR),

@@ -29,6 +29,7 @@ from signer.server.health import Health, Section
 from signer.server.hsm import Hsm
 from signer.server.importer import ImportService
 from signer.server.openpgp import OpenPgpService
+from signer.server.reconcile import Reconciler
 from signer.wire.protocol import COMMANDS, HealthArgs, RequestStatusArgs, RequestStatusResult
 from storage import Repository, Result
 
@@ -39,6 +40,14 @@ def as_dict(stats: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
         return dataclasses.asdict(stats)
     return dict(stats)
+
+
+def _open_repository(config: SignerConfig) -> Repository:
+    """The repository; under the replicated log one fdatasync per commit (its journal
+    replays a commit an OS crash undid: docs/repository.md §2)."""
+    assert config.repository is not None
+    size = config.repository.map_size_gb << 30
+    return Repository(config.repository.path, size, metasync=config.replication is None)
 
 
 class SignerServer:
@@ -64,11 +73,19 @@ class SignerServer:
         if config.issuing():
             self.ca = self._certificate_authority(config)
             self.handlers.update(self.ca.handlers())
+            self.handlers.update(Reconciler(self.ca).handlers())
             self.health.add("hsm", self.ca.hsm_section)
             self.health.add("cas", self.ca.cas_section)
             self.health.add("repository", self.ca.repository_section)
             ca = self.ca
-            self.crl = CrlService(ca.issuers.values(), ca.hsm, ca.repository, ca.log, config.crl)
+            self.crl = CrlService(
+                ca.issuers.values(),
+                ca.hsm,
+                ca.repository,
+                ca.log,
+                config.crl,
+                scheduling=self._schedules_crls,
+            )
             self.handlers.update(self.crl.handlers())
             self.health.add("crls", self.crl.health_section)
         self.openpgp: OpenPgpService | None = None
@@ -92,11 +109,15 @@ class SignerServer:
                 if command.writes and name in self.handlers:
                     self.handlers[name] = self.cluster.guard(self.handlers[name])
 
+    def _schedules_crls(self) -> bool:
+        """Standalone, or the leader of the pair: the follower applies what the leader made."""
+        return self.cluster is None or self.cluster.view.role == "leader"
+
     def _shared(self, config: SignerConfig) -> tuple[Repository, Log[Result], Hsm]:
         """One repository, log and HSM session for the X.509 and OpenPGP services."""
         if self._shared_parts is None:
             assert config.repository and config.hsm
-            repository = Repository(config.repository.path, config.repository.map_size_gb << 30)
+            repository = _open_repository(config)
             commit_log = self._commit_log(config, repository)
             hsm = Hsm(config.hsm)
             self._closers += [hsm.close, commit_log.close, repository.close]
@@ -121,8 +142,7 @@ class SignerServer:
         return self.cluster
 
     def _replica_only(self, config: SignerConfig) -> None:
-        assert config.repository is not None
-        repository = Repository(config.repository.path, config.repository.map_size_gb << 30)
+        repository = _open_repository(config)
         commit_log = self._commit_log(config, repository)
         self._closers += [commit_log.close, repository.close]
 

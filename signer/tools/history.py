@@ -939,9 +939,9 @@ def export_history(
         last = repository.last_crl_history(issuer.key_id)
         if last is not None:
             (directory / "crlnumber").write_text(serial_hex(last["crl_number"] + 1) + "\n")
-            latest = repository.latest_crl(issuer.key_id)
-            if latest is not None and latest["crl_number"] == last["crl_number"]:
-                (directory / "crl.der").write_bytes(latest["der"])
+            der = _last_crl_der(repository, issuer, last["crl_number"])
+            if der is not None:
+                (directory / "crl.der").write_bytes(der)
         summary[name] = {
             "directory": str(directory),
             "certificates": count,
@@ -954,6 +954,19 @@ def export_history(
             f"{directory} ({time.perf_counter() - started:.1f} s)"
         )
     return summary
+
+
+def _last_crl_der(repository: Any, issuer: IssuerCa, number: int) -> bytes | None:
+    """The issuer's last CRL as this signer published it (rebuilt from its history; kept
+    whole by repositories before schema 3); None for an imported one."""
+    from signer.pki.crl import CrlIssuer
+    from signer.server.crl import rebuild_crl
+
+    latest = repository.latest_crl(issuer.key_id)
+    if latest is not None and latest["crl_number"] == number and latest["der"]:
+        return bytes(latest["der"])
+    crl_issuer = CrlIssuer.from_certificate(issuer.certificate)
+    return rebuild_crl(repository, crl_issuer, issuer.key_id, number)
 
 
 def legacy_record(record: Any) -> LegacyRecord:

@@ -137,6 +137,19 @@ class RevokeX509Result(Result):
     reason: str | None
 
 
+class RecordX509Args(Args):
+    """A certificate this signer issued that its repository lost (restored from an older copy):
+    recorded under the request id, never issued again (`signer webdb-client --reconcile`)."""
+
+    certificate: Bin = Field(min_length=1, max_length=MAX_CSR)
+
+
+class RecordX509Result(Result):
+    status: Literal["recorded", "already_recorded"]
+    issuer: str
+    serial: str
+
+
 # --- CRL -------------------------------------------------------------------------------------
 
 
@@ -215,6 +228,7 @@ COMMANDS: dict[str, Command] = {
         Command("fetch_crl", FetchCrlArgs, FetchCrlResult, False, "an issuer's CRL"),
         Command("sign_openpgp", SignOpenpgpArgs, SignOpenpgpResult, True, "certify user IDs"),
         Command("request_status", RequestStatusArgs, RequestStatusResult, False, "outcome"),
+        Command("record_x509", RecordX509Args, RecordX509Result, True, "record a lost issuance"),
     )
 }
 

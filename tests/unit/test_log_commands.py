@@ -22,6 +22,7 @@ from storage import (
     IssueX509,
     Noop,
     PublishCrl,
+    RaiseCrlNumber,
     Reason,
     RecordCrl,
     RevokeX509,
@@ -96,7 +97,7 @@ PINNED: list[tuple[Command, str]] = [
             signature_algorithm=b"\x30\x0a",
             signature=b"sig",
             sha256=b"\x11" * 32,
-            der=b"crl",
+            size=3,
         ),
         "8ea26f70ab7075626c6973685f63726ca6697373756572c414000102030405060708090a0b0c0d0e0f"
         "10111213aa63726c5f6e756d626572c4140000000000000000000000000000000000000008ab746869"
@@ -105,7 +106,13 @@ PINNED: list[tuple[Command, str]] = [
         "ffffffffffffffffffffffffffffffffffa7656e747269657304ae72656d6f7665645f6265666f7265"
         "c0b4657870697265645f63657274735f6f6e5f63726cce6553f100b37369676e61747572655f616c67"
         "6f726974686dc402300aa97369676e6174757265c403736967a6736861323536c42011111111111111"
-        "11111111111111111111111111111111111111111111111111a3646572c40363726c",
+        "11111111111111111111111111111111111111111111111111a473697a6503",
+    ),
+    (
+        RaiseCrlNumber(issuer=ISSUER, at_least=0x10000, reason="restored"),
+        "84a26f70b072616973655f63726c5f6e756d626572a6697373756572c414000102030405060708090a"
+        "0b0c0d0e0f10111213a861745f6c65617374c4140000000000000000000000000000000000010000a6"
+        "726561736f6ea8726573746f726564",
     ),
     (
         CertifyOpenpgp(
@@ -209,6 +216,39 @@ def test_every_op_is_pinned_and_its_fields_are_its_rules():
     assert {command.op for command, _ in PINNED} == set(COMMAND_TYPES)
     for op, cls in COMMAND_TYPES.items():
         assert [f.name for f in dataclasses.fields(cls)] == list(_SPECS[op]), op
+
+
+# publish_crl as schema 2 and before wrote it: with the CRL's DER (b"crl") instead of its size.
+PUBLISH_CRL_WITH_DER = (
+    "8ea26f70ab7075626c6973685f63726ca6697373756572c414000102030405060708090a0b0c0d0e0f"
+    "10111213aa63726c5f6e756d626572c4140000000000000000000000000000000000000008ab746869"
+    "735f757064617465ce65ec8780ab6e6578745f757064617465ce65f5c200ae7265766f636174696f6e"
+    "5f73657103a772656d6f76656492c4140000000000000000000000000000000000000001c4147fffff"
+    "ffffffffffffffffffffffffffffffffffa7656e747269657304ae72656d6f7665645f6265666f7265"
+    "c0b4657870697265645f63657274735f6f6e5f63726cce6553f100b37369676e61747572655f616c67"
+    "6f726974686dc402300aa97369676e6174757265c403736967a6736861323536c42011111111111111"
+    "11111111111111111111111111111111111111111111111111a3646572c40363726c"
+)
+
+
+def test_a_publish_crl_with_its_der_decodes_as_its_size():
+    """Journals written before schema 3 replay into the same state on every replica."""
+    [published] = [command for command, _ in PINNED if isinstance(command, PublishCrl)]
+    assert decode(bytes.fromhex(PUBLISH_CRL_WITH_DER)) == published
+
+
+def test_a_publish_crl_removes_at_most_max_removed():
+    from storage.commands import MAX_REMOVED
+
+    [published] = [command for command, _ in PINNED if isinstance(command, PublishCrl)]
+    for count, ok in ((MAX_REMOVED, True), (MAX_REMOVED + 1, False)):
+        entry = encode(dataclasses.replace(published, removed=tuple(range(1, count + 1))))
+        if ok:
+            assert len(decode(entry).removed) == count  # type: ignore[union-attr]
+            assert len(entry) < 32 * 1024  # a small log entry, far below the bound
+        else:
+            with pytest.raises(Invalid, match="at most"):
+                decode(entry)
 
 
 def test_a_map_in_another_field_order_is_the_same_command():
