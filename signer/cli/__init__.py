@@ -29,6 +29,7 @@ from signer.cli import (
     history_import,
     line_emulator,
     openpgp,
+    restore,
     serve,
     webdb,
 )
@@ -58,6 +59,7 @@ VERBS: dict[str, Verb] = {
     "export": history_export,
     "backup": backup,
     "check": check,
+    "restore": restore,
 }
 
 
