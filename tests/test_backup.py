@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -143,3 +144,41 @@ def test_the_command_line_writes_and_verifies_a_backup(tmp_path):
     assert done.returncode == 1 and json.loads(done.stdout)["error"]["code"] == "bad_backup"
     done = signer("backup", "--config", str(config))
     assert done.returncode == 2 and "needs --config and --out" in done.stderr
+
+
+def test_the_command_line_restores_a_backup_standalone_or_replicated(tmp_path):
+    with Repository(tmp_path / "repo") as repository:
+        repository.apply_batch([(i + 1, c) for i, c in enumerate(commands(100))])
+        digest = repository.content_digest().hex()
+    make_backup(tmp_path / "repo", tmp_path / "b.tar", now=1)
+    config = tmp_path / "signer.yaml"
+    config.write_text("link: {device: /dev/null}\nrepository: {path: repo}\n")
+    done = signer("restore", str(tmp_path / "b.tar"), "--config", str(config))
+    assert done.returncode == 1 and "give --replace" in done.stderr  # a repository is there
+    (tmp_path / "junk.tar").write_bytes(b"junk")
+    done = signer("restore", str(tmp_path / "junk.tar"), "--config", str(config), "--replace")
+    assert done.returncode == 1 and "bad_backup" in done.stderr
+    shutil.rmtree(tmp_path / "repo")
+    done = signer("restore", str(tmp_path / "b.tar"), "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["manifest"]["content_digest"] == digest and answer["generation"] is None
+    assert "verify: 100%" in done.stderr  # progress lines (not a terminal)
+    # A replicated signer: never beside an old journal; then a new generation, alone.
+    secret = tmp_path / "replication.secret"
+    secret.write_text("s" * 32)
+    secret.chmod(0o600)
+    config.write_text(
+        "link: {device: /dev/null}\nrepository: {path: repo}\nreplication: {self_address: "
+        "'127.0.0.1:4999', peers: [], secret_file: replication.secret, journal_dir: raft}\n"
+    )
+    (tmp_path / "raft").mkdir()
+    (tmp_path / "raft" / "journal").write_bytes(b"old")
+    done = signer("restore", str(tmp_path / "b.tar"), "--config", str(config), "--replace")
+    assert done.returncode == 1 and "raft is not empty" in done.stderr
+    (tmp_path / "raft" / "journal").unlink()
+    done = signer("restore", str(tmp_path / "b.tar"), "--config", str(config), "--replace")
+    assert done.returncode == 0, done.stderr
+    assert "this signer alone, generation" in done.stdout
+    with Repository(tmp_path / "repo") as repository:
+        assert repository.last_applied_index() > 110  # the recovery's record follows the copy

@@ -15,6 +15,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ceremony_ca import make_ceremony_ca
@@ -30,7 +31,7 @@ from runbook_hosts import (
 
 from signer.client.webdb import Database, DatabaseConfig
 from signer.tools.line_emulator import LineEmulator
-from signer.tools.webdb_fixture import create_schema
+from signer.tools.webdb_fixture import WebApplication, create_schema, request_revocation
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -388,3 +389,89 @@ def test_runbook_ceremony(softhsm_token_factory, tmp_path):
         a.run(
             "openssl verify -CAfile /etc/cacert-signer/ca/root.crt /etc/cacert-signer/ca/class3.crt"
         )
+
+
+async def _webdb(path: Path, work) -> Any:
+    """Run `work(db)` on the WebDB host's database (what the web application does)."""
+    db = Database(DatabaseConfig(driver="sqlite", path=path))
+    try:
+        return await work(db)
+    finally:
+        await db.close()
+
+
+def _server_row(web: Host, name: str) -> int:
+    """A member asks for a server certificate (account.php), as the web application writes it."""
+
+    async def ask(db) -> int:
+        app = WebApplication(db, web.var / "www")
+        if not await db.query("SELECT id FROM notary"):
+            await app.assurance(1, 100)
+            await app.domain(1, "example.org")
+        domain = (await db.query("SELECT id FROM domains"))[0]["id"]
+        return await app.server_certificate(domain, [name], rootcert=2, md="sha256")
+
+    return asyncio.run(_webdb(web.var / "webdb.sqlite", ask))
+
+
+def _revoke_row(web: Host, row_id: int) -> str:
+    """A member revokes it (account.php); the certificate's serial, as openssl prints it."""
+
+    async def revoke(db) -> str:
+        await request_revocation(db, "domaincerts", row_id)
+        rows = await db.query("SELECT serial FROM domaincerts WHERE id = ?", (row_id,))
+        return str(rows[0]["serial"]).upper()
+
+    return asyncio.run(_webdb(web.var / "webdb.sqlite", revoke))
+
+
+CRL3 = "openssl crl -inform DER -in /var/lib/cacert-webdb/www/class3-revoke.crl -noout"
+LATEST = "$(ls -t /var/backups/cacert-signer/*.tar | head -1)"
+
+
+def test_runbook_backup_and_restore(ca, tmp_path):
+    with machines(tmp_path, "a") as hosts:
+        fast = {"min_interval_seconds": 0, "poll_seconds": 0.2}
+        a, web = standalone(hosts, ca, crl=fast)
+        kept = _server_row(web, "www.example.org")
+        web.run(ONCE)
+        made = a.run(
+            "signer backup --config /etc/cacert-signer/signer.yaml "
+            "--out /var/backups/cacert-signer/ --verify"
+        )
+        assert "written and verified" in made.stderr + made.stdout
+        checked = a.run(f'signer backup verify "{LATEST}" --json')
+        manifest = json.loads(checked.stdout)["manifest"]
+        assert manifest["counts"]["certificates"] == 1
+        # After the backup: a certificate issued, one revoked, CRLs published to the world.
+        later = _server_row(web, "shop.example.org")
+        web.run(ONCE)
+        serial = _revoke_row(web, kept)
+        web.run(ONCE)
+        web.until(ONCE, lambda d: d.returncode == 0 and serial in web.run(f"{CRL3} -text").stdout)
+        published = int(web.run(f"{CRL3} -crlnumber").stdout.split("=")[1], 16)
+        # Every copy of the repository is lost.
+        a.run("systemctl stop cacert-signer")
+        a.run("rm -rf /var/lib/cacert-signer/repository")
+        restored = a.run(f'signer restore --config /etc/cacert-signer/signer.yaml "{LATEST}"')
+        floor = int(restored.stdout.split("CRLs of class3: the next is numbered ")[1].split()[0])
+        assert floor > published
+        a.run(f'signer restore --config /etc/cacert-signer/signer.yaml "{LATEST}"', code=1)
+        a.run("systemctl start cacert-signer")
+        web.until("signer client --port /dev/ttyUSB0 health", healthy)
+        since = manifest["created"]  # the copy's time (the doc: minus an hour)
+        reconcile = (
+            "signer webdb-client --config /etc/cacert-signer/webdb-client.yaml --reconcile "
+            f"--since {since}"
+        )
+        done = web.until(reconcile, lambda d: d.returncode == 0)
+        assert done.stdout.rstrip().endswith("reconcile: ok")
+        web.run(ONCE)
+        crl = web.run(f"{CRL3} -text -crlnumber")
+        assert int(crl.stdout.split("crlNumber=")[1].split()[0], 16) >= floor
+        assert serial in crl.stdout  # the revocation after the backup is on the new CRL
+        rows = asyncio.run(
+            _webdb(web.var / "webdb.sqlite",
+                   lambda db: db.query("SELECT crt_name FROM domaincerts WHERE id = ?", (later,)))
+        )  # fmt: skip
+        assert rows[0]["crt_name"]
