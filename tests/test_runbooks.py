@@ -1,10 +1,10 @@
 """The runbooks of docs/operations.md, walked command by command as written there.
 
 Each test is named in the runbook table of docs/operations.md and walks the `host# command`
-lines of its runbook there, in order (tests/unit/test_runbook_table.py checks the table). The hosts are
-directories of this machine (tests/runbook_hosts.py): /etc/cacert-signer, /var/lib/cacert-signer
-and the doc's replication addresses stand for the test's own; `systemctl start cacert-signer`
-runs `signer serve` as the unit does.
+lines of its runbook there, in order (tests/unit/test_runbook_table.py checks the table). The
+hosts are directories of this machine (tests/runbook_hosts.py): /etc/cacert-signer,
+/var/lib/cacert-signer and the doc's replication addresses stand for the test's own;
+`systemctl start cacert-signer` runs `signer serve` as the unit does.
 """
 
 from __future__ import annotations

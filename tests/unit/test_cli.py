@@ -66,6 +66,7 @@ OPTIONS: dict[tuple[str, ...], list[str]] = {
     ("backup",): ["--config", "--out", "--json", "verify"],
     ("backup", "verify"): ["FILE", "--json"],
     ("check",): ["--config", "--metrics"],
+    ("restore",): ["FILE", "--config", "--replace", "--crl-number", "--json"],
 }  # fmt: skip
 
 
