@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from replication.errors import ReplicationError
     from signer.cli.cluster import _published_numbers
     from signer.config import load
     from signer.server.config import SignerConfig
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except BackupError as exc:
         raise CommandFailed("bad_backup", str(exc)) from None
-    except backup.RestoreRefused as exc:
+    except (backup.RestoreRefused, ReplicationError) as exc:  # the situation does not allow it
         raise CommandFailed("restore_refused", str(exc)) from None
     except RepositoryError as exc:
         raise CommandFailed("repository_error", str(exc)) from None
