@@ -10,6 +10,7 @@ packages=(
   softhsm2 opensc                                     # PKCS#11: SoftHSM2, and OpenSC for real HSMs
   openssl gnupg sq                                    # outside verifiers used by tests and operators
   mariadb-server                                      # the WebDB database (the client tests start their own)
+  systemd                                             # sysusers, tmpfiles, systemd-analyze (ops/install.sh, its test)
 )
 missing=()
 for package in "${packages[@]}"; do

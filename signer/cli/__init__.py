@@ -19,7 +19,9 @@ from typing import Protocol
 
 from signer import __version__
 from signer.cli import (
+    backup,
     ceremony,
+    check,
     client,
     cluster,
     demo,
@@ -28,6 +30,7 @@ from signer.cli import (
     line_emulator,
     openpgp,
     replication_secret,
+    restore,
     serve,
     webdb,
 )
@@ -56,6 +59,9 @@ VERBS: dict[str, Verb] = {
     "import": history_import,
     "export": history_export,
     "replication-secret": replication_secret,
+    "backup": backup,
+    "check": check,
+    "restore": restore,
 }
 
 

@@ -255,8 +255,10 @@ def _fetch_crl_build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 async def _fetch_crl_session(client: SignerClient, args: argparse.Namespace) -> dict[str, Any]:
     from signer.client.crl_refresh import refresh_file
+    from signer.tools.progress import Progress
 
-    return await refresh_file(client, args.issuer, args.out, args.ca_cert, args.max_bytes)
+    progress = Progress(f"CRL of {args.issuer}", "bytes")  # shown when it comes whole
+    return await refresh_file(client, args.issuer, args.out, args.ca_cert, args.max_bytes, progress)
 
 
 def _fixed(command: str, payload: dict[str, Any] | None = None) -> Builder:

@@ -7,12 +7,13 @@ module, and the WebDB host must be able to build it without the signer host's li
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import logging
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,10 +22,40 @@ from signer.errors import ClientFailure, ConfigError, SignerError, Unreachable
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
 
-LogFormat = Literal["text"]
+LogFormat = Literal["text", "json"]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for log shippers: time (UTC, ISO 8601), level, logger, message,
+    and the exception's traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 LOG_FORMATTERS: dict[str, Callable[[], logging.Formatter]] = {
     "text": lambda: logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"),
+    "json": JsonFormatter,
 }
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    """`--log-format`, for the verbs that run as services."""
+    parser.add_argument(
+        "--log-format",
+        choices=sorted(LOG_FORMATTERS),
+        default="text",
+        help="text (default; the journal adds the time too) or json (one object per line)",
+    )
 
 
 class UsageError(Exception):

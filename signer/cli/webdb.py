@@ -11,7 +11,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signer.cli.common import EXIT_OK, EXIT_REFUSED, UsageError, print_json, setup_logging
+from signer.cli.common import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    UsageError,
+    add_log_format,
+    print_json,
+    setup_logging,
+)
 from signer.errors import Unreachable
 
 if TYPE_CHECKING:
@@ -28,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--once", action="store_true", help="one pass (requests, CRLs, health), then exit"
     )
+    add_log_format(parser)
     parser.add_argument(
         "--reconcile",
         action="store_true",
@@ -65,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     config = load(args.config, WebdbClientConfig)
     if config.database.password_file:
         check_secret_file(config.database.password_file)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, args.log_format)
     if args.reconcile:
         if args.since is None and not args.all:
             raise UsageError("--reconcile needs --since TIME or --all")
@@ -105,8 +113,12 @@ async def _reconcile(
 
 async def _run(config: WebdbClientConfig, once: bool) -> int:
     from signer.client.webdb import WebdbClient
+    from signer.tools.progress import Progress
 
-    async with WebdbClient(config) as client:
+    def progress(what: str) -> Progress:
+        return Progress(what, "bytes", out=None)  # a service: lines in its log
+
+    async with WebdbClient(config, progress=progress) as client:
         if once:
             report = await client.run_once()
             if report.unanswered_lines:

@@ -202,6 +202,7 @@ class CrlRefresher:
         self.transfer = transfer  # survives a failed refresh: the next one resumes it
         self.calls = 0
         self.received = 0
+        self.progress: Callable[[int, int], None] | None = None  # a full transfer's bytes
 
     async def _call(self, **args: Any) -> dict[str, Any]:
         self.calls += 1
@@ -252,6 +253,8 @@ class CrlRefresher:
                     log.info("CRL %s is gone: starting over", transfer.crl_number)
                     break
                 transfer.add(answer)
+                if self.progress is not None:
+                    self.progress(len(transfer.data), transfer.total_size)
             else:
                 der = bytes(transfer.data)
                 if hashlib.sha256(der).digest() == transfer.sha256:
@@ -335,7 +338,12 @@ def _save_state(
 
 
 async def refresh_file(
-    client: Any, issuer: str, out: Path, ca_cert: Path | None = None, max_bytes: int = 65536
+    client: Any,
+    issuer: str,
+    out: Path,
+    ca_cert: Path | None = None,
+    max_bytes: int = 65536,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Refresh the CRL kept at `out` through a `SignerClient` (`signer client fetch-crl`).
 
@@ -355,6 +363,7 @@ async def refresh_file(
     refresher = CrlRefresher(
         client.call, issuer, certificate, max_bytes, _load_transfer(state, part_path)
     )
+    refresher.progress = progress
     before = client.link.stats
     try:
         outcome = await refresher.refresh(have)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # every verb (and sub-command) with the options it offers today
 OPTIONS: dict[tuple[str, ...], list[str]] = {
-    ("serve",): ["--config"],
+    ("serve",): ["--config", "--log-format"],
     ("client",): ["--config", "--port", "--baud", "--timeout", "--json", "--request-id",
                   "--verbose", "health", "sign-x509", "revoke-x509", "list-issuers",
                   "list-profiles", "sign-openpgp", "fetch-crl", "request-status"],
@@ -54,7 +54,7 @@ OPTIONS: dict[tuple[str, ...], list[str]] = {
     ("ceremony",): ["--config", "--json"],
     ("demo",): ["--dir", "--baud", "--json"],
     ("openpgp-export",): ["--config", "--out", "--armor"],
-    ("webdb-client",): ["--config", "--once"],
+    ("webdb-client",): ["--config", "--once", "--log-format"],
     ("cluster",): ["--config", "--socket", "--json", "status", "add", "remove",
                    "force-standalone", "recover"],
     ("cluster", "add"): ["address"],
@@ -64,6 +64,10 @@ OPTIONS: dict[tuple[str, ...], list[str]] = {
                   "--json"],
     ("export",): ["--config", "--out", "--issuer", "--json"],
     ("replication-secret",): ["--out"],
+    ("backup",): ["--config", "--out", "--json", "verify"],
+    ("backup", "verify"): ["FILE", "--json"],
+    ("check",): ["--config", "--metrics"],
+    ("restore",): ["FILE", "--config", "--replace", "--crl-number", "--json"],
 }  # fmt: skip
 
 
@@ -381,3 +385,23 @@ def test_client_verbs_load_nothing_of_the_signer_host() -> None:
         [sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--log-format json` for log shippers: time, level, logger, message, traceback."""
+    import logging
+
+    from signer.cli.common import LOG_FORMATTERS
+
+    formatter = LOG_FORMATTERS["json"]()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("signer.x").makeRecord(
+            "signer.x", logging.ERROR, __file__, 1, "failed: %s", ("a\nb",), sys.exc_info()
+        )
+    entry = json.loads(formatter.format(record))
+    assert entry["level"] == "ERROR" and entry["logger"] == "signer.x"
+    assert entry["message"] == "failed: a\nb" and "ValueError: boom" in entry["exception"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", entry["time"])
+    assert "\n" not in formatter.format(record)

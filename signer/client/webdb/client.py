@@ -25,6 +25,7 @@ from signer.client.webdb.crl_publication import publish_crl
 from signer.client.webdb.database import Database
 from signer.client.webdb.failover import SignerLines
 from signer.client.webdb.health import Alert, health_alerts, unanswered
+from signer.client.webdb.metrics import Monitor, Observations, write
 from signer.client.webdb.source import Failure, Job, RequestSource, WebdbSource
 from signer.clock import utcnow
 from signer.errors import ClientFailure, ErrorCode, SignerError, Unreachable
@@ -47,6 +48,7 @@ HEALTH_TIMEOUT_S = 30.0
 # Called with a job after the signer answered it and before the outcome is written back (tests
 # stop the process there to show that a restart neither issues twice nor resends the CSR).
 BeforeWriteBack = Callable[[Job], Awaitable[None]]
+ProgressFactory = Callable[[str], Callable[[int, int], None]]
 
 
 def failure_name(exc: Failure) -> str:
@@ -93,6 +95,7 @@ class WebdbClient:
         lines: SignerLines | None = None,
         *,
         before_write_back: BeforeWriteBack | None = None,
+        progress: ProgressFactory | None = None,
     ):
         self.config = config
         self.db: Database | None = None
@@ -106,6 +109,8 @@ class WebdbClient:
         self._profiles_at = 0.0
         self._issuers: dict[str, x509.Certificate] = {}
         self._refreshers: dict[str, CrlRefresher] = {}  # they keep a broken transfer's progress
+        self.monitor = Monitor(self.lines.names, config.monitoring.line_error_window_s)
+        self.progress = progress  # a long CRL transfer's progress (what -> callback)
 
     async def start(self) -> None:
         await self.lines.start()
@@ -222,8 +227,10 @@ class WebdbClient:
                     issuer = await self._issuer(name)
                     size = self.config.crl.chunk_bytes
                     self._refreshers[name] = CrlRefresher(self.lines.call, name, issuer, size)
+                    if self.progress is not None:
+                        self._refreshers[name].progress = self.progress(f"CRL of {name}")
                 outcome[name] = await publish_crl(self._refreshers[name], path)
-            except (SignerError, ClientFailure) as exc:
+            except (SignerError, ClientFailure, OSError) as exc:  # OSError: cannot write it
                 outcome[name] = f"failed: {exc}"
                 log.error("operator: the CRL of %s was not published: %s", name, exc)
         return outcome
@@ -248,7 +255,9 @@ class WebdbClient:
                 report = await client.call("health", timeout=timeout)
             except (SignerError, Unreachable) as exc:
                 alerts.append(unanswered(name, exc))
+                self.monitor.health(name, None, str(exc))
                 continue
+            self.monitor.health(name, report)
             alerts += health_alerts(name, report, utcnow(), self.config.max_clock_skew_s)
         for alert in alerts:
             level = logging.ERROR if alert.level == "error" else logging.WARNING
@@ -262,12 +271,48 @@ class WebdbClient:
         requests = await self.process_pending()
         crls = await self.refresh_crls()
         alerts = await self.check_health()
+        await self.write_metrics()
         return RunReport(requests, crls, alerts)
+
+    async def poll(self) -> PassReport:
+        """One poll of the WebDB, then the metrics file (written after every poll)."""
+        try:
+            return await self.process_pending()
+        finally:
+            await self.write_metrics()
+
+    async def write_metrics(self) -> None:
+        """The metrics file (monitoring.metrics_file), atomically; its failure is only logged."""
+        path = self.config.monitoring.metrics_file
+        if path is None:
+            return
+        now = time.time()
+        try:
+            seen = Observations(
+                lines=self.monitor.lines(self._client_errors()),
+                crls=self.monitor.published(self.config.crl.outputs),
+            )
+            if isinstance(self.source, WebdbSource):
+                try:
+                    seen.rows = await self.source.row_stats(now)
+                    seen.webdb_up = True
+                except Exception as exc:
+                    log.error("operator: the WebDB cannot be read for the metrics: %s", exc)
+                    seen.webdb_up = False
+            await asyncio.to_thread(write, path, seen, now)
+        except Exception as exc:
+            log.error("operator: the metrics file %s was not written: %s", path, exc)
+
+    def _client_errors(self) -> dict[str, int]:
+        return {
+            name: client.stats.broken_frames_received + client.stats.timeouts
+            for client, name in zip(self.lines.clients, self.lines.names, strict=True)
+        }
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         c = self.config
         await asyncio.gather(
-            _every(c.poll_interval, self.process_pending, stop),
+            _every(c.poll_interval, self.poll, stop),
             _every(c.crl.interval, self.refresh_crls, stop),
             _every(c.health_interval, self.check_health, stop),
         )

@@ -72,6 +72,38 @@ class ValidityConfig(Section):
     org_client_days: int = Field(default=365, ge=1, le=36500)
 
 
+class Limit(Section):
+    """A warning and a critical threshold; which side is bad depends on the metric."""
+
+    warning: float
+    critical: float
+
+
+def _limit(warning: float, critical: float) -> Limit:
+    return Field(default_factory=lambda: Limit(warning=warning, critical=critical))
+
+
+class MonitoringConfig(Section):
+    """The metrics file written each poll and the thresholds `signer check` applies to it
+    (defaults: docs/operations.md, Monitoring). Below: `ca_days`, `crl_margin_hours`;
+    above: the rest."""
+
+    metrics_file: Path | None = Field(default=None, description="Prometheus text file (.prom)")
+    max_age_s: float = Field(default=300.0, gt=0, description="older: the client is not running")
+    ca_days: Limit = _limit(90, 30)
+    crl_margin_hours: Limit = _limit(48, 12)
+    hsm_signature_s: Limit = _limit(2.0, 10.0)
+    replication_lag_entries: Limit = _limit(1000, 100000)
+    clock_offset_s: Limit = _limit(1.0, 2.0)
+    line_errors: Limit = _limit(10, 1000)
+    line_error_window_s: float = Field(default=3600.0, gt=0)
+    pending_age_s: Limit = _limit(900, 3600)
+    failed_rows: Limit = _limit(1, 20)
+    health_age_s: Limit = _limit(900, 3600)
+
+    _paths = field_validator("metrics_file")(_resolve)
+
+
 class WebdbClientConfig(Section):
     """`signer webdb-client --config`: the WebDB side's daemon."""
 
@@ -89,6 +121,7 @@ class WebdbClientConfig(Section):
     max_clock_skew_s: float = Field(default=60.0, gt=0)
     timezone: str | None = Field(default=None, description="of WebDB datetimes; default local")
     validity: ValidityConfig = Field(default_factory=ValidityConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _paths = field_validator("base_dir")(_resolve)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from signer.client.files import write_atomically
 from signer.client.webdb.config import WebdbClientConfig
 from signer.client.webdb.database import Database, db_time
+from signer.client.webdb.metrics import RowStats
 from signer.client.webdb.rows import (
     GPG_PREFIX,
     REVOCATION_SENTINEL,
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # A notary row that is not deleted: `deleted` keeps the zero date (MySQL also compares it
 # with 0, as the PHP does; SQLite keeps the text).
+_ZERO = "0000-00-00 00:00:00"
 _LIVE = "({0}deleted = 0 OR {0}deleted = '0000-00-00 00:00:00')"
 
 Failure = SignerError | ClientFailure  # a refusal by the signer, or what the client saw itself
@@ -80,6 +83,7 @@ class WebdbSource:
         self.max_days: dict[str, int] = {}
         self._watermark: dict[str, int] | None = None
         self._points_failed = False
+        self._first_seen: dict[tuple[str, str], tuple[int, float]] = {}  # oldest id, when seen
 
     async def start(self) -> None:
         """Rows up to today's highest id may have been sent by an earlier process."""
@@ -196,6 +200,49 @@ class WebdbSource:
             return None
         return int(rows[0]["p"] or 0) if rows else 0
 
+    # -- monitoring ---------------------------------------------------------------------------
+
+    async def row_stats(self, now: float) -> list[RowStats]:
+        """Per table and kind: rows waiting, the age of the oldest, rows given up. The age is
+        the row's `created` where the table has one, else since this client first saw it."""
+        warn = self.config.max_warnings
+        stats = []
+        for name, kind, where, params, created in self._pending_kinds():
+            oldest_created = f"MIN(CASE WHEN warning < ? AND created != '{_ZERO}' THEN created END)"
+            [row] = await self.db.query(
+                "SELECT SUM(CASE WHEN warning < ? THEN 1 ELSE 0 END) AS pending, "
+                "SUM(CASE WHEN warning >= ? THEN 1 ELSE 0 END) AS failed, "
+                f"MIN(CASE WHEN warning < ? THEN id END) AS first, "
+                f"{oldest_created if created else 'NULL'} AS oldest FROM {name} WHERE {where}",
+                (warn, warn, warn, *((warn,) if created else ()), *params),
+            )
+            age = self._age(name, kind, row.get("first"), row.get("oldest"), now)
+            pending, failed = int(row["pending"] or 0), int(row["failed"] or 0)
+            stats.append(RowStats(name, kind, pending, age, failed))
+        return stats
+
+    def _pending_kinds(self) -> list[tuple[str, str, str, tuple[Any, ...], bool]]:
+        """(table, kind, condition, its parameters, has `created`) of every kind of request."""
+        kinds: list[tuple[str, str, str, tuple[Any, ...], bool]] = []
+        for table in X509_TABLES:
+            kinds.append((table, "sign", "crt_name = '' AND csr_name != ''", (), True))
+            kinds.append((table, "revoke", "revoked = ?", (REVOCATION_SENTINEL,), False))
+        kinds.append(("gpg", "sign", "crt = '' AND csr != ''", (), False))
+        return kinds
+
+    def _age(self, table: str, kind: str, first: Any, created: Any, now: float) -> float | None:
+        if first is None:
+            self._first_seen.pop((table, kind), None)
+            return None
+        if created is not None:
+            moment = _db_timestamp(created, self.zone)
+            if moment is not None:
+                return max(0.0, now - moment)
+        seen = self._first_seen.get((table, kind))
+        if seen is None or seen[0] != int(first):
+            seen = self._first_seen[(table, kind)] = (int(first), now)
+        return now - seen[1]
+
     # -- outcomes -----------------------------------------------------------------------------
 
     async def complete(self, job: Job, result: dict[str, Any]) -> None:
@@ -229,3 +276,15 @@ class WebdbSource:
     async def fail(self, job: Job, error: Failure) -> None:
         table, row_id = job.data["table"], int(job.data["row"]["id"])
         await self.db.execute(f"UPDATE {table} SET warning = warning + 1 WHERE id = ?", (row_id,))
+
+
+def _db_timestamp(value: Any, zone: tzinfo | None) -> float | None:
+    """A WebDB DATETIME (text from SQLite, datetime from MariaDB) in the database's zone."""
+    if isinstance(value, str):
+        try:
+            value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return (value.replace(tzinfo=zone) if zone else value.astimezone()).timestamp()
