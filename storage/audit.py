@@ -37,6 +37,7 @@ from storage.layout import (
     audit_head_key,
     audit_key,
     audit_node_key,
+    audit_operator_key,
     pack,
     serial_bytes,
 )
@@ -207,10 +208,15 @@ def records_for(index: int, command: Command, result: Result) -> list[bytes]:
 
 def record_applied(w: Writer, index: int, command: Command, result: Result) -> None:
     """Append the records of an applied entry; index an issued certificate's record."""
-    for record in records_for(index, command, result):
+    for n, record in enumerate(records_for(index, command, result)):
         seq = append(w, record)
         if isinstance(result, Issued) and isinstance(command, IssueX509):
             key = audit_cert_key(command.issuer, command.serial)
+            w.txn.put(key, seq.to_bytes(8, "big"), db=w.dbs["audit_index"])
+        if isinstance(command, RecordAudit) and isinstance(
+            command.events[n].detail.get("key"), str
+        ):
+            key = audit_operator_key(command.events[n].detail["key"])
             w.txn.put(key, seq.to_bytes(8, "big"), db=w.dbs["audit_index"])
 
 

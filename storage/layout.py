@@ -119,6 +119,11 @@ def audit_cert_key(issuer: bytes, serial: int) -> bytes:
     return b"c" + cert_key(issuer, serial)
 
 
+def audit_operator_key(key: str) -> bytes:
+    """Key in `audit_index` of the last operator record naming `key`: b"o" || key (UTF-8)."""
+    return b"o" + key.encode("utf-8")
+
+
 def audit_head_key(size: int) -> bytes:
     """Key in `audit_index` of the signed tree head of `size` records: b"h" || size (8)."""
     return b"h" + size.to_bytes(SEQ_SIZE, "big")

@@ -59,6 +59,7 @@ from storage.layout import (
     audit_cert_key,
     audit_head_key,
     audit_key,
+    audit_operator_key,
     cert_key,
     crl_floor_key,
     crl_history_key,
@@ -616,6 +617,13 @@ class Repository:
         with self._reading() as txn:
             raw = txn.get(key, db=self._dbs["audit_index"])
         return None if raw is None else int.from_bytes(raw, "big")
+
+    def last_operator(self, key: str) -> dict[str, Any] | None:
+        """The last operator record that named `key` (its fields), or None."""
+        with self._reading() as txn:
+            raw = txn.get(audit_operator_key(key), db=self._dbs["audit_index"])
+            record = None if raw is None else txn.get(bytes(raw), db=self._dbs["audit"])
+        return None if record is None else dict(unpack(record))
 
     def tree_head(self, size: int | None = None) -> dict[str, Any] | None:
         """The signed tree head of `size` records (None: the latest one), or None."""

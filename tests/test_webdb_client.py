@@ -89,6 +89,8 @@ def signer_config(
             "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
         },
         "openpgp": {"ca_file": str(base / "ca" / "openpgp-ca.yaml")},
+        "audit": {"key": "audit", "certificate": str(base / "ca" / "audit.crt"),
+                  "refusal_interval_seconds": 0.2},
     }  # fmt: skip
     path = directory / "signer.yaml"
     path.write_text(yaml.safe_dump(text))

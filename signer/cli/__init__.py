@@ -19,6 +19,7 @@ from typing import Protocol
 
 from signer import __version__
 from signer.cli import (
+    audit,
     ceremony,
     client,
     cluster,
@@ -54,6 +55,7 @@ VERBS: dict[str, Verb] = {
     "cluster": cluster,
     "import": history_import,
     "export": history_export,
+    "audit": audit,
 }
 
 

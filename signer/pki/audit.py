@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from signer.pki.merkle import HASH_SIZE, ProofError
+from signer.pki.merkle import EMPTY_ROOT, HASH_SIZE, Frontier, ProofError, leaf_hash
 
 # The audit key's certificate carries this extended key usage, and no other key signs tree heads.
 # An arc under CAcert's own enterprise number (1.3.6.1.4.1.18506: CAcert Inc.): .1 signer,
@@ -182,3 +183,50 @@ def iter_frames(data: bytes | memoryview, final: bool = True) -> Iterator[bytes 
 
 def head_file(head: TreeHead) -> str:
     return json.dumps(head.to_json(), indent=1) + "\n"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What `verify_log` found: the file holds `records`, the first `head_size` of which make
+    exactly the signed tree; `events` counts them by event."""
+
+    records: int
+    head_size: int
+    root: bytes
+    events: dict[str, int]
+
+
+def verify_log(
+    chunks: Iterable[bytes], head: TreeHead, cert: x509.Certificate, decode: bool = True
+) -> Verification:
+    """Check a whole log file (its bytes, in chunks) against a signed tree head: the head's
+    signature by the audit certificate's key, every frame, and the root of the first
+    `head.size` records. Raises ProofError (or AuditFormatError) at the first problem."""
+    verify_tree_head(head, cert)
+    frontier, rest, events = Frontier(), b"", Counter[str]()
+    matched = head.size == 0 and head.root == EMPTY_ROOT
+    for chunk in chunks:
+        data = rest + chunk if rest else chunk
+        rest = b""
+        for item in iter_frames(data, final=False):
+            if isinstance(item, int):
+                rest = bytes(data[item:])
+                break
+            if decode:
+                events[str(decode_record(item)["event"])] += 1
+            frontier.append(leaf_hash(item))
+            if frontier.size == head.size:
+                if frontier.root() != head.root:
+                    raise ProofError(
+                        f"the first {head.size} records do not make the signed root: "
+                        "a record was changed, removed, added or moved"
+                    )
+                matched = True
+    if rest:
+        raise AuditFormatError("the log file ends inside a frame")
+    if not matched:
+        raise ProofError(
+            f"the file holds {frontier.size} records, the signed tree {head.size}: "
+            "records were removed"
+        )
+    return Verification(frontier.size, head.size, head.root, dict(events))

@@ -44,6 +44,7 @@ class RequestContext:
 
 Handler = Callable[[Any, RequestContext], Awaitable[Result | dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Refused = Callable[[str | None, str | None, str], None]  # (command, request id, code)
 
 
 @dataclass
@@ -69,6 +70,14 @@ class ProtocolHandler:
         self._running: dict[str, tuple[bytes, asyncio.Task[Response | ErrorResponse]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = HandlerStats()
+        self.refused: Refused | None = None  # every error answer goes to the audit log
+
+    def _audit(self, command: str | None, request_id: str | None, error: SignerError) -> None:
+        if self.refused is not None:
+            try:
+                self.refused(command, request_id, error.code.value)
+            except Exception:
+                log.exception("refusal not audited")
 
     @property
     def in_flight(self) -> int:
@@ -81,13 +90,17 @@ class ProtocolHandler:
         """Accept one event from the link; never blocks and never raises."""
         if isinstance(event, FrameError):
             log.warning("broken frame (%s): %s", event.code.value, event.detail)
-            self._answer_later(ErrorResponse(None, SignerError(event.code, event.detail)))
+            error = SignerError(event.code, event.detail)
+            self._audit(None, None, error)
+            self._answer_later(ErrorResponse(None, error))
             return
         assert isinstance(event, Frame)
         try:
             request = decode_request(event.message)
         except SignerError as exc:
             log.warning("refused request %s: %s", exc.details.get("id"), exc)
+            command = event.message.get("cmd") if isinstance(event.message, dict) else None
+            self._audit(command if isinstance(command, str) else None, exc.details.get("id"), exc)
             self._answer_later(error_response_for(exc))
             return
         self._accept(request)
@@ -101,7 +114,9 @@ class ProtocolHandler:
         if len(self._running) >= self._max_in_flight:
             self.stats.busy += 1
             text = f"{self._max_in_flight} requests already in flight; retry later"
-            self._answer_later(ErrorResponse(request.request_id, SignerError(ErrorCode.BUSY, text)))
+            busy = SignerError(ErrorCode.BUSY, text)
+            self._audit(request.command.name, request.request_id, busy)
+            self._answer_later(ErrorResponse(request.request_id, busy))
             return
         task = asyncio.create_task(self._run(request), name=f"request {request.request_id}")
         self._running[request.request_id] = (request.digest, task)
@@ -112,12 +127,19 @@ class ProtocolHandler:
         if digest != request.digest:
             text = f"request id {request.request_id!r} is running with other arguments"
             error = SignerError(ErrorCode.REQUEST_ID_CONFLICT, text)
+            self._audit(request.command.name, request.request_id, error)
             self._answer_later(ErrorResponse(request.request_id, error))
             return
         self.stats.coalesced += 1
         self._spawn(self._answer_when_done(task))
 
     async def _run(self, request: Request) -> Response | ErrorResponse:
+        answer = await self._handle(request)
+        if isinstance(answer, ErrorResponse):
+            self._audit(request.command.name, request.request_id, answer.error)
+        return answer
+
+    async def _handle(self, request: Request) -> Response | ErrorResponse:
         handler = self._handlers.get(request.command.name)
         if handler is None:
             text = f"command {request.command.name!r} is not available on this signer"
