@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from replication.cluster import CLUSTER_META, ClusterRecord
-from signer.pki import merkle
 from replication.raft import RaftLog
 from replication.settings import ReplicationSettings
 from replication.transport import ReplicationTransport
+from signer.pki import merkle
 from storage import (
     Command,
     Duplicate,
