@@ -113,7 +113,6 @@ class AuditService:
         issuers: Iterable[Issuer] = (),
         known_commands: Iterable[str] = (),
         clock: Callable[[], datetime] = utcnow,
-        leads: Callable[[], bool] = lambda: True,
     ):
         self.repository = repository
         self.recorder = Recorder(commit_log)
@@ -121,13 +120,13 @@ class AuditService:
         self.config = config
         self.issuers = list(issuers)
         self.clock = clock
-        self.leads = leads  # in a pair: only the leader signs heads and flushes refusals
         self.batch = RefusalBatch(config.refusal_records, known_commands)
         self.certificate: x509.Certificate | None = None
         if config.certificate is not None:
             self.certificate = x509.load_pem_x509_certificate(config.certificate.read_bytes())
             check_audit_certificate(self.certificate)
         self._task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
         self._signing = asyncio.Lock()
         self.stats = {"refusals": 0, "entries": 0, "heads": 0, "failures": 0}
 
@@ -194,27 +193,49 @@ class AuditService:
         await self.operator("start", node=node, key=f"start:{node}", **digests)
         return True
 
-    async def start(self) -> None:
+    async def record_start_soon(
+        self, node: str, digests: dict[str, bytes], attempts: int = 30, wait: float = 2.0
+    ) -> None:
+        """`record_start` in the background: a pair may have no leader yet at start."""
+        for attempt in range(attempts):
+            try:
+                await self.record_start(node, digests)
+                return
+            except Exception as exc:
+                if attempt == attempts - 1:
+                    log.warning("the configuration in use is not in the audit log: %s", exc)
+                    return
+                await asyncio.sleep(wait)
+
+    async def start(self, node: str, digests: dict[str, bytes]) -> None:
+        """Record the configuration (standalone: now; in a pair: as soon as there is a leader)
+        and start the refusals' batches."""
         self._task = asyncio.create_task(self._run(), name="audit-refusals")
+        self._starting = asyncio.create_task(self.record_start_soon(node, digests))
+
+    async def started(self) -> None:
+        """Wait for the start record (tests, and a clean stop)."""
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)
 
     async def stop(self) -> None:
+        if self._starting is not None:
+            self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self.leads():
-            try:
-                await self.flush()
-            except Exception as exc:
-                log.warning("refusals not recorded at stop: %s", exc)
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.warning("refusals not recorded at stop: %s", exc)
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.config.refusal_interval_seconds)
-            if not self.leads():
-                self.batch.take()  # the leader records what reaches it; a follower's line is idle
-                continue
-            try:
+            try:  # each signer records what its own lines refused (a follower's commit goes
+                # to the leader like any write)
                 await self.flush()
             except Exception as exc:  # recorded with the next batch's count lost: said in the log
                 log.warning("refusals not recorded: %s", exc)

@@ -126,7 +126,6 @@ class SignerServer:
             config.audit,
             ca.issuers.values(),
             COMMANDS,
-            leads=self._schedules_crls,
         )
         self.handlers.update(audit.handlers())
         crl.published.append(audit.after_crl)
@@ -207,8 +206,7 @@ class SignerServer:
         if self.openpgp is not None:
             await self.openpgp.warm_up()
         if self.audit is not None:
-            await self._record_start(self.audit)
-            await self.audit.start()
+            await self._start_audit(self.audit)
         if self.crl is not None:
             await self.crl.start()  # CRLs that are due are made before the line is served
         await self.link.start()
@@ -226,9 +224,9 @@ class SignerServer:
         except SignerError as exc:
             log.warning("cannot check the CA keys now (%s); the HSM is retried per request", exc)
 
-    async def _record_start(self, audit: AuditService) -> None:
+    async def _start_audit(self, audit: AuditService) -> None:
         """The configuration, profile set and certificates in use enter the audit log when they
-        changed since this signer's last start (a failure is logged: the line is still served)."""
+        changed since this signer's last start (in the background: the line is served)."""
         config = self.config
         node = config.replication.self_address if config.replication else "standalone"
         certificates = [i.certificate for i in config.issuers.values()] + [config.audit.certificate]
@@ -237,12 +235,9 @@ class SignerServer:
             "profiles_sha256": file_digest(profile_files(config.profiles)),
             "certificates_sha256": file_digest(certificates),
         }
-        if not self._schedules_crls():
-            return  # a follower: the leader's start is what the log can record now
-        try:
-            await audit.record_start(node, digests)
-        except Exception as exc:
-            log.warning("the configuration in use is not in the audit log: %s", exc)
+        await audit.start(node, digests)
+        if self.cluster is None:
+            await audit.started()  # standalone: recorded before the line is served
 
     async def stop(self) -> None:
         if self.audit is not None:
