@@ -88,6 +88,7 @@ class ErrorCode(StrEnum):
     CLOCK_BEHIND = "clock_behind"
     # Imports of an earlier CA's history (signer/server/importer.py; control socket only)
     IMPORT_CONFLICT = "import_conflict"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
 
 
 class SignerError(Exception):

@@ -1,7 +1,8 @@
 """`apply`'s handlers: one per command, each inside the batch's write transaction.
 
-Handlers check everything before their first write, so a rejection writes nothing; only the
-applied index moves. Nothing here reads a clock, draws randomness or depends on anything local:
+Handlers check everything before their first write, so a rejection writes nothing but its
+audit record (storage/audit.py: every applied entry but a no-op leaves one); the applied index
+moves. Nothing here reads a clock, draws randomness or depends on anything local:
 the same (index, entry) sequence gives the same state and the same results on every replica.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from storage.audit import apply_tree_head, record_applied, record_invalid
 from storage.commands import (
     BeginImport,
     CertifyOpenpgp,
@@ -21,7 +23,9 @@ from storage.commands import (
     Noop,
     PublishCrl,
     RaiseCrlNumber,
+    RecordAudit,
     RecordCrl,
+    RecordTreeHead,
     RequestCommand,
     RevokeX509,
     SetMeta,
@@ -62,8 +66,11 @@ def apply_entry(w: Writer, index: int, entry: bytes | Command) -> Result:
     try:
         command = _decoded(entry)
     except Invalid as invalid:
+        record_invalid(w, index, entry, invalid.reason)
         return Rejected(invalid.reason, invalid.message)
-    return _HANDLERS[type(command)](w, index, command)
+    result = _HANDLERS[type(command)](w, index, command)
+    record_applied(w, index, command, result)
+    return result
 
 
 def _decoded(entry: bytes | Command) -> Command:
@@ -259,4 +266,6 @@ _HANDLERS: dict[type[Any], Callable[[Writer, int, Any], Result]] = {
     BeginImport: apply_begin_import,
     ImportX509: apply_import_x509,
     FinishImport: apply_finish_import,
+    RecordAudit: _apply_noop,  # its events are its audit records
+    RecordTreeHead: apply_tree_head,
 }

@@ -227,6 +227,35 @@ class FinishImport:
     issuer: bytes
 
 
+class AuditEvent(NamedTuple):
+    """Something the signer saw that no other command records (a request refused before any
+    commit, an operator's action): `detail` is a flat map of small values, no secret."""
+
+    event: str  # one of AUDIT_EVENTS
+    time: int
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RecordAudit:
+    """Audit records the signer host decided (refusals, batched; operator actions)."""
+
+    op: ClassVar[str] = "record_audit"
+    events: tuple[AuditEvent, ...]
+
+
+@dataclass(frozen=True)
+class RecordTreeHead:
+    """A tree head the audit key signed: kept if `root` is the audit tree's root at `size`."""
+
+    op: ClassVar[str] = "record_tree_head"
+    size: int
+    timestamp: int
+    root: bytes
+    algorithm: str
+    signature: bytes
+
+
 Command = (
     IssueX509
     | RevokeX509
@@ -239,6 +268,8 @@ Command = (
     | BeginImport
     | ImportX509
     | FinishImport
+    | RecordAudit
+    | RecordTreeHead
 )
 RequestCommand = IssueX509 | RevokeX509 | CertifyOpenpgp  # idempotent by request id
 ImportCommand = BeginImport | ImportX509 | FinishImport
@@ -256,10 +287,16 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         BeginImport,
         ImportX509,
         FinishImport,
+        RecordAudit,
+        RecordTreeHead,
     )
 }
 REQUEST_OPS = frozenset({IssueX509.op, RevokeX509.op, CertifyOpenpgp.op})
 IMPORT_OPS = frozenset({BeginImport.op, ImportX509.op, FinishImport.op})
+AUDIT_EVENTS = frozenset({"refused", "operator"})
+MAX_AUDIT_EVENTS = 64
+MAX_AUDIT_DETAIL = 16  # fields per event
+MAX_AUDIT_BYTES = 8 * 1024  # an audit command, encoded: well under the log's entry bound
 BIG_INT_FIELDS = frozenset({"serial", "crl_number", "at_least"})  # carried as 20-byte bin
 BIG_INT_LISTS = frozenset({"removed"})
 
@@ -288,6 +325,8 @@ def encode(command: Command) -> bytes:
             value = [_big_to_wire(item) for item in value]
         elif field.name == "certificates" and isinstance(value, list | tuple):
             value = [_imported_to_wire(item) for item in value]
+        elif field.name == "events" and isinstance(value, list | tuple):
+            value = [list(item) if isinstance(item, AuditEvent) else item for item in value]
         elif isinstance(value, tuple):
             value = list(value)
         fields[field.name] = value
@@ -318,6 +357,8 @@ def decode(entry: bytes) -> Command:
     command = from_fields(fields)
     if isinstance(command, ImportX509) and len(entry) > MAX_IMPORT_ENTRY_BYTES:
         raise _bad(f"an import batch is {len(entry)} bytes, over {MAX_IMPORT_ENTRY_BYTES}")
+    if isinstance(command, RecordAudit) and len(entry) > MAX_AUDIT_BYTES:
+        raise _bad(f"audit records of {len(entry)} bytes, over {MAX_AUDIT_BYTES}")
     return command
 
 
@@ -616,6 +657,44 @@ def _imported(name: str, value: Any) -> ImportedCertificate:
     return certificate
 
 
+def _v_audit_events(name: str, value: Any) -> tuple[AuditEvent, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_AUDIT_EVENTS:
+        raise _bad(f"{name} must be a list of 1 to {MAX_AUDIT_EVENTS} events")
+    return tuple(_v_audit_event(f"{name}[{i}]", item) for i, item in enumerate(value))
+
+
+def _v_audit_event(name: str, value: Any) -> AuditEvent:
+    if not isinstance(value, list) or len(value) != 3:
+        raise _bad(f"{name} must be [event, time, detail]")
+    event, time, detail = value
+    if event not in AUDIT_EVENTS:
+        raise _bad(f"{name}: event must be one of {', '.join(sorted(AUDIT_EVENTS))}")
+    if not isinstance(detail, dict) or len(detail) > MAX_AUDIT_DETAIL:
+        raise _bad(f"{name}: detail must be a map of at most {MAX_AUDIT_DETAIL} fields")
+    for key, item in detail.items():
+        _utf8(f"{name} detail key", key, MAX_META_NAME_BYTES)
+        if key in ("v", "index", "event", "time"):
+            raise _bad(f"{name}: detail key {key!r} is the record's own")
+        if not (
+            item is None
+            or (type(item) is int and -(2**63) <= item < 2**63)
+            or (type(item) is str and len(item.encode("utf-8")) <= MAX_TEXT_BYTES)
+            or (type(item) is bytes and len(item) <= MAX_DIGEST_BYTES)
+        ):
+            raise _bad(f"{name}: detail {key[:64]!r} must be nil, an int, short text or bytes")
+    return AuditEvent(event, _v_time(f"{name}.time", time), detail)
+
+
+def _v_algorithm(name: str, value: Any) -> str:
+    if value not in ("rsa-pkcs1-sha256", "ecdsa-sha256"):
+        raise _bad(f"{name} must be rsa-pkcs1-sha256 or ecdsa-sha256")
+    return str(value)
+
+
+def _v_signature(name: str, value: Any) -> bytes:
+    return _bytes(name, value, range(1, 1025))
+
+
 _Rule = Callable[[str, Any], Any]
 _REQUEST: dict[str, _Rule] = {"request_id": _v_request_id, "request_digest": _v_digest}
 _SPECS: dict[str, dict[str, _Rule]] = {
@@ -701,5 +780,13 @@ _SPECS: dict[str, dict[str, _Rule]] = {
     FinishImport.op: {
         "import_id": _v_import_id,
         "issuer": _v_issuer,
+    },
+    RecordAudit.op: {"events": _v_audit_events},
+    RecordTreeHead.op: {
+        "size": _v_seq,
+        "timestamp": _v_time,
+        "root": _v_sha256,
+        "algorithm": _v_algorithm,
+        "signature": _v_signature,
     },
 }

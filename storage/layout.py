@@ -16,6 +16,9 @@ SEQ_SIZE = 8
 
 # Sub-databases, in the order content_digest and check_consistency walk them (sorted by name).
 DB_NAMES = (
+    "audit",
+    "audit_index",
+    "audit_nodes",
     "certs",
     "crl_entries",
     "crl_expiry",
@@ -28,6 +31,8 @@ DB_NAMES = (
     "revoked",
     "revseq",
 )
+AUDIT_DB_NAMES = ("audit", "audit_index", "audit_nodes")  # the audit log (storage/audit.py)
+STATE_DB_NAMES = tuple(name for name in DB_NAMES if name not in AUDIT_DB_NAMES)
 META_SCHEMA_VERSION = b"schema_version"
 META_APPLIED_INDEX = b"applied_index"
 RESERVED_META = frozenset({META_SCHEMA_VERSION.decode(), META_APPLIED_INDEX.decode()})
@@ -97,3 +102,28 @@ def import_meta_key(issuer: bytes) -> bytes:
 def new_counters() -> dict[str, int]:
     """An issuer's `issuers` value before its first certificate (this key order is stored)."""
     return {"certificates": 0, "revoked": 0, "revocation_seq": 0}
+
+
+def audit_key(seq: int) -> bytes:
+    """Key of `audit`: the record's position in the tree (8, big-endian), from 0."""
+    return seq.to_bytes(SEQ_SIZE, "big")
+
+
+def audit_node_key(level: int, index: int) -> bytes:
+    """Key of `audit_nodes`: level (1) || index (8, big-endian) of a perfect subtree."""
+    return bytes([level]) + index.to_bytes(SEQ_SIZE, "big")
+
+
+def audit_cert_key(issuer: bytes, serial: int) -> bytes:
+    """Key in `audit_index` of a certificate's issuance record: b"c" || issuer || serial."""
+    return b"c" + cert_key(issuer, serial)
+
+
+def audit_operator_key(key: str) -> bytes:
+    """Key in `audit_index` of the last operator record naming `key`: b"o" || key (UTF-8)."""
+    return b"o" + key.encode("utf-8")
+
+
+def audit_head_key(size: int) -> bytes:
+    """Key in `audit_index` of the signed tree head of `size` records: b"h" || size (8)."""
+    return b"h" + size.to_bytes(SEQ_SIZE, "big")

@@ -22,7 +22,7 @@ import hashlib
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import lmdb
 
 from storage.apply import apply_entry, revocation_of
+from storage.audit import perfect as audit_perfect
+from storage.audit import size as audit_size
 from storage.check import Checker, ConsistencyReport
 from storage.commands import (
     CRL_NUMBER_LIMIT,
@@ -52,7 +54,12 @@ from storage.layout import (
     RESTORE_TEMP,
     SEQ_SIZE,
     SERIAL_SIZE,
+    STATE_DB_NAMES,
     Dbs,
+    audit_cert_key,
+    audit_head_key,
+    audit_key,
+    audit_operator_key,
     cert_key,
     crl_floor_key,
     crl_history_key,
@@ -552,16 +559,19 @@ class Repository:
             issuers = {bytes(k): unpack(v) for k, v in txn.cursor(self._dbs["issuers"])}
         return {**totals, "issuers": issuers}
 
-    def content_digest(self, include_applied_index: bool = True) -> bytes:
+    def content_digest(
+        self, include_applied_index: bool = True, include_audit: bool = True
+    ) -> bytes:
         """SHA-256 over every key and value of every sub-database, in name then key order.
 
         Each item is length-framed so no two different contents hash alike. With
         include_applied_index=False the meta `applied_index` entry is skipped: two stores whose
-        data agree but whose logs had different numbering then compare equal.
+        data agree but whose logs had different numbering then compare equal. With
+        include_audit=False the audit log's sub-databases are skipped: the certificate state.
         """
         digest = hashlib.sha256(b"cacert-signer repository content v1\x00")
         with self._reading() as txn:
-            for name in DB_NAMES:
+            for name in DB_NAMES if include_audit else STATE_DB_NAMES:
                 digest.update(b"D" + _frame(name.encode()))
                 for key, value in txn.cursor(self._dbs[name]):
                     if name == "meta" and key == META_APPLIED_INDEX and not include_applied_index:
@@ -573,6 +583,61 @@ class Repository:
         """Check that every index agrees with the records; see `Checker` for the rules."""
         with self._reading() as txn:
             return Checker(txn, self._dbs).run()
+
+    # ----------------------------------------------------------------- the audit log
+
+    def audit_size(self) -> int:
+        """How many records the audit log holds."""
+        with self._reading() as txn:
+            return audit_size(txn, self._dbs)
+
+    def audit_records(self, start: int, limit: int, max_bytes: int = 1 << 62) -> list[bytes]:
+        """Records from position `start`: at most `limit` of them and about `max_bytes`."""
+        out: list[bytes] = []
+        total = 0
+        with self._reading() as txn:
+            cursor = txn.cursor(self._dbs["audit"])
+            if limit <= 0 or not cursor.set_range(audit_key(max(start, 0))):
+                return out
+            for record in cursor.iternext(keys=False, values=True):
+                total += len(record)
+                if len(out) >= limit or (out and total > max_bytes):
+                    break
+                out.append(bytes(record))
+        return out
+
+    @contextmanager
+    def audit_tree(self) -> Iterator[tuple[int, Callable[[int, int], bytes]]]:
+        """(size, perfect) in one read transaction: `perfect(level, index)` is the hash of a
+        perfect subtree, what signer/pki/merkle.py builds roots and proofs from."""
+        with self._reading() as txn:
+            yield audit_size(txn, self._dbs), lambda lvl, i: audit_perfect(txn, self._dbs, lvl, i)
+
+    def audit_position(self, issuer: bytes, serial: int) -> int | None:
+        """The position of the record that issued this certificate here (None: none)."""
+        key = audit_cert_key(_check_arg_issuer(issuer), _check_arg_serial(serial))
+        with self._reading() as txn:
+            raw = txn.get(key, db=self._dbs["audit_index"])
+        return None if raw is None else int.from_bytes(raw, "big")
+
+    def last_operator(self, key: str) -> dict[str, Any] | None:
+        """The last operator record that named `key` (its fields), or None."""
+        with self._reading() as txn:
+            raw = txn.get(audit_operator_key(key), db=self._dbs["audit_index"])
+            record = None if raw is None else txn.get(bytes(raw), db=self._dbs["audit"])
+        return None if record is None else dict(unpack(record))
+
+    def tree_head(self, size: int | None = None) -> dict[str, Any] | None:
+        """The signed tree head of `size` records (None: the latest one), or None."""
+        with self._reading() as txn:
+            cursor = txn.cursor(self._dbs["audit_index"])
+            if size is not None:
+                raw = txn.get(audit_head_key(size), db=self._dbs["audit_index"])
+                return None if raw is None else dict(unpack(raw))
+            moved = cursor.prev() if cursor.set_range(b"i") else cursor.last()  # past b"h..."
+            if not moved or cursor.key()[:1] != b"h":
+                return None
+            return dict(unpack(cursor.value()))
 
     # ----------------------------------------------------------------- snapshot / restore
 

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     CRL_MISMATCH = "crl_mismatch"  # a publish_crl that does not fit the published state
     META_CONFLICT = "meta_conflict"  # set_meta: the stored value is not the expected one
     IMPORT_CONFLICT = "import_conflict"  # an import that does not fit the issuer's state
+    AUDIT_MISMATCH = "audit_mismatch"  # a signed tree head that is not this audit tree's
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import lmdb
 
 from storage.errors import RepositoryError
 from storage.layout import (
+    AUDIT_DB_NAMES,
     ISSUER_SIZE,
     META_APPLIED_INDEX,
     META_SCHEMA_VERSION,
@@ -23,7 +24,7 @@ from storage.layout import (
     unpack,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _migrate_0_to_1(txn: lmdb.Transaction, dbs: Dbs) -> None:
@@ -62,11 +63,19 @@ def _migrate_2_to_3(txn: lmdb.Transaction, dbs: Dbs) -> None:
         txn.put(issuer, pack(latest), db=dbs["crls"])
 
 
+def _migrate_3_to_4(txn: lmdb.Transaction, dbs: Dbs) -> None:
+    """Version 4 adds the audit log (`audit`, `audit_nodes`, `audit_index`): it starts empty
+    at the migration, with the first entry applied after it (docs/audit.md §7)."""
+    for name in AUDIT_DB_NAMES:
+        txn.drop(dbs[name], delete=False)
+
+
 # MIGRATIONS[v] upgrades a store from version v to v + 1, inside the opening write transaction.
 MIGRATIONS: dict[int, Callable[[lmdb.Transaction, Dbs], None]] = {
     0: _migrate_0_to_1,
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
 }
 
 

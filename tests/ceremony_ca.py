@@ -17,9 +17,11 @@ def make_ceremony_ca(
     root_kind: str = "rsa-2048",
     class3_kind: str = "ec-p256",
     openpgp_kind: str | None = None,
+    audit: bool = True,
 ) -> Path:
     """Class 1 root (key `root`) and Class 3 subordinate (key `class3`), written to base/ca/
-    as class1.crt and class3.crt; with `openpgp_kind`, also the OpenPGP key `openpgp`."""
+    as class1.crt and class3.crt; with `openpgp_kind`, also the OpenPGP key `openpgp`; the
+    audit log's key `audit` (ca/audit.crt, issued by class 3) unless audit=False."""
     certificates = [
         {"name": name, "key": key, "issuer": issuer, "validity_days": days,
          "path_length": path_length, "subject": [["O", "Test CA"], ["CN", cn]],
@@ -41,6 +43,8 @@ def make_ceremony_ca(
     }
     if openpgp_kind is not None:
         ceremony["openpgp"] = {"label": "openpgp", "kind": openpgp_kind}
+    if audit:
+        ceremony["audit"] = {"label": "audit", "kind": "ec-p256", "issuer": "class3"}
     (base / "ceremony.yaml").write_text(yaml.safe_dump(ceremony))
     run_ceremony(base / "ceremony.yaml", progress=lambda *_: None)
     return base

@@ -222,6 +222,7 @@ def signer_config(ceremony_ca, device: Path, repository: Path, **crl) -> Path:
             for name, key in (("class1", "root"), ("class3", "class3"))
         },
         "crl": {"poll_seconds": 0.2, "min_interval_seconds": 0, **crl},
+        "audit": {"key": "audit", "certificate": str(base / "ca" / "audit.crt")},
     }
     path = repository.parent / "signer.yaml"
     path.write_text(yaml.safe_dump(text))

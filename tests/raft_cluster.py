@@ -16,6 +16,7 @@ from replication.cluster import CLUSTER_META, ClusterRecord
 from replication.raft import RaftLog
 from replication.settings import ReplicationSettings
 from replication.transport import ReplicationTransport
+from signer.pki import merkle
 from storage import (
     Command,
     Duplicate,
@@ -240,11 +241,28 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> A
         await asyncio.sleep(0.02)
 
 
+def assert_same_audit_logs(repos: list[Repository]) -> None:
+    """The audit logs are one log: the same records at the same positions, the same tree."""
+    sizes = {repo.audit_size() for repo in repos}
+    assert len(sizes) == 1, f"audit logs of different sizes {sizes}"
+    [size] = sizes
+    records = repos[0].audit_records(0, size + 1)
+    assert len(records) == size
+    for repo in repos[1:]:
+        assert repo.audit_records(0, size + 1) == records, f"{repo.path}: other records"
+    roots = set()
+    for repo in repos:
+        with repo.audit_tree() as (held, perfect):
+            roots.add(merkle.root(perfect, held))
+    assert roots == {merkle.tree_root(records)}, "the audit trees differ"
+
+
 def check_invariants(repos: list[Repository], acknowledged: dict[str, Any]) -> None:
-    """Every acknowledged operation on every repository, identical repositories, each serial
-    issued once, consistent indexes."""
+    """Every acknowledged operation on every repository, identical repositories (their audit
+    logs too), each serial issued once, consistent indexes."""
     digests = {repo.content_digest() for repo in repos}
     assert len(digests) == 1, "repositories differ"
+    assert_same_audit_logs(repos)
     for repo in repos:
         report = repo.check_consistency()
         assert report.ok, report.problems[:5]

@@ -157,10 +157,10 @@ def test_batches_are_idempotent_and_strictly_in_order(repo: Repository) -> None:
     records = history(90)
     log = import_log(records, 30)
     applied(repo, log[:2])
-    digest = repo.content_digest(include_applied_index=False)
+    digest = repo.content_digest(include_applied_index=False, include_audit=False)
     again = applied(repo, [log[0], log[1]])  # a client that resends after losing the answers
     assert [r.fresh for r in again] == [False, False]
-    assert repo.content_digest(include_applied_index=False) == digest
+    assert repo.content_digest(include_applied_index=False, include_audit=False) == digest
     refusals = applied(
         repo,
         [
@@ -174,7 +174,7 @@ def test_batches_are_idempotent_and_strictly_in_order(repo: Repository) -> None:
     assert all(isinstance(r, Rejected) and r.reason is Reason.IMPORT_CONFLICT for r in refusals)
     assert "batch 3 arrived before batch 2" in refusals[0].message
     assert "incomplete" in refusals[3].message
-    assert repo.content_digest(include_applied_index=False) == digest
+    assert repo.content_digest(include_applied_index=False, include_audit=False) == digest
     done = applied(repo, log[2:])
     assert done[-1].finished
     assert applied(repo, [log[-1]])[0].fresh is False  # finishing twice changes nothing
@@ -256,17 +256,18 @@ def test_an_import_entry_over_32_kib_is_refused(repo: Repository) -> None:
     assert result.reason is Reason.MALFORMED and "over 32768" in result.message
 
 
-def test_a_version_1_store_opens_as_version_3_unchanged(tmp_path: Path) -> None:
+def test_a_version_1_store_opens_as_version_4_unchanged(tmp_path: Path) -> None:
     path = tmp_path / "repo"
     with Repository(path) as repo:
         applied(repo, [IssueX509("i1", b"d", ISSUER, 5, b"c", "p", NOW, NOW + 9, NOW)])
-        digest = repo.content_digest()
+        digest = repo.content_digest(include_audit=False)
     env = lmdb.open(str(path), max_dbs=16)
     with env.begin(write=True) as txn:
         txn.put(b"schema_version", msgpack.packb(1), db=env.open_db(b"meta", txn=txn))
     env.close()
     with Repository(path) as repo:
-        assert repo.schema_version() == 3 and repo.content_digest() == digest
+        assert repo.schema_version() == 4
+        assert repo.content_digest(include_audit=False) == digest
 
 
 READER = """

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from raft_cluster import FAST, ISSUER, free_ports, issue, revoke
+from raft_cluster import FAST, ISSUER, assert_same_audit_logs, free_ports, issue, revoke
 
 from storage import Command, Repository
 
@@ -256,6 +256,8 @@ def test_kill_either_signer_during_a_stream(tmp_path):
     repos = [Repository(node.repository, 1 << 30) for node in nodes.values()]
     try:
         assert len(repos[0].content_digest() and {r.content_digest() for r in repos}) == 1
+        assert_same_audit_logs(repos)  # one audit log, record for record
+        assert repos[0].audit_size() >= len(stream.acknowledged)
         for repo in repos:
             assert repo.check_consistency().ok
             for request_id, result in stream.acknowledged.items():

@@ -19,13 +19,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from health_checks import times_that_are_not_timestamps
-from raft_cluster import FAST, free_ports, wait_for
+from raft_cluster import FAST, assert_same_audit_logs, free_ports, wait_for
 
 from replication.settings import ReplicationSettings
 from signer.client.library import SignerClient
 from signer.config import load
 from signer.errors import ErrorCode, SignerError
 from signer.link.serial_link import LinkSettings
+from signer.pki.audit import decode_record
 from signer.server.config import SignerConfig
 from signer.server.process import SignerServer
 from signer.tools.line_emulator import LineEmulator
@@ -62,12 +63,22 @@ def pair_configs(
                 "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
             },
             "replication": section,
+            "audit": {"key": "audit", "certificate": str(base / "ca" / "audit.crt"),
+                      "refusal_interval_seconds": 0.1},
             **({"crl": crl} if crl else {}),
         }  # fmt: skip
         path = tmp / f"signer-{name}.yaml"
         path.write_text(yaml.safe_dump(text))
         configs.append(load(path, SignerConfig))
     return configs
+
+
+def audited(repo) -> tuple[int, int]:
+    """(start records, refusals of sign_x509) in a repository's audit log."""
+    records = [decode_record(r) for r in repo.audit_records(0, 10_000)]
+    starts = [r for r in records if r["event"] == "operator" and r["action"] == "start"]
+    refused = [r for r in records if r["event"] == "refused" and r["command"] == "sign_x509"]
+    return len(starts), len(refused)
 
 
 def csr() -> bytes:
@@ -121,6 +132,14 @@ async def test_a_pair_issues_on_either_signer(ca, tmp_path):
                 lambda: repos[0].content_digest() == repos[1].content_digest(), 10, "same data"
             )
             assert repos[0].counts()["certificates"] == 1 and repos[0].counts()["revoked"] == 1
+            # both signers' starts, and a refusal on the follower's line, in the one audit log
+            with pytest.raises(SignerError):
+                await clients[1].call("sign_x509", {**args, "profile": "no-such"})
+            await wait_for(lambda: audited(repos[0]) == (2, 1), 15, "starts and the refusal")
+            await wait_for(
+                lambda: repos[0].content_digest() == repos[1].content_digest(), 10, "same data"
+            )
+            assert_same_audit_logs(repos)
             health = await clients[0].call("health")
             cluster = health["sections"]["cluster"]
             assert cluster["quorum"] is True and cluster["cluster"]["generation"] == 1

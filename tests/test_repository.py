@@ -53,7 +53,7 @@ from storage import (
     RevokeX509,
     encode,
 )
-from storage.layout import DB_NAMES
+from storage.layout import STATE_DB_NAMES
 
 ISSUER_A = bytes(range(20))
 ISSUER_B = bytes(range(100, 120))
@@ -153,13 +153,15 @@ def repo(tmp_path: Path) -> Iterator[Repository]:
 
 
 def assert_rejected_without_writes(repo: Repository, command: Any, reason: Reason) -> Rejected:
-    before = repo.content_digest(include_applied_index=False)
+    before = repo.content_digest(include_applied_index=False, include_audit=False)
+    audited = repo.audit_size()
     index = repo.last_applied_index() + 1
     result = repo.apply(index, command)
     assert isinstance(result, Rejected), result
     assert result.reason is reason, result
     assert isinstance(result.message, str) and result.message
-    assert repo.content_digest(include_applied_index=False) == before
+    assert repo.content_digest(include_applied_index=False, include_audit=False) == before
+    assert repo.audit_size() == audited + 1  # but the refusal is in the audit log
     assert repo.last_applied_index() == index
     return result
 
@@ -184,10 +186,10 @@ def test_durability_settings(repo: Repository) -> None:
 
 
 def test_noop(repo: Repository) -> None:
-    before = repo.content_digest(include_applied_index=False)
+    before = repo.content_digest(include_applied_index=False, include_audit=False)
     assert repo.apply(1, Noop()) == Done()
     assert repo.last_applied_index() == 1
-    assert repo.content_digest(include_applied_index=False) == before
+    assert repo.content_digest(include_applied_index=False, include_audit=False) == before
     assert repo.content_digest() != before
 
 
@@ -271,11 +273,11 @@ def test_issue_happy_path(repo: Repository) -> None:
 
 def test_issue_duplicate_returns_original_and_writes_nothing(repo: Repository) -> None:
     original = repo.apply(1, issue(serial=5))
-    before = repo.content_digest(include_applied_index=False)
+    before = repo.content_digest(include_applied_index=False, include_audit=False)
     again = repo.apply(2, issue(serial=6))  # a retry that decided another serial
     assert again == Duplicate(original)  # type: ignore[arg-type]
     assert isinstance(again, Duplicate) and again.original.serial == 5
-    assert repo.content_digest(include_applied_index=False) == before
+    assert repo.content_digest(include_applied_index=False, include_audit=False) == before
     assert not repo.serial_exists(ISSUER_A, 6)
     assert repo.last_applied_index() == 2
 
@@ -396,13 +398,13 @@ def test_revoke_unknown_certificate(repo: Repository) -> None:
 def test_revoke_twice_is_idempotent(repo: Repository) -> None:
     repo.apply(1, issue(serial=3))
     first = repo.apply(2, revoke(serial=3))
-    before = repo.content_digest(include_applied_index=False)
+    before = repo.content_digest(include_applied_index=False, include_audit=False)
     second = repo.apply(3, revoke(request_id="rev-2", serial=3, digest=b"d2", reason=4))
     expected = {f.name: getattr(first, f.name) for f in fields(AlreadyRevoked)}
     assert second == AlreadyRevoked(**expected)
     assert isinstance(second, AlreadyRevoked)
     assert second.request_id == "rev-1" and second.reason == 1
-    assert repo.content_digest(include_applied_index=False) == before
+    assert repo.content_digest(include_applied_index=False, include_audit=False) == before
     assert repo.revocation_seq(ISSUER_A) == 1
     # the same request again is a duplicate of the first result
     assert repo.apply(4, revoke(serial=3)) == Duplicate(first)  # type: ignore[arg-type]
@@ -674,6 +676,8 @@ LAYOUT_DIGEST_V2 = "861800a17a3596c1d0855ace91b13d5eec2cce86b0afe066316aceb63dbb
 
 
 LAYOUT_DIGEST_V3 = "36385a7b81af08f13d5185f5969f7211b16ca76a6669e8f5ac18a3dee59e245a"
+# version 3's state + the audit log (docs/audit.md)
+LAYOUT_DIGEST_V4 = "39d73cf2cdc4768471c8281c8945e82d58c30dea41cb296f598e4beb6970b67d"
 
 
 def test_the_stored_bytes_are_those_of_the_earlier_version(repo: Repository) -> None:
@@ -691,8 +695,16 @@ def test_the_stored_bytes_are_those_of_the_earlier_version(repo: Repository) -> 
         "rejected",
     ]
     assert repo.check_consistency().ok
-    assert repo.content_digest().hex() == LAYOUT_DIGEST_V3
+    assert repo.content_digest().hex() == LAYOUT_DIGEST_V4
+    state = repo.content_digest(include_audit=False)
     repo.close()
+    # Version 4 added the audit log and changed no byte of the state but the version.
+    _set_version(repo.path, 3)
+    env = lmdb.open(str(repo.path), max_dbs=16, readonly=True)
+    try:
+        assert _digest_of(env).hex() == LAYOUT_DIGEST_V3
+    finally:
+        env.close()
     # Version 3 changed one value: the last published CRL's DER is no longer kept (it is
     # rebuilt from the history). With it put back, the bytes are version 2's and version 1's.
     _put_crl_der(repo.path, ISSUER_A, b"crl3")
@@ -708,8 +720,9 @@ def test_the_stored_bytes_are_those_of_the_earlier_version(repo: Repository) -> 
         assert _digest_of(env).hex() == LAYOUT_DIGEST
     finally:
         env.close()
-    with Repository(repo.path) as migrated:  # 1 -> 2 -> 3: the DER goes, as if applied today
-        assert migrated.content_digest().hex() == LAYOUT_DIGEST_V3
+    with Repository(repo.path) as migrated:  # 1 -> ... -> 4: the DER goes, as if applied today
+        assert migrated.content_digest(include_audit=False) == state
+        assert migrated.audit_size() == 0  # the audit log starts at the migration
 
 
 def _put_crl_der(path: Path, issuer: bytes, der: bytes) -> None:
@@ -727,7 +740,7 @@ def _digest_of(env: lmdb.Environment) -> bytes:
     """content_digest of a closed store, without opening it as a Repository (which migrates)."""
     digest = hashlib.sha256(b"cacert-signer repository content v1\x00")
     with env.begin() as txn:
-        for name in DB_NAMES:
+        for name in STATE_DB_NAMES:  # what versions 1 to 3 had
             digest.update(b"D" + _frame(name.encode()))
             for key, value in txn.cursor(env.open_db(name.encode(), txn=txn, create=False)):
                 digest.update(b"K" + _frame(key) + b"V" + _frame(value))
@@ -919,11 +932,11 @@ def test_version_0_store_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "repo"
     _populated(path)
     with Repository(path) as repo:
-        digest = repo.content_digest()
+        digest = repo.content_digest(include_audit=False)
     _set_version(path, 0, drop_issuers=True)
     with Repository(path) as repo:
         assert repo.schema_version() == SCHEMA_VERSION
-        assert repo.content_digest() == digest  # counters rebuilt exactly
+        assert repo.content_digest(include_audit=False) == digest  # counters rebuilt exactly
         assert repo.check_consistency().ok
 
 

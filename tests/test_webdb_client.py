@@ -42,6 +42,7 @@ from signer.client.webdb import (
 from signer.client.webdb.rows import spkac_subject
 from signer.config import ConfigError, load
 from signer.link.serial_link import LinkSettings
+from signer.pki.audit import decode_record, iter_frames
 from signer.server.config import SignerConfig
 from signer.server.process import SignerServer
 from signer.tools.line_emulator import LineEmulator
@@ -89,6 +90,8 @@ def signer_config(
             "class3": {"certificate": str(base / "ca" / "class3.crt"), "key": "class3"},
         },
         "openpgp": {"ca_file": str(base / "ca" / "openpgp-ca.yaml")},
+        "audit": {"key": "audit", "certificate": str(base / "ca" / "audit.crt"),
+                  "refusal_interval_seconds": 0.2},
     }  # fmt: skip
     path = directory / "signer.yaml"
     path.write_text(yaml.safe_dump(text))
@@ -977,3 +980,31 @@ def test_what_waits_and_what_counts_against_a_row() -> None:
     for code in (ErrorCode.BAD_CSR, ErrorCode.WEAK_KEY, ErrorCode.LINT_FAILED):
         assert not is_transient(SignerError(code, "the row's fault"))
     assert not is_transient(RowError("no CSR file"))
+
+
+async def test_the_audit_log_is_kept_on_the_web_side_and_a_rewrite_is_an_alert(ca, tmp_path):
+    """run_once follows the signer's audit log (asking for a signed head when records wait);
+    a copy changed on the web side is an operator alert that stays (docs/audit.md §6)."""
+    base, _ = ca
+    audit = {"directory": str(tmp_path / "audit"), "certificate": str(base / "ca" / "audit.crt"),
+             "sign_after": 0.001}  # fmt: skip
+    async with Signer(ca, tmp_path, FAST) as signer:
+        config = client_config(tmp_path, sqlite_db(tmp_path), signer.lines(), audit=audit)
+        async with WebdbClient(config) as client:
+            await demo_rows(client.db, config.base_dir)
+            first = await client.run_once()
+            assert first.alerts == [] and client.audit is not None
+            held = client.audit.frontier.size
+            assert held > 0 and client.audit.head is not None
+            records = [decode_record(r) for r in iter_frames((tmp_path / "audit" / "audit.log")
+                       .read_bytes()) if isinstance(r, bytes)]  # fmt: skip
+            assert sum(r["event"] == "issue_x509" for r in records) == len(first.requests.done)
+        path = tmp_path / "audit" / "audit.log"
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x01  # a byte of the copy changed on the web side
+        path.write_bytes(bytes(data))
+        async with WebdbClient(config) as client:
+            report = await client.run_once()
+            [alert] = [a for a in report.alerts if a.line == "audit"]
+            assert alert.level == "error" and "changed" in alert.text
+            assert client.audit_alert in await client.check_health()  # it stays

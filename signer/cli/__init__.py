@@ -19,6 +19,7 @@ from typing import Protocol
 
 from signer import __version__
 from signer.cli import (
+    audit,
     backup,
     ceremony,
     check,
@@ -62,6 +63,7 @@ VERBS: dict[str, Verb] = {
     "backup": backup,
     "check": check,
     "restore": restore,
+    "audit": audit,
 }
 
 

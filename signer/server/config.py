@@ -92,6 +92,31 @@ class CrlConfig(Section):
         return self
 
 
+class AuditConfig(Section):
+    """The audit log (docs/audit.md): its tree-head key, and how refusals are batched."""
+
+    key: str | None = Field(default=None, min_length=1, description="audit key label in the HSM")
+    certificate: Path | None = Field(default=None, description="the audit key's certificate")
+    refusal_interval_seconds: float = Field(
+        default=5, ge=0.05, le=3600, description="at most one audit entry of refusals per this"
+    )
+    refusal_records: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="refusals recorded one by one per entry; "
+        "beyond, one count per command and code",
+    )
+
+    _resolve = field_validator("certificate")(resolve)
+
+    @model_validator(mode="after")
+    def _both(self) -> AuditConfig:
+        if (self.key is None) != (self.certificate is None):
+            raise ValueError("give the audit key and its certificate together")
+        return self
+
+
 class SignerConfig(Section):
     """`signer serve`: one signer on one serial line.
 
@@ -124,6 +149,7 @@ class SignerConfig(Section):
     )
     openpgp: OpenPgpConfig | None = None
     crl: CrlConfig = Field(default_factory=CrlConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     replication: ReplicationSettings | None = None  # Raft between the signers
     control_socket: Path | None = Field(
         default=None,

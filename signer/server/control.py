@@ -56,6 +56,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self.commands: dict[str, Command] = {}
         self.streams: dict[str, Stream] = {}
+        self.on_action: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None  # audit
         if raft_log is not None:
             self.commands.update(
                 status=self._status,
@@ -139,7 +140,24 @@ class ControlServer:
         handler = self.commands.get(command) if isinstance(command, str) else None
         if handler is None:
             raise SignerError(ErrorCode.UNKNOWN_COMMAND, f"unknown control command {command!r}")
-        return await handler(request)
+        result = await handler(request)
+        if self.on_action is not None and not str(command).endswith("status"):
+            await self._audited(str(command), request)
+        return result
+
+    async def _audited(self, command: str, request: dict[str, Any]) -> None:
+        """An operator's action goes to the audit log: its short scalar arguments only."""
+        assert self.on_action is not None
+        detail: dict[str, Any] = {}
+        for key, value in list(request.items())[:12]:
+            if key != "cmd" and isinstance(value, int | str) and len(str(value)) <= 128:
+                detail[key[:32]] = value
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                detail[key[:32]] = ",".join(value)[:512]
+        try:
+            await self.on_action(command, detail)
+        except Exception as exc:
+            log.warning("control command %s not audited: %s", command, exc)
 
     # --- the cluster (replicated signers only) -------------------------------------------
 

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -337,6 +337,7 @@ class CrlService:
             i.name: _IssuerCrls(i, CrlIssuer.from_certificate(i.certificate)) for i in issuers
         }
         self._task: asyncio.Task[None] | None = None
+        self.published: list[Callable[[], Awaitable[None]]] = []  # the audit log's tree head
 
     def handlers(self) -> dict[str, Handler]:
         return {"fetch_crl": self.fetch_crl}
@@ -465,6 +466,8 @@ class CrlService:
         state.last_error = None
         state.build_seconds = signed - started
         state.commit_seconds = time.perf_counter() - signed
+        for hook in self.published:
+            await hook()
         return crl
 
     def _next_number(self, key_id: bytes) -> int:

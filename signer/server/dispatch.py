@@ -58,6 +58,7 @@ class RequestContext:
 
 Handler = Callable[[Any, RequestContext], Awaitable[Result | dict[str, Any]]]
 Post = Callable[[dict[str, Any]], bool]  # queue one answer; False when it cannot go out
+Refused = Callable[[str | None, str | None, str], None]  # (command, request id, code)
 
 
 @dataclass
@@ -94,6 +95,14 @@ class ProtocolHandler:
         self._unsent = Coalescer(self._log_unsent, report_interval)
         self._last_refusal = ""
         self._last_noise: dict[str, str] = {}
+        self.refused: Refused | None = None  # every error answer goes to the audit log
+
+    def _audit(self, command: str | None, request_id: str | None, error: SignerError) -> None:
+        if self.refused is not None:
+            try:
+                self.refused(command, request_id, error.code.value)
+            except Exception:
+                log.exception("refusal not audited")
 
     @property
     def in_flight(self) -> int:
@@ -109,11 +118,14 @@ class ProtocolHandler:
         if isinstance(event, FrameError):
             self._last_noise[event.code.value] = event.detail
             self._noise.note(event.code.value)
+            self._audit(None, None, SignerError(event.code, event.detail))
             return
         assert isinstance(event, Frame)
         try:
             request = decode_request(event.message)
         except SignerError as exc:
+            command = event.message.get("cmd") if isinstance(event.message, dict) else None
+            self._audit(command if isinstance(command, str) else None, exc.details.get("id"), exc)
             self._refused(exc)
             return
         self._accept(request)
@@ -141,7 +153,9 @@ class ProtocolHandler:
         if len(self._running) >= self._max_in_flight:
             self.stats.busy += 1
             text = f"{self._max_in_flight} requests already in flight; retry later"
-            self._answer(ErrorResponse(request.request_id, SignerError(ErrorCode.BUSY, text)))
+            busy = SignerError(ErrorCode.BUSY, text)
+            self._audit(request.command.name, request.request_id, busy)
+            self._answer(ErrorResponse(request.request_id, busy))
             return
         task = asyncio.create_task(self._run(request), name=f"request {request.request_id}")
         self._running[request.request_id] = (request.digest, task)
@@ -151,12 +165,15 @@ class ProtocolHandler:
         if digest != request.digest:
             text = f"request id {request.request_id!r} is running with other arguments"
             error = SignerError(ErrorCode.REQUEST_ID_CONFLICT, text)
+            self._audit(request.command.name, request.request_id, error)
             self._answer(ErrorResponse(request.request_id, error))
             return
         if self._waiting >= self._max_in_flight:  # copies are bounded like runs
             self.stats.busy += 1
             text = f"request {request.request_id!r} is running; ask again later"
-            self._answer(ErrorResponse(request.request_id, SignerError(ErrorCode.BUSY, text)))
+            busy = SignerError(ErrorCode.BUSY, text)
+            self._audit(request.command.name, request.request_id, busy)
+            self._answer(ErrorResponse(request.request_id, busy))
             return
         self.stats.coalesced += 1
         self._waiting += 1
@@ -166,7 +183,10 @@ class ProtocolHandler:
 
     async def _run(self, request: Request) -> Response | ErrorResponse:
         try:
-            return await self._call(request)
+            answer = await self._call(request)
+            if isinstance(answer, ErrorResponse):
+                self._audit(request.command.name, request.request_id, answer.error)
+            return answer
         finally:  # at once, not in a later callback: in-flight counts only what runs
             current = self._running.get(request.request_id)
             if current is not None and current[1] is asyncio.current_task():

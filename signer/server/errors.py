@@ -35,6 +35,7 @@ REJECTION_CODES: dict[Reason, ErrorCode] = {
     Reason.CRL_MISMATCH: ErrorCode.REPOSITORY_ERROR,
     Reason.META_CONFLICT: ErrorCode.REPOSITORY_ERROR,
     Reason.IMPORT_CONFLICT: ErrorCode.IMPORT_CONFLICT,
+    Reason.AUDIT_MISMATCH: ErrorCode.REPOSITORY_ERROR,
 }
 
 # Most specific first: the first class an exception is an instance of gives its code.

@@ -24,6 +24,7 @@ from signer.errors import SignerError
 from signer.link.serial_link import LinkSettings, SerialLink
 from signer.pki.profiles import load_profiles
 from signer.pki.suffixes import PublicSuffixes, shipped
+from signer.server.audit import AuditService, config_digest, file_digest, profile_files
 from signer.server.ca import CertificateAuthority, Issuer, KeyMismatchError
 from signer.server.config import SignerConfig
 from signer.server.control import ControlServer
@@ -152,6 +153,9 @@ class SignerServer:
             )
             self.handlers.update(self.crl.handlers())
             self.health.add("crls", self._crls_section)
+        self.audit: AuditService | None = None
+        if self.ca is not None and self.crl is not None:
+            self.audit = self._audit_service(config, self.ca, self.crl)
         self.openpgp: OpenPgpService | None = None
         if config.openpgp is not None:
             repository, commit_log, hsm = self._shared(config)
@@ -168,10 +172,31 @@ class SignerServer:
             ca = self.ca
             self.importer = ImportService(ca.issuers.values(), ca.repository, ca.log, self.crl)
             self.control.add(*self.importer.control())
+        if self.audit is not None and self.control is not None:
+            self.control.on_action = self.audit.operator_action
         if self.cluster is not None:
             for name, command in COMMANDS.items():  # writers first catch up with the cluster
                 if command.writes and name in self.handlers:
                     self.handlers[name] = self.cluster.guard(self.handlers[name])
+
+    def _audit_service(
+        self, config: SignerConfig, ca: CertificateAuthority, crl: CrlService
+    ) -> AuditService:
+        """The audit log's service: every error answer of every line, a tree head per CRL."""
+        audit = AuditService(
+            ca.repository,
+            ca.log,
+            ca.hsm,
+            config.audit,
+            ca.issuers.values(),
+            COMMANDS,
+        )
+        self.handlers.update(audit.handlers())
+        crl.published.append(audit.after_crl)
+        for protocol in [self.protocol, *(p for _, p in self.lines)]:
+            protocol.refused = audit.refused
+        self.health.add("audit", audit.health_section)
+        return audit
 
     def _schedules_crls(self) -> bool:
         """Standalone, or the leader of the pair: the follower applies what the leader made."""
@@ -237,6 +262,8 @@ class SignerServer:
             self.handlers, lambda message: link.post(message), self.config.max_in_flight
         )
         link = SerialLink(settings, protocol.on_frame, name)
+        audit: AuditService | None = getattr(self, "audit", None)
+        protocol.refused = None if audit is None else audit.refused
         self.lines.append((link, protocol))
         return link
 
@@ -247,6 +274,8 @@ class SignerServer:
             await self._check_ca_keys(self.ca)
         if self.openpgp is not None:
             await self.openpgp.warm_up()
+        if self.audit is not None:
+            await self._start_audit(self.audit)
         if self.crl is not None:
             await self.crl.start()  # CRLs that are due are made before the line is served
         await self.link.start()
@@ -263,6 +292,21 @@ class SignerServer:
             raise
         except SignerError as exc:
             log.warning("cannot check the CA keys now (%s); the HSM is retried per request", exc)
+
+    async def _start_audit(self, audit: AuditService) -> None:
+        """The configuration, profile set and certificates in use enter the audit log when they
+        changed since this signer's last start (in the background: the line is served)."""
+        config = self.config
+        node = config.replication.self_address if config.replication else "standalone"
+        certificates = [i.certificate for i in config.issuers.values()] + [config.audit.certificate]
+        digests = {
+            "config_sha256": config_digest(config),
+            "profiles_sha256": file_digest(profile_files(config.profiles)),
+            "certificates_sha256": file_digest(certificates),
+        }
+        await audit.start(node, digests)
+        if self.cluster is None:
+            await audit.started()  # standalone: recorded before the line is served
 
     async def stop(self) -> None:
         """Stop in order and within `stop_timeout`: no new request (answered `shutting_down`);
@@ -283,6 +327,8 @@ class SignerServer:
         grace = self.config.stop_timeout / 2
         await asyncio.gather(*(protocol.drain(grace) for protocol in protocols))
         await asyncio.gather(*(link.flush(min(1.0, left())) for link in links))
+        if self.audit is not None:
+            await _bounded(self.audit.stop(), left(), "the audit log")
         if self.crl is not None:
             await _bounded(self.crl.stop(), left(), "the CRL scheduler")
         for link in links:

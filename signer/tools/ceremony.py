@@ -48,6 +48,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from signer.config import ConfigError, load
+from signer.pki.audit import AUDIT_EKU_OID
 from signer.server.hsm import Hsm, HsmEcPrivateKey, HsmRsaPrivateKey, HsmSettings, KeyKind
 
 Progress = Callable[[str], None]
@@ -170,18 +171,38 @@ class OpenPgpSpec(_Model):
     kind: KeyKind
 
 
+class AuditSpec(_Model):
+    """The audit log's key (docs/audit.md): signs tree heads only. Its certificate, issued by
+    `issuer` with the audit EKU and no other, is written as audit.crt / audit.der."""
+
+    label: str = Field(min_length=1, max_length=64)
+    kind: KeyKind = "ec-p256"
+    issuer: str = Field(default="class3", min_length=1)
+    validity_days: int = Field(default=1826, ge=1, le=7305)
+    subject: list[tuple[str, str]] = [
+        ("O", "CAcert Inc."),
+        ("CN", "CAcert Signer Audit Log"),
+    ]
+
+    def subject_name(self) -> x509.Name:
+        return x509.Name([x509.NameAttribute(SUBJECT_ATTRIBUTES[a], v) for a, v in self.subject])
+
+
 class CeremonyConfig(_Model):
     hsm: HsmSettings
     output_dir: Path
     keys: list[KeySpec] = []
     certificates: list[CertificateSpec] = []
     openpgp: OpenPgpSpec | None = None
+    audit: AuditSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> CeremonyConfig:
         labels = [k.label for k in self.keys]
         if self.openpgp is not None:
             labels.append(self.openpgp.label)
+        if self.audit is not None:
+            labels.append(self.audit.label)
         duplicates = {label for label in labels if labels.count(label) > 1}
         if duplicates:
             raise ValueError(f"key labels used twice: {sorted(duplicates)}")
@@ -201,6 +222,8 @@ class CeremonyConfig(_Model):
                 raise ValueError(f"certificate {cert.name}: key {cert.key!r} is not under keys:")
             if cert.issuer != "self" and cert.issuer not in names:
                 raise ValueError(f"certificate {cert.name}: unknown issuer {cert.issuer!r}")
+        if self.audit is not None and self.audit.issuer not in names:
+            raise ValueError(f"audit: unknown issuer {self.audit.issuer!r}")
         self.ordered_certificates()  # raises on cycles
         return self
 
@@ -262,7 +285,7 @@ Status = Literal["created", "imported", "exists", "repaired"]
 class CeremonyItem:
     """One thing the ceremony made or found: a key, certificate, CRL or OpenPGP key record."""
 
-    kind: Literal["key", "certificate", "crl", "openpgp"]
+    kind: Literal["key", "certificate", "crl", "openpgp", "audit"]
     name: str
     status: Status
     path: str | None = None
@@ -865,12 +888,89 @@ class _Ceremony:
             )
         )
 
+    def ensure_audit(self, spec: AuditSpec) -> None:
+        """The audit key's certificate: issued by `spec.issuer`, end entity, audit EKU only."""
+        crt, der = self.out / "audit.crt", self.out / "audit.der"
+        key = _ca_key(self.hsm, spec.label)
+        if crt.exists():
+            cert = _load_certificate(crt)
+            if cert.public_key() != key.public_key():
+                raise CeremonyError(f"{crt}: its key is not {spec.label!r} in the token")
+            status: Status = "exists"
+        else:
+            cert = self.build_audit_certificate(spec, key)
+            _write_new(crt, cert.public_bytes(Encoding.PEM))
+            _write_new(der, cert.public_bytes(Encoding.DER))
+            status = "created"
+        self.progress(f"audit {spec.label}: {status} ({crt.name})")
+        self.result.items.append(
+            CeremonyItem(
+                "audit",
+                spec.label,
+                status,
+                str(crt),
+                {
+                    "issuer": cert.issuer.rfc4514_string(),
+                    "serial": f"{cert.serial_number:X}",
+                    "sha256_fingerprint": _fingerprint(cert),
+                    "eku": AUDIT_EKU_OID.dotted_string,
+                },
+            )
+        )
+
+    def build_audit_certificate(self, spec: AuditSpec, key: CaKey) -> x509.Certificate:
+        issuer_spec = next(c for c in self.config.certificates if c.name == spec.issuer)
+        issuer_cert, issuer_key = self.certs[spec.issuer], _ca_key(self.hsm, issuer_spec.key)
+        not_after = min(
+            self.now + dt.timedelta(days=spec.validity_days), issuer_cert.not_valid_after_utc
+        )
+        public = key.public_key()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(spec.subject_name())
+            .issuer_name(issuer_cert.subject)
+            .public_key(public)
+            .serial_number(_serial())
+            .not_valid_before(self.now)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=True,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([AUDIT_EKU_OID]), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(issuer_cert)),
+                critical=False,
+            )
+        )
+        cert = builder.sign(issuer_key, _hash_for(issuer_key))
+        try:
+            cert.verify_directly_issued_by(issuer_cert)
+        except (InvalidSignature, ValueError, TypeError) as exc:
+            message = f"audit certificate: the HSM signature does not verify ({exc!r})"
+            raise CeremonyError(message) from None
+        return cert
+
     def preflight(self) -> None:
         """Check the keys already in the token before generating any: a wrong token or a
         changed config stops the ceremony before it adds anything."""
         specs = [(k.label, k.kind) for k in self.config.keys if k.import_from is None]
         if self.config.openpgp is not None:
             specs.append((self.config.openpgp.label, self.config.openpgp.kind))
+        if self.config.audit is not None:
+            specs.append((self.config.audit.label, self.config.audit.kind))
         for label, kind in specs:
             if self.hsm.has_key(label):
                 found = self.hsm.key(label).kind
@@ -908,6 +1008,9 @@ class _Ceremony:
             self.ensure_openpgp(spec, status)
         for cert_spec in self.config.ordered_certificates():
             self.ensure_certificate(cert_spec)
+        if self.config.audit is not None:
+            self.ensure_key(self.config.audit.label, self.config.audit.kind)
+            self.ensure_audit(self.config.audit)
         created = sum(1 for item in self.result.items if item.status != "exists")
         self.progress(
             f"ceremony: done, {created} item(s) created, imported or repaired, "

@@ -181,6 +181,7 @@ def write_signer_config(
         "openpgp": {"ca_file": str(ca_dir / "openpgp-ca.yaml")},
         # A new CRL soon after each revocation, so that the demo shows it at once.
         "crl": {"min_interval_seconds": 0, "poll_seconds": 0.2},
+        "audit": {"key": "cacert-audit", "certificate": str(ca_dir / "audit.crt")},
         "replication": replication,
     }
     path = workdir / f"signer-{name}.yaml"
@@ -335,6 +336,10 @@ async def webdb_chain(workdir: Path, devices: list[Path], baud: int, say: Say) -
                     "class1": str(www / "revoke.crl"),
                     "class3": str(www / "class3-revoke.crl"),
                 }
+            },
+            "audit": {
+                "directory": str(workdir / "web-audit"),
+                "certificate": str(workdir / "ca" / "audit.crt"),
             },
         },
         WebdbClientConfig,

@@ -182,6 +182,46 @@ class FetchCrlResult(Result):
     sha256: Bin | None = None
 
 
+# --- audit log (docs/audit.md) -----------------------------------------------------------------
+
+
+class FetchAuditArgs(Args):
+    start: int = Field(default=0, ge=0, lt=2**63)
+    max_records: int = Field(default=1024, ge=1, le=65536)
+    max_bytes: int = Field(default=65536, ge=1024, le=1024 * 1024)
+    have_size: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class FetchAuditResult(Result):
+    size: int
+    start: int
+    records: list[Bin]
+    head: dict[str, Any] | None = None
+    consistency: list[Bin] | None = None
+
+
+class ProveInclusionArgs(Args):
+    issuer: str = Field(min_length=1, max_length=1024)
+    serial: str = Field(min_length=1, max_length=42, pattern=r"^[0-9A-Fa-f]+$")
+    size: int | None = Field(default=None, ge=1, lt=2**63)
+
+
+class ProveInclusionResult(Result):
+    index: int
+    size: int
+    record: Bin
+    proof: list[Bin]
+    head: dict[str, Any] | None = None
+
+
+class SignTreeHeadArgs(Args):
+    pass
+
+
+class SignTreeHeadResult(Result):
+    head: dict[str, Any]
+
+
 # --- OpenPGP ---------------------------------------------------------------------------------
 
 
@@ -233,6 +273,9 @@ COMMANDS: dict[str, Command] = {
         Command("sign_openpgp", SignOpenpgpArgs, SignOpenpgpResult, True, "certify user IDs"),
         Command("request_status", RequestStatusArgs, RequestStatusResult, False, "outcome"),
         Command("record_x509", RecordX509Args, RecordX509Result, True, "record a lost issuance"),
+        Command("fetch_audit", FetchAuditArgs, FetchAuditResult, False, "audit log records"),
+        Command("prove_inclusion", ProveInclusionArgs, ProveInclusionResult, False, "proof"),
+        Command("sign_tree_head", SignTreeHeadArgs, SignTreeHeadResult, True, "sign a head"),
     )
 }
 

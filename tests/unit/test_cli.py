@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # every verb (and sub-command) with the options it offers today
 OPTIONS: dict[tuple[str, ...], list[str]] = {
     ("serve",): ["--config", "--log-format"],
+    ("audit",): ["verify"],
+    ("audit", "verify"): ["--log", "--head", "--cert", "--json", "--quiet"],
     ("client",): ["--config", "--port", "--baud", "--timeout", "--json", "--request-id",
                   "--verbose", "health", "sign-x509", "revoke-x509", "list-issuers",
                   "list-profiles", "sign-openpgp", "fetch-crl", "request-status"],

@@ -30,7 +30,7 @@ from storage import (
     decode,
     encode,
 )
-from storage.commands import _SPECS
+from storage.commands import _SPECS, AuditEvent, RecordAudit, RecordTreeHead
 from storage.results import from_record, record
 
 ISSUER = bytes(range(20))
@@ -201,6 +201,37 @@ PINNED: list[tuple[Command, str]] = [
         FinishImport(import_id="ab12", issuer=ISSUER),
         "83a26f70ad66696e6973685f696d706f7274a9696d706f72745f6964a461623132a6697373756572c4"
         "14000102030405060708090a0b0c0d0e0f10111213",
+    ),
+    (
+        RecordAudit(
+            events=(
+                AuditEvent(
+                    "refused",
+                    1_700_000_000,
+                    {
+                        "command": "sign_x509",
+                        "request_id": "r1",
+                        "code": "bad_arguments",
+                        "count": 1,
+                    },
+                ),
+            )
+        ),
+        "82a26f70ac7265636f72645f6175646974a66576656e74739193a772656675736564ce6553f10084a763"
+        "6f6d6d616e64a97369676e5f78353039aa726571756573745f6964a27231a4636f6465ad6261645f6172"
+        "67756d656e7473a5636f756e7401",
+    ),
+    (
+        RecordTreeHead(
+            size=7,
+            timestamp=1_700_000_000,
+            root=bytes(range(32)),
+            algorithm="rsa-pkcs1-sha256",
+            signature=b"sig",
+        ),
+        "86a26f70b07265636f72645f747265655f68656164a473697a6507a974696d657374616d70ce6553f100"
+        "a4726f6f74c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1fa9616c"
+        "676f726974686db07273612d706b6373312d736861323536a97369676e6174757265c403736967",
     ),
 ]
 

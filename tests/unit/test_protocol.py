@@ -446,6 +446,7 @@ def test_every_rejection_reason_has_its_documented_wire_code():
         Reason.CRL_MISMATCH: ErrorCode.REPOSITORY_ERROR,
         Reason.META_CONFLICT: ErrorCode.REPOSITORY_ERROR,
         Reason.IMPORT_CONFLICT: ErrorCode.IMPORT_CONFLICT,
+        Reason.AUDIT_MISMATCH: ErrorCode.REPOSITORY_ERROR,
     }
     assert wire_error(RuntimeError("a bug")) is None  # answered internal_error, and logged
 

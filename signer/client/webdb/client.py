@@ -18,6 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
+from signer.client.audit import AuditAlert, AuditMirror
 from signer.client.crl_refresh import CrlRefresher
 from signer.client.library import SignerClient
 from signer.client.webdb.config import WebdbClientConfig
@@ -111,6 +112,8 @@ class WebdbClient:
         self._refreshers: dict[str, CrlRefresher] = {}  # they keep a broken transfer's progress
         self.monitor = Monitor(self.lines.names, config.monitoring.line_error_window_s)
         self.progress = progress  # a long CRL transfer's progress (what -> callback)
+        self.audit: AuditMirror | None = None
+        self.audit_alert: Alert | None = None  # a rewritten history: stays until restarted
 
     async def start(self) -> None:
         await self.lines.start()
@@ -246,9 +249,35 @@ class WebdbClient:
             raise SignerError(ErrorCode.UNKNOWN_ISSUER, f"the signer has no issuer {name!r}")
         return self._issuers[name]
 
+    async def sync_audit(self) -> Alert | None:
+        """Follow the signer's audit log on the web side; an alert if its history was
+        rewritten (then never again until restarted: the operator must look)."""
+        config = self.config.audit
+        if config is None or self.audit_alert is not None:
+            return self.audit_alert
+        try:
+            if self.audit is None:
+                certificate = x509.load_pem_x509_certificate(config.certificate.read_bytes())
+                self.audit = AuditMirror(config.directory, certificate, self.lines.call)
+            report = await self.audit.sync()
+            head_time = self.audit.head.timestamp if self.audit.head else 0
+            if (
+                config.sign_after is not None
+                and report.signer_size > (report.head_size or 0)
+                and time.time() - head_time > config.sign_after
+            ):
+                await self.lines.call("sign_tree_head")
+                await self.audit.sync()
+        except AuditAlert as exc:
+            self.audit_alert = Alert("error", f"audit log: {exc.message}", "audit")
+            log.error("operator: %s", self.audit_alert.text)
+        except (SignerError, ClientFailure) as exc:
+            log.warning("the audit log was not synced: %s", exc)
+        return self.audit_alert
+
     async def check_health(self) -> list[Alert]:
         """Ask every line's signer for its health; log what needs an operator."""
-        alerts: list[Alert] = []
+        alerts: list[Alert] = [] if self.audit_alert is None else [self.audit_alert]
         for client, name in zip(self.lines.clients, self.lines.names, strict=True):
             try:
                 timeout = min(self.config.timeout, HEALTH_TIMEOUT_S)
@@ -270,6 +299,7 @@ class WebdbClient:
         """One pass of everything: requests, CRLs, health (the demo and `--once`)."""
         requests = await self.process_pending()
         crls = await self.refresh_crls()
+        await self.sync_audit()
         alerts = await self.check_health()
         await self.write_metrics()
         return RunReport(requests, crls, alerts)
@@ -315,6 +345,7 @@ class WebdbClient:
             _every(c.poll_interval, self.poll, stop),
             _every(c.crl.interval, self.refresh_crls, stop),
             _every(c.health_interval, self.check_health, stop),
+            _every(c.audit.interval if c.audit else 3600.0, self.sync_audit, stop),
         )
 
 

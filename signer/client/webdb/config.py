@@ -62,6 +62,22 @@ class CrlConfig(Section):
         return {name: _resolve(path, info) or path for name, path in value.items()}
 
 
+class AuditConfig(Section):
+    """The audit log kept on the web side (docs/audit.md §6)."""
+
+    directory: Path = Field(description="where audit.log and audit-head.json are kept")
+    certificate: Path = Field(description="the audit key's certificate (the ceremony's audit.crt)")
+    interval: float = Field(default=300.0, gt=0, description="seconds between syncs")
+    sign_after: float | None = Field(
+        default=3600.0,
+        gt=0,
+        description="ask a new signed head when records wait unsigned "
+        "and the last head is older than this (seconds); null: only the heads of CRLs",
+    )
+
+    _paths = field_validator("directory", "certificate")(_resolve)
+
+
 class ValidityConfig(Section):
     """The WebDB's validity rules (days); the signer's profile maximum caps them."""
 
@@ -117,6 +133,7 @@ class WebdbClientConfig(Section):
     batch: int = Field(default=200, ge=1, le=100000, description="rows per table and poll")
     max_warnings: int = Field(default=3, ge=1, le=1000)
     crl: CrlConfig = Field(default_factory=CrlConfig)
+    audit: AuditConfig | None = None
     health_interval: float = Field(default=300.0, gt=0)
     max_clock_skew_s: float = Field(default=60.0, gt=0)
     timezone: str | None = Field(default=None, description="of WebDB datetimes; default local")
