@@ -232,6 +232,9 @@ SAMPLE_ARGS: dict[str, dict[str, Any]] = {
     "sign_openpgp": {"public_key": b"k", "uids": ["Alice <a@example.org>"]},
     "request_status": {"request_id": "r"},
     "record_x509": {"certificate": b"c"},
+    "fetch_audit": {},
+    "prove_inclusion": {"issuer": "class3", "serial": "0A"},
+    "sign_tree_head": {},
 }
 
 
