@@ -24,7 +24,7 @@ from signer.clock import utcnow
 from signer.errors import ErrorCode, SignerError
 from signer.pki.der import serial_hex
 from signer.pki.lint import sign_after_lint
-from signer.pki.profiles import Profile, ProfileSet
+from signer.pki.profiles import Channel, Profile, ProfileSet
 from signer.pki.revocation import (
     REASON_NAMES,
     bounded_time,
@@ -152,25 +152,16 @@ class CertificateAuthority:
 
     # --- sign_x509 ---------------------------------------------------------------------------
 
-    async def sign_x509(self, args: SignX509Args, ctx: RequestContext) -> SignX509Result:
+    async def sign_x509(
+        self, args: SignX509Args, ctx: RequestContext, channel: Channel = "line"
+    ) -> SignX509Result:
+        """Issue (or return the certificate recorded under ctx.request_id). `channel` is who
+        asks: the dispatcher never passes anything but "line"; only the operator's control
+        socket (signer/server/operator.py) passes "operator" for CA, OCSP and TSA profiles."""
         recorded = self._recorded(ctx, IssueX509.op)
         if isinstance(recorded, Issued):
             return self._issued_result(recorded)
-        profile = self.profiles.get(args.profile)
-        issuer = self._issuer_named(profile.issuer)
-        self._not_importing(issuer)
-        request = IssuanceRequest(
-            csr=args.csr,
-            profile=args.profile,
-            subject=None if args.subject is None else [(k, v) for k, v in args.subject],
-            sans=None if args.sans is None else [(k, v) for k, v in args.sans],
-            validity_days=args.validity_days,
-            digest=args.digest,
-            challenge=args.challenge,
-        )
-        plan = plan_certificate(
-            request, profile, issuer.certificate, self.clock(), suffixes=self.suffixes
-        )
+        profile, issuer, plan = self.plan(args, channel)
         serial = self._fresh_serial(issuer)
         loop = asyncio.get_running_loop()
         der = await loop.run_in_executor(self._builders, self._build, plan, serial, issuer)
@@ -199,6 +190,27 @@ class CertificateAuthority:
         if issued.serial == serial and issued.issuer == issuer.key_id:
             return self._built(issuer, command)  # recorded as built: no need to read it back
         return self._issued_result(issued)  # the id was recorded first by a concurrent copy
+
+    def plan(
+        self, args: SignX509Args, channel: Channel = "line"
+    ) -> tuple[Profile, Issuer, CertificatePlan]:
+        """Every check and decision of an issuance but the serial and the signature."""
+        profile = self.profiles.get(args.profile, channel)
+        issuer = self._issuer_named(profile.issuer)
+        self._not_importing(issuer)
+        request = IssuanceRequest(
+            csr=args.csr,
+            profile=args.profile,
+            subject=None if args.subject is None else [(k, v) for k, v in args.subject],
+            sans=None if args.sans is None else [(k, v) for k, v in args.sans],
+            validity_days=args.validity_days,
+            digest=args.digest,
+            challenge=args.challenge,
+        )
+        plan = plan_certificate(
+            request, profile, issuer.certificate, self.clock(), channel, self.suffixes
+        )
+        return profile, issuer, plan
 
     def _build(self, plan: CertificatePlan, serial: int, issuer: Issuer) -> bytes:
         """Runs in a builder thread: key lookup (cached by the Hsm), TBS, lint, HSM signature, DER.

@@ -1,4 +1,4 @@
-"""The operator's UNIX socket: `signer cluster ...` and `signer import` talk to the running signer.
+"""The operator's UNIX socket: `signer cluster`, `import` and `ceremony-issue` talk to the signer.
 
 The socket lives on the signer host only (mode 0600; in the journal directory with replication,
 else in the repository directory): not on the serial line (the WebDB side must never change the
@@ -10,6 +10,7 @@ each way:
     {"cmd": "remove", "address": "10.0.0.2:4321"}
     {"cmd": "force_standalone", "fenced": ["10.0.0.2:4321"]}
     {"cmd": "import_status"} / {"cmd": "import_commit", ...} / {"cmd": "publish_crl", ...}
+    {"cmd": "issue_preview", "request": {...}} / {"cmd": "issue", ...}  (signer/server/operator.py)
 
 except for a stream (`import_batches`, signer/server/importer.py): after its first line the
 connection carries one JSON line per item each way until the client closes it.

@@ -35,6 +35,7 @@ from signer.server.hsm import Hsm
 from signer.server.importer import ImportService
 from signer.server.instance import InstanceLock
 from signer.server.openpgp import OpenPgpService
+from signer.server.operator import OperatorIssuance
 from signer.server.reconcile import Reconciler
 from signer.wire.protocol import COMMANDS, HealthArgs, RequestStatusArgs, RequestStatusResult
 from storage import Repository, Result
@@ -172,6 +173,8 @@ class SignerServer:
             ca = self.ca
             self.importer = ImportService(ca.issuers.values(), ca.repository, ca.log, self.crl)
             self.control.add(*self.importer.control())
+            barrier = self.cluster.barrier if self.cluster is not None else None
+            self.control.add(OperatorIssuance(ca, barrier).control())
         if self.audit is not None and self.control is not None:
             self.control.on_action = self.audit.operator_action
         if self.cluster is not None:

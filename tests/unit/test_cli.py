@@ -54,6 +54,7 @@ OPTIONS: dict[tuple[str, ...], list[str]] = {
     ("line-emulator",): ["--dir", "--baud", "--seed", "--corrupt", "--drop", "--duplicate",
                          "--delay"],
     ("ceremony",): ["--config", "--json"],
+    ("ceremony-issue",): ["--config", "--socket", "REQUEST.yaml", "--yes", "--dry-run", "--json"],
     ("demo",): ["--dir", "--baud", "--json"],
     ("openpgp-export",): ["--config", "--out", "--armor"],
     ("webdb-client",): ["--config", "--once", "--log-format"],
