@@ -29,6 +29,7 @@ from signer.link.serial_link import LinkSettings
 from signer.pki.audit import decode_record
 from signer.server.config import SignerConfig
 from signer.server.process import SignerServer
+from signer.tools.history import control_call
 from signer.tools.line_emulator import LineEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,6 +160,16 @@ async def test_a_pair_issues_on_either_signer(ca, tmp_path):
             )  # fmt: skip
             assert status.returncode == 0, status.stderr
             assert json.loads(status.stdout)["result"]["quorum"] is True
+            # an operator issues an OCSP certificate on either signer: recorded on both
+            pem = x509.load_der_x509_csr(csr()).public_bytes(serialization.Encoding.PEM)
+            request = {"profile": "ocsp", "csr": pem.decode(), "subject": [["CN", "OCSP test"]]}
+            socket_b = config_b.replication.socket_path
+            issued = await asyncio.to_thread(
+                control_call, socket_b, {"cmd": "issue", "request": request}
+            )
+            serial, key_id = int(issued["serial"], 16), b.ca.issuers["class3"].key_id
+            for repo in repos:
+                await wait_for(lambda r=repo: r.get_certificate(key_id, serial), 10, "replicated")
             # one signer gone: the other refuses to issue, fast and specifically
             await clients[1].close()
             clients.pop()
