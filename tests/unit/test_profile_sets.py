@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from x509_helpers import TestCA, make_ca, make_csr, openssl_verify, rsa_key
 
 from signer.errors import ErrorCode, SignerError
-from signer.pki import lint
+from signer.pki import lint, pkilint_fast
 from signer.pki.lint import lint_findings, sign_after_lint
 from signer.pki.profiles import PROFILE_SETS, Profile, load_profiles
 from signer.pki.x509_signing import (
@@ -272,3 +272,45 @@ def test_a_lint_error_is_a_refusal_and_nothing_is_signed(
     good = dataclasses.replace(plan, not_after=plan.not_before + dt.timedelta(days=90))
     sign_after_lint(good, new_serial(), cas.sub.key, cas.sub.cert)
     assert len(signed) == 1  # a clean one is signed, once
+
+
+def _outcome(der: bytes, kind: str, validators: Any) -> list[str] | str:
+    try:
+        return [str(f) for f in lint._lint(der, kind, validators)]
+    except Exception as exc:  # pkilint refuses some certificate/suite pairs; both walks must
+        return f"raised {type(exc).__name__}"
+
+
+def test_the_fast_lint_finds_exactly_what_pkilint_finds(
+    cas: Cas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """signer/pki/pkilint_fast.py: every certificate of both sets, linted under every suite
+    (the wrong suites give many findings), the same findings in the same order as pkilint's own
+    walk of a fresh validator tree with pkilint's own decoder."""
+    from pkilint import document
+
+    pkilint_fast.remember_decoded_values()
+    memory = document.decode_der
+    assert isinstance(memory, pkilint_fast._DecodeMemory)
+    stock_trees: dict[tuple[str, Any], Any] = {}  # built once each, never given the fast walk
+
+    def stock_tree(suite: str, variant: Any) -> Any:
+        if (suite, variant) not in stock_trees:
+            stock_trees[suite, variant] = lint._stock_validator(suite, variant)
+        return stock_trees[suite, variant]
+
+    def stock(der: bytes, kind: str) -> list[str] | str:
+        with monkeypatch.context() as patch:
+            patch.setattr(document, "decode_der", memory.decode)
+            return _outcome(der, kind, stock_tree)
+
+    errors = 0
+    for set_name, name, key in CASES:
+        _, cert = issue(cas, set_name, name, key)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        for kind in lint.LINT_KINDS:
+            fast = _outcome(der, kind, lint._validator)
+            assert fast == stock(der, kind), (set_name, name, kind)
+            errors += sum(" ERROR " in f" {f}" for f in fast) if isinstance(fast, list) else 0
+    assert errors > 20  # the comparison covered findings, not only clean certificates
+    assert len(memory.kept) > 10  # and decoded values came from the memory
