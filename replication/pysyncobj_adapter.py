@@ -42,6 +42,9 @@ pysyncobj only through the names below and its public API (`SyncObj` methods and
   commits an index once enough `next_node_idx` successes arrived, itself included unasked), so
   acknowledgements must reach it only once its own journal is durable (replication/
   transport.py holds them back until then).
+- A13 `REPEATED_ACK`: a leader that gets a `next_node_idx` success at or below the index it
+  has recorded for that follower changes nothing but the time it last heard it (the
+  transport does not send such a repeat within half a heartbeat of the previous one).
 """
 
 from __future__ import annotations
@@ -390,6 +393,11 @@ def carries_entries(message: dict[str, Any]) -> bool:
 def is_success_ack(message: dict[str, Any]) -> bool:
     """A follower's answer that it stored entries up to `ack_index(message)`."""
     return kind(message) == "next_node_idx" and bool(message.get("success"))
+
+
+def append_term(message: dict[str, Any]) -> int | None:
+    """The leader's term an append carries, or None for any other message."""
+    return int(message["term"]) if kind(message) == "append_entries" else None
 
 
 def ack_index(message: dict[str, Any]) -> int:

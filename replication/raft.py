@@ -463,6 +463,10 @@ class RaftLog(Generic[R]):
         return self.settings.connection_timeout
 
     @property
+    def heartbeat(self) -> float:
+        return self.settings.append_entries_period
+
+    @property
     def frame_limit(self) -> int:
         """The largest frame a member may send: a snapshot chunk or a coalesced append, as
         Fernet's base64 grows them, with room to spare."""

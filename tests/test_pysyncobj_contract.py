@@ -1,5 +1,5 @@
 """pysyncobj's internals that replication relies on, one test per assumption (the list is in
-replication/pysyncobj_adapter.py, A1 to A11): an upgrade of pysyncobj fails here, by name,
+replication/pysyncobj_adapter.py, A1 to A13): an upgrade of pysyncobj fails here, by name,
 instead of corrupting state somewhere else."""
 
 from __future__ import annotations
@@ -249,6 +249,37 @@ async def test_a11_a_leader_commits_only_on_acknowledgements_it_hears(tmp_path, 
             await commit(leader, issue(2))
         monkeypatch.undo()
         await wait_for(lambda: cluster.repos[leader.address].get_request("issue-2"), 10, "2")
+    finally:
+        cluster.close()
+
+
+async def test_a13_a_repeated_acknowledgement_only_says_the_follower_is_there(tmp_path):
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_all()
+        leader = await cluster.wait_leader()
+        await commit(leader, issue(1))
+        node = leader._node
+        assert node is not None
+        peer = next(iter(node.otherNodes))
+        key = f"match_idx_server_{peer.id}"
+        heard = node._SyncObj__lastResponseTime
+
+        def repeat() -> tuple[dict[str, Any], float, dict[str, Any], float]:
+            before, then = node.getStatus(), heard[peer]
+            index = before[key]
+            time.sleep(0.002)
+            node._SyncObj__onMessageReceived(
+                peer,
+                {"type": "next_node_idx", "next_node_idx": index + 1, "reset": False,
+                 "success": True},
+            )  # fmt: skip
+            return before, then, node.getStatus(), heard[peer]
+
+        before, then, after, now = await leader.on_raft_thread(repeat)
+        assert after[key] == before[key] and after["commit_idx"] == before["commit_idx"]
+        assert after[f"next_node_idx_server_{peer.id}"] == before[f"next_node_idx_server_{peer.id}"]
+        assert now > then
     finally:
         cluster.close()
 
