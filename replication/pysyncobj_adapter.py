@@ -23,7 +23,11 @@ pysyncobj only through the names below and its public API (`SyncObj` methods and
   whose first frames go to `_onIncomingMessageReceived`.
 - A6 `CONNECTION`: a connection is `TcpConnection`'s interface and frame format (replicated
   by replication/connection.py): native 4-byte length, Fernet(zlib(pickle protocol 2)), a
-  random key exchanged first and carried by every later frame.
+  random key exchanged first and carried by every later frame. The exchange: the dialling
+  side sets `recvRandKey` to 32 random bytes and sends it as its first frame; the accepting
+  side takes it as its `sendRandKey`, sets its `recvRandKey` to 32 random bytes and sends it
+  as its first frame; the dialling side takes that as its `sendRandKey`. Nothing else is sent
+  before (replication/connection.py seals every later frame with keys derived from both).
 - A7 `MESSAGES`: Raft messages are dicts: `append_entries` (`term`, `commit_index`,
   `prevLogIdx`, `prevLogTerm`, `entries` [(command, index, term)] or a snapshot chunk
   `serialized` (data, first, last), or `transmission` chunks of one large entry) and

@@ -34,6 +34,7 @@ from typing import Any, Generic, TypeVar
 
 from replication import snapshot
 from replication.cluster import CLUSTER_META, ClusterRecord, Hello, Verdict, judge, next_record
+from replication.connection import session_secret
 from replication.errors import (
     ApplyFailed,
     ClockBehind,
@@ -130,6 +131,7 @@ class RaftLog(Generic[R]):
         self.address = settings.self_address
         self.transport_class = transport_class
         self._secret = secret
+        self._session_secret: bytes | None = None
         base = settings.journal_dir
         self.journal_path = base / "raft.journal"
         self.snapshot_path = base / "snapshot" / snapshot.DATA_FILE
@@ -465,6 +467,13 @@ class RaftLog(Generic[R]):
     @property
     def heartbeat(self) -> float:
         return self.settings.append_entries_period
+
+    @property
+    def session_secret(self) -> bytes | None:
+        """What the link's session keys are derived from (docs/replication.md, Security)."""
+        if self._session_secret is None and self._secret is not None:
+            self._session_secret = session_secret(self._secret)
+        return self._session_secret
 
     @property
     def frame_limit(self) -> int:

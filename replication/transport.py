@@ -67,6 +67,9 @@ class LinkOwner(Protocol):
     @property
     def heartbeat(self) -> float: ...
 
+    @property
+    def session_secret(self) -> bytes | None: ...
+
     def attach(self, transport: ReplicationTransport) -> None: ...
 
     @property
@@ -150,6 +153,7 @@ class ReplicationTransport(raft.TransportBase):
     def new_connection(self, sock: Any = None) -> Any:
         conn = super().new_connection(sock)
         conn.frame_limit = self.owner.frame_limit
+        conn.session_secret = self.owner.session_secret
         conn._on_refused = self._frame_refused
         return conn
 

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pysyncobj
@@ -207,6 +208,52 @@ def test_a6_frames_interoperate_with_pysyncobjs_connection():
     finally:
         theirs.disconnect()
         ours.disconnect()
+
+
+class RecordingConnection:
+    """What pysyncobj's transport does to a connection during the key exchange."""
+
+    def __init__(self) -> None:
+        self.sendRandKey: bytes | None = None
+        self.recvRandKey: bytes | None = None
+        self.sent: list[Any] = []
+        self.callback: Any = None
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def setOnMessageReceivedCallback(self, callback: Any) -> None:
+        self.callback = callback
+
+
+def test_a6_the_key_exchange_is_one_random_key_each_way_before_anything_else():
+    """replication/connection.py seals every frame after the first one each way with keys
+    derived from both random keys: the exchange must be exactly that."""
+    events: list[str] = []
+    stub = SimpleNamespace(
+        _syncObj=SimpleNamespace(encryptor=object()),
+        _selfIsReadonlyNode=False,
+        _selfNode=SimpleNamespace(address="127.0.0.1:1"),
+        _nodeAddrToNode={},
+        _connToNode=lambda conn: "peer",
+        _onMessageReceived=lambda node, message: None,
+        _onOutgoingMessageReceived=lambda conn, message: None,
+        _onNodeConnected=lambda node: events.append("connected"),
+    )
+    stub._sendSelfAddress = lambda conn: TCPTransport._sendSelfAddress(stub, conn)
+    dialling, accepting = RecordingConnection(), RecordingConnection()
+    TCPTransport._onOutgoingConnected(stub, dialling)
+    assert isinstance(dialling.recvRandKey, bytes) and len(dialling.recvRandKey) == 32
+    assert dialling.sent == [dialling.recvRandKey] and dialling.sendRandKey is None
+    TCPTransport._onIncomingMessageReceived(stub, accepting, dialling.sent[0])
+    assert accepting.sendRandKey == dialling.recvRandKey
+    assert isinstance(accepting.recvRandKey, bytes) and len(accepting.recvRandKey) == 32
+    assert (
+        accepting.sent == [accepting.recvRandKey] and accepting.recvRandKey != dialling.recvRandKey
+    )
+    TCPTransport._onOutgoingMessageReceived(stub, dialling, accepting.sent[0])
+    assert dialling.sendRandKey == accepting.recvRandKey
+    assert dialling.sent[1:] == ["127.0.0.1:1"] and events == ["connected"]  # then sealed
 
 
 def test_a8_entries_stay_below_the_chunked_appends():
