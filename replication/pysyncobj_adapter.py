@@ -23,7 +23,11 @@ pysyncobj only through the names below and its public API (`SyncObj` methods and
   whose first frames go to `_onIncomingMessageReceived`.
 - A6 `CONNECTION`: a connection is `TcpConnection`'s interface and frame format (replicated
   by replication/connection.py): native 4-byte length, Fernet(zlib(pickle protocol 2)), a
-  random key exchanged first and carried by every later frame.
+  random key exchanged first and carried by every later frame. The exchange: the dialling
+  side sets `recvRandKey` to 32 random bytes and sends it as its first frame; the accepting
+  side takes it as its `sendRandKey`, sets its `recvRandKey` to 32 random bytes and sends it
+  as its first frame; the dialling side takes that as its `sendRandKey`. Nothing else is sent
+  before (replication/connection.py seals every later frame with keys derived from both).
 - A7 `MESSAGES`: Raft messages are dicts: `append_entries` (`term`, `commit_index`,
   `prevLogIdx`, `prevLogTerm`, `entries` [(command, index, term)] or a snapshot chunk
   `serialized` (data, first, last), or `transmission` chunks of one large entry) and
@@ -42,6 +46,9 @@ pysyncobj only through the names below and its public API (`SyncObj` methods and
   commits an index once enough `next_node_idx` successes arrived, itself included unasked), so
   acknowledgements must reach it only once its own journal is durable (replication/
   transport.py holds them back until then).
+- A13 `REPEATED_ACK`: a leader that gets a `next_node_idx` success at or below the index it
+  has recorded for that follower changes nothing but the time it last heard it (the
+  transport does not send such a repeat within half a heartbeat of the previous one).
 """
 
 from __future__ import annotations
@@ -390,6 +397,11 @@ def carries_entries(message: dict[str, Any]) -> bool:
 def is_success_ack(message: dict[str, Any]) -> bool:
     """A follower's answer that it stored entries up to `ack_index(message)`."""
     return kind(message) == "next_node_idx" and bool(message.get("success"))
+
+
+def append_term(message: dict[str, Any]) -> int | None:
+    """The leader's term an append carries, or None for any other message."""
+    return int(message["term"]) if kind(message) == "append_entries" else None
 
 
 def ack_index(message: dict[str, Any]) -> int:

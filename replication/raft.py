@@ -34,6 +34,7 @@ from typing import Any, Generic, TypeVar
 
 from replication import snapshot
 from replication.cluster import CLUSTER_META, ClusterRecord, Hello, Verdict, judge, next_record
+from replication.connection import session_secret
 from replication.errors import (
     ApplyFailed,
     ClockBehind,
@@ -81,7 +82,7 @@ class View:
     leader: str | None = None
     term: int = 0
     commit_index: int = 0
-    applied_index: int = 0
+    applied_index: int = 0  # in the repository (handed over by pysyncobj and applied)
     last_index: int = 0
     has_quorum: bool = False
     members: tuple[str, ...] = ()
@@ -130,6 +131,7 @@ class RaftLog(Generic[R]):
         self.address = settings.self_address
         self.transport_class = transport_class
         self._secret = secret
+        self._session_secret: bytes | None = None
         base = settings.journal_dir
         self.journal_path = base / "raft.journal"
         self.snapshot_path = base / "snapshot" / snapshot.DATA_FILE
@@ -142,6 +144,8 @@ class RaftLog(Generic[R]):
         self._waiters: dict[int, _Waiter] = {}
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Any, Any]] = queue.SimpleQueue()
         self._pending: list[tuple[int, bytes | None, int | None]] = []
+        self._pending_since = 0.0  # when the oldest pending entry was handed over
+        self._awaited = False  # a pending entry is one a caller here waits for
         self._floor_ms = 0
         self._view = View()
         self._peers = list(settings.peers)
@@ -463,6 +467,17 @@ class RaftLog(Generic[R]):
         return self.settings.connection_timeout
 
     @property
+    def heartbeat(self) -> float:
+        return self.settings.append_entries_period
+
+    @property
+    def session_secret(self) -> bytes | None:
+        """What the link's session keys are derived from (docs/replication.md, Security)."""
+        if self._session_secret is None and self._secret is not None:
+            self._session_secret = session_secret(self._secret)
+        return self._session_secret
+
+    @property
     def frame_limit(self) -> int:
         """The largest frame a member may send: a snapshot chunk or a coalesced append, as
         Fernet's base64 grows them, with room to spare."""
@@ -502,7 +517,11 @@ class RaftLog(Generic[R]):
             # the machine the same empty entry, which it rejects; nothing is written.
             log.error("replication: the entry at index %d is not bytes", index)
             payload = b""
+        if not self._pending:
+            self._pending_since = time.monotonic()
         self._pending.append((index, payload if kind == "c" else None, mine))
+        if mine is not None:
+            self._awaited = True
         if len(self._pending) >= MAX_BATCH:
             self._flush()
 
@@ -527,6 +546,7 @@ class RaftLog(Generic[R]):
             return
         self._apply_error = None
         self._pending = []
+        self._awaited = False
         answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         with self._lock:
             for _, command, pid in pending:
@@ -540,6 +560,17 @@ class RaftLog(Generic[R]):
         self.counters["batches"] += 1
         if commands:
             self._load_record()  # one read: any of them may have changed the membership
+
+    def _flush_due(self) -> None:
+        """Apply now what a caller here waits for (a commit, a local read); entries nobody
+        here waits for (the other signer's commands) wait up to a heartbeat and are applied
+        together: their LMDB commit (an fdatasync) would otherwise run while the other signer
+        commits the same entry for its caller, the two disks' flushes in each other's way."""
+        if not self._pending:
+            return
+        due = self._pending_since + self.settings.append_entries_period
+        if self._awaited or self._read_waiters or time.monotonic() >= due:
+            self._flush()
 
     def _resolve(self, pid: int, value: Any) -> None:
         with self._lock:
@@ -573,7 +604,7 @@ class RaftLog(Generic[R]):
         self._check_membership()
         self._maybe_bootstrap_record()
         self._report_catch_up()
-        self._flush()
+        self._flush_due()
         self._run_calls()
         self._answer_reads()
 
@@ -611,7 +642,7 @@ class RaftLog(Generic[R]):
             leader=leader,
             term=term,
             commit_index=node.raftCommitIndex,
-            applied_index=node.raftLastApplied,
+            applied_index=self._pending[0][0] - 1 if self._pending else node.raftLastApplied,
             last_index=self._journal.last_index,
             has_quorum=node.hasQuorum,
             members=tuple(sorted(members)),

@@ -64,6 +64,12 @@ class LinkOwner(Protocol):
 
     def snapshot_size(self) -> int: ...
 
+    @property
+    def heartbeat(self) -> float: ...
+
+    @property
+    def session_secret(self) -> bytes | None: ...
+
     def attach(self, transport: ReplicationTransport) -> None: ...
 
     @property
@@ -124,6 +130,8 @@ class ReplicationTransport(raft.TransportBase):
         self._next_clock = 0.0
         self._outbox: list[tuple[Any, Any]] = []
         self._held_acks: dict[Any, dict[str, Any]] = {}  # peer -> its latest unheard ack
+        self._leader_term: dict[Any, int] = {}  # peer -> term of the last append it sent us
+        self._acked: dict[Any, tuple[int, int, float]] = {}  # peer -> (index, term, when sent)
         self._disk_said: str | None = None
         self.owner.attach(self)
         super().__init__(syncObj, selfNode, otherNodes)
@@ -145,6 +153,7 @@ class ReplicationTransport(raft.TransportBase):
     def new_connection(self, sock: Any = None) -> Any:
         conn = super().new_connection(sock)
         conn.frame_limit = self.owner.frame_limit
+        conn.session_secret = self.owner.session_secret
         conn._on_refused = self._frame_refused
         return conn
 
@@ -192,6 +201,7 @@ class ReplicationTransport(raft.TransportBase):
         state = self.peer(node)
         self.outgoing.pop(node.id, None)
         self._held_acks.pop(node, None)
+        self._acked.pop(node, None)
         if state.accepted:
             state.accepted = False
             log.warning("replication: lost the connection to %s", node.id)
@@ -244,6 +254,9 @@ class ReplicationTransport(raft.TransportBase):
         if raft.is_success_ack(message) and raft.ack_index(message) > self.owner.durable_index():
             self._held_acks[node] = message  # heard once our own journal holds it too
             return
+        term = raft.append_term(message)
+        if term is not None:
+            self._leader_term[node] = term
         chunk = raft.snapshot_chunk(message)
         if chunk is not None:
             self._on_snapshot_chunk(node, chunk)
@@ -285,10 +298,35 @@ class ReplicationTransport(raft.TransportBase):
     def _deliver(self, node: Any, message: Any) -> bool:
         if not self.peer(node).accepted or self.blocked(node):
             return False
+        ack = raft.is_plain_ack(message)
+        if ack:
+            said = (raft.ack_index(message), self._leader_term.get(node, -1))
+            if self._repeats_ack(node, said):
+                return True
         chunk = raft.snapshot_chunk(message)
         if chunk is not None:
             self._on_snapshot_send(node, chunk)
-        return self.raft_send(node, message)
+        sent = self.raft_send(node, message)
+        if ack and sent:
+            self._acked[node] = (*said, time.monotonic())
+        return sent
+
+    def _repeats_ack(self, node: Any, said: tuple[int, int]) -> bool:
+        """Whether an acknowledgement (index, leader's term) says only what the last one sent
+        on this connection said, less than half a heartbeat ago: then it is not sent.
+
+        pysyncobj answers every append, also one that only carries the leader's commit index
+        (sent right after each commit): that answer repeats the previous index, and the leader
+        would spend a turn of its loop on it while the commit's answer waits. It changes
+        nothing on the leader but the time it last heard us (its fallback timeout), which one
+        acknowledgement per half heartbeat keeps fresh. A new connection or term sends again.
+        """
+        last = self._acked.get(node)
+        return (
+            last is not None
+            and last[:2] == said
+            and time.monotonic() - last[2] < self.owner.heartbeat / 2
+        )
 
     def flush_outbox(self) -> None:
         """Once per turn: send what may leave before the journal is durable (appends), make

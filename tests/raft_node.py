@@ -100,7 +100,8 @@ async def handle(raft: RaftLog[Result], line: bytes) -> None:
 
 async def main(settings_json: str, repository_dir: str) -> None:
     settings = ReplicationSettings.model_validate_json(settings_json)
-    repository = Repository(Path(repository_dir), 1 << 30, metasync=False)
+    # As bench/replication.py's own signer: its 1M catch-up needs more than 1 GiB of map.
+    repository = Repository(Path(repository_dir), 8 << 30, metasync=False)
     raft: RaftLog[Result] = RaftLog(
         settings, repository, secret=b"test replication secret 0123456789"
     ).start()

@@ -1,5 +1,5 @@
 """pysyncobj's internals that replication relies on, one test per assumption (the list is in
-replication/pysyncobj_adapter.py, A1 to A11): an upgrade of pysyncobj fails here, by name,
+replication/pysyncobj_adapter.py, A1 to A13): an upgrade of pysyncobj fails here, by name,
 instead of corrupting state somewhere else."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pysyncobj
@@ -209,6 +210,52 @@ def test_a6_frames_interoperate_with_pysyncobjs_connection():
         ours.disconnect()
 
 
+class RecordingConnection:
+    """What pysyncobj's transport does to a connection during the key exchange."""
+
+    def __init__(self) -> None:
+        self.sendRandKey: bytes | None = None
+        self.recvRandKey: bytes | None = None
+        self.sent: list[Any] = []
+        self.callback: Any = None
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def setOnMessageReceivedCallback(self, callback: Any) -> None:
+        self.callback = callback
+
+
+def test_a6_the_key_exchange_is_one_random_key_each_way_before_anything_else():
+    """replication/connection.py seals every frame after the first one each way with keys
+    derived from both random keys: the exchange must be exactly that."""
+    events: list[str] = []
+    stub = SimpleNamespace(
+        _syncObj=SimpleNamespace(encryptor=object()),
+        _selfIsReadonlyNode=False,
+        _selfNode=SimpleNamespace(address="127.0.0.1:1"),
+        _nodeAddrToNode={},
+        _connToNode=lambda conn: "peer",
+        _onMessageReceived=lambda node, message: None,
+        _onOutgoingMessageReceived=lambda conn, message: None,
+        _onNodeConnected=lambda node: events.append("connected"),
+    )
+    stub._sendSelfAddress = lambda conn: TCPTransport._sendSelfAddress(stub, conn)
+    dialling, accepting = RecordingConnection(), RecordingConnection()
+    TCPTransport._onOutgoingConnected(stub, dialling)
+    assert isinstance(dialling.recvRandKey, bytes) and len(dialling.recvRandKey) == 32
+    assert dialling.sent == [dialling.recvRandKey] and dialling.sendRandKey is None
+    TCPTransport._onIncomingMessageReceived(stub, accepting, dialling.sent[0])
+    assert accepting.sendRandKey == dialling.recvRandKey
+    assert isinstance(accepting.recvRandKey, bytes) and len(accepting.recvRandKey) == 32
+    assert (
+        accepting.sent == [accepting.recvRandKey] and accepting.recvRandKey != dialling.recvRandKey
+    )
+    TCPTransport._onOutgoingMessageReceived(stub, dialling, accepting.sent[0])
+    assert dialling.sendRandKey == accepting.recvRandKey
+    assert dialling.sent[1:] == ["127.0.0.1:1"] and events == ["connected"]  # then sealed
+
+
 def test_a8_entries_stay_below_the_chunked_appends():
     conf = adapter.configuration()
     assert conf.appendEntriesBatchSizeBytes == adapter.APPEND_BATCH_BYTES
@@ -249,6 +296,37 @@ async def test_a11_a_leader_commits_only_on_acknowledgements_it_hears(tmp_path, 
             await commit(leader, issue(2))
         monkeypatch.undo()
         await wait_for(lambda: cluster.repos[leader.address].get_request("issue-2"), 10, "2")
+    finally:
+        cluster.close()
+
+
+async def test_a13_a_repeated_acknowledgement_only_says_the_follower_is_there(tmp_path):
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_all()
+        leader = await cluster.wait_leader()
+        await commit(leader, issue(1))
+        node = leader._node
+        assert node is not None
+        peer = next(iter(node.otherNodes))
+        key = f"match_idx_server_{peer.id}"
+        heard = node._SyncObj__lastResponseTime
+
+        def repeat() -> tuple[dict[str, Any], float, dict[str, Any], float]:
+            before, then = node.getStatus(), heard[peer]
+            index = before[key]
+            time.sleep(0.002)
+            node._SyncObj__onMessageReceived(
+                peer,
+                {"type": "next_node_idx", "next_node_idx": index + 1, "reset": False,
+                 "success": True},
+            )  # fmt: skip
+            return before, then, node.getStatus(), heard[peer]
+
+        before, then, after, now = await leader.on_raft_thread(repeat)
+        assert after[key] == before[key] and after["commit_idx"] == before["commit_idx"]
+        assert after[f"next_node_idx_server_{peer.id}"] == before[f"next_node_idx_server_{peer.id}"]
+        assert now > then
     finally:
         cluster.close()
 

@@ -7,18 +7,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import pickle
+import select
 import socket
 import struct
 import time
+import zlib
 from typing import Any
 
 import pytest
+from pysyncobj.encryptor import getEncryptor
 from raft_cluster import Cluster, commit, issue, wait_for
 
 from replication import transport as transport_module
+from replication.connection import GuardedConnection, session_key, session_secret
 from replication.errors import EntryTooLarge
 from replication.log import MAX_ENTRY_BYTES
-from replication.pysyncobj_adapter import APPEND_BATCH_BYTES
+from replication.pysyncobj_adapter import APPEND_BATCH_BYTES, DISCONNECTED, EVENT_READ
 from replication.raft import RaftLog
 from storage import Issued, encode
 
@@ -203,3 +208,104 @@ async def test_unauthenticated_connections_are_capped_and_cannot_crowd_a_member_
         stop = True
         await crowding
         cluster.close()
+
+
+class ReadPoller:
+    """Just enough of pysyncobj's poller for two connections over a socketpair."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, Any] = {}
+
+    def subscribe(self, fd: int, handler: Any, _mask: int) -> None:
+        self.handlers[fd] = handler
+
+    def unsubscribe(self, fd: int) -> None:
+        self.handlers.pop(fd, None)
+
+    def poll_until(self, predicate: Any) -> None:
+        deadline = time.monotonic() + 5
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            ready, _, _ = select.select(list(self.handlers), [], [], 0.05)
+            for fd in ready:
+                if fd in self.handlers:
+                    self.handlers[fd](fd, EVENT_READ)
+
+
+def test_frames_after_the_key_exchange_are_sealed_per_connection_and_direction():
+    """AES-GCM under keys derived from the secret and both random keys, the nonce counted by
+    both ends: a replayed, reflected, tampered with or foreign frame closes the connection."""
+    secret = session_secret(b"test replication secret 0123456789")
+    encryptor = getEncryptor(b"test replication secret 0123456789")
+
+    def connected() -> tuple[ReadPoller, socket.socket, GuardedConnection, list, list]:
+        poller = ReadPoller()
+        left, right = socket.socketpair()
+        left.setblocking(False)
+        right.setblocking(False)
+        got: list[Any] = []
+        refused: list[str] = []
+        ours = GuardedConnection(poller, onMessageReceived=got.append, socket=right, timeout=5,
+                                 on_refused=refused.append)  # fmt: skip
+        ours.encryptor, ours.session_secret = encryptor, secret
+        return poller, left, ours, got, refused
+
+    def exchange(
+        poller: ReadPoller, left: socket.socket, ours: GuardedConnection, got: list[Any]
+    ) -> tuple[bytes, bytes]:
+        """We dial from `left` (keys by hand); `ours` accepts."""
+        theirs, mine = b"a" * 32, b"b" * 32
+        token = encryptor.encrypt(zlib.compress(pickle.dumps(theirs)))
+        left.sendall(struct.pack("i", len(token)) + token)
+        poller.poll_until(lambda: got == [theirs])
+        ours.sendRandKey, ours.recvRandKey = theirs, mine  # as the transport sets them
+        return theirs, mine
+
+    def frame(key: Any, counter: int, message: Any) -> bytes:
+        data = key.encrypt(counter.to_bytes(12, "big"), pickle.dumps(message), None)
+        return struct.pack("i", len(data)) + data
+
+    poller, left, ours, got, refused = connected()
+    try:
+        theirs, mine = exchange(poller, left, ours, got)
+        to_ours = session_key(secret, mine, theirs)  # frames we send carry `mine`
+        sealed = [frame(to_ours, n, {"n": n}) for n in range(3)]
+        left.sendall(sealed[0] + sealed[1])
+        poller.poll_until(lambda: len(got) == 3)
+        assert got[1:] == [{"n": 0}, {"n": 1}] and ours.authenticated
+        ours.send({"back": 1})  # its first frame: the exchange (Fernet) ...
+        ours.send({"back": 2})  # ... then sealed under the other direction's key
+        left.setblocking(True)
+        replies = []
+        for _ in range(2):
+            (length,) = struct.unpack("i", left.recv(4, socket.MSG_WAITALL))
+            replies.append(left.recv(length, socket.MSG_WAITALL))
+        assert pickle.loads(zlib.decompress(encryptor.decrypt(replies[0]))) == (theirs, {"back": 1})
+        from_ours = session_key(secret, theirs, mine)
+        assert pickle.loads(from_ours.decrypt((0).to_bytes(12, "big"), replies[1], None)) == {
+            "back": 2
+        }
+        left.sendall(sealed[1])  # a replay: the counter has moved on
+        poller.poll_until(lambda: refused)
+        assert ours.state == DISCONNECTED and len(got) == 3
+    finally:
+        ours.disconnect()
+        left.close()
+    other = session_secret(b"another secret, just as long as it")
+    for bad in ("reflected", "tampered", "foreign", "skipped"):
+        poller, left, ours, got, refused = connected()
+        try:
+            theirs, mine = exchange(poller, left, ours, got)
+            key = {
+                "reflected": session_key(secret, theirs, mine),
+                "foreign": session_key(other, mine, theirs),
+            }.get(bad, session_key(secret, mine, theirs))
+            data = frame(key, 1 if bad == "skipped" else 0, {"n": 0})
+            if bad == "tampered":
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            left.sendall(data)
+            poller.poll_until(refused.copy)
+            assert got == [theirs] and ours.state == DISCONNECTED, bad
+        finally:
+            ours.disconnect()
+            left.close()

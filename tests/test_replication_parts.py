@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -25,7 +27,7 @@ from replication.cluster import (
 from replication.journal import NO_OP, DurableJournal, read_entries
 from replication.raft import TESTED_PYSYNCOBJ
 from replication.settings import ReplicationSettings
-from replication.transport import _coalesce
+from replication.transport import PeerState, ReplicationTransport, _coalesce
 from signer.config import load
 from signer.server.config import SignerConfig
 from storage import MetaSet, Reason, Rejected, Repository
@@ -390,6 +392,45 @@ def test_outbox_coalesces_appends_and_acks():
     assert [e[1] for e in out[0][1]["entries"]] == [5, 6, 7] and out[0][1]["commit_index"] == 5
     assert out[1][1]["next_node_idx"] == 9  # the highest ack stands for the others
     assert out[2][1] is heartbeat and [e[1] for e in out[3][1]["entries"]] == [8]
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    id: str
+
+
+def test_an_acknowledgement_that_says_nothing_new_is_not_sent_again_at_once():
+    """pysyncobj answers the append that only brings the commit index with the index it
+    acknowledged just before: not sent within half a heartbeat on the same connection and
+    term; a new index, a new term, a reset, a refusal or a new connection always are."""
+    transport = ReplicationTransport.__new__(ReplicationTransport)  # the parts _deliver uses
+    transport.owner = SimpleNamespace(heartbeat=0.1)
+    transport.peers = {"b": PeerState(accepted=True)}
+    transport._acked, transport._leader_term = {}, {}
+    sent: list[dict] = []
+    transport.raft_send = lambda _node, message: sent.append(message) or True  # type: ignore
+    peer = Peer("b")
+
+    def ack(index: int, reset: bool = False, success: bool = True) -> dict:
+        return {"type": "next_node_idx", "next_node_idx": index, "reset": reset,
+                "success": success}  # fmt: skip
+
+    def deliver(message: dict) -> int:
+        before = len(sent)
+        assert transport._deliver(peer, message)
+        return len(sent) - before
+
+    transport._leader_term[peer] = 3
+    assert deliver(ack(8)) == 1
+    assert deliver(ack(8)) == 0  # the answer to the commit index: nothing new
+    assert deliver(ack(9)) == 1
+    assert deliver(ack(9, reset=True)) == 1 and deliver(ack(9, success=False)) == 1
+    transport._leader_term[peer] = 4
+    assert deliver(ack(9)) == 1  # a new term: its leader may have forgotten
+    transport._acked.pop(peer)  # what a lost connection does
+    assert deliver(ack(9)) == 1
+    time.sleep(0.06)
+    assert deliver(ack(9)) == 1  # half a heartbeat later: the leader hears us again
 
 
 def test_pysyncobj_is_the_tested_version():
