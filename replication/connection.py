@@ -370,9 +370,7 @@ class GuardedConnection:
         """AES-256-GCM of the pickled message under this direction's key, the nonce the
         number of sealed frames sent before it (never sent: both ends count)."""
         if self._seal is None:
-            if not self.sendRandKey or not self.recvRandKey or self.session_secret is None:
-                raise ValueError("no key exchange yet")
-            self._seal = session_key(self.session_secret, self.sendRandKey, self.recvRandKey)
+            self._seal = self._direction_key(self.sendRandKey, self.recvRandKey)
         nonce = _nonce(self._sent - 1)
         return self._seal.encrypt(nonce, pickle.dumps(message, PICKLE_PROTOCOL), None)
 
@@ -381,9 +379,7 @@ class GuardedConnection:
         with, replayed, reordered or one missing before it) closes the connection."""
         try:
             if self._open is None:
-                if not self.sendRandKey or not self.recvRandKey or self.session_secret is None:
-                    raise ValueError("no key exchange yet")
-                self._open = session_key(self.session_secret, self.recvRandKey, self.sendRandKey)
+                self._open = self._direction_key(self.recvRandKey, self.sendRandKey)
             if len(data) < _TAG_BYTES:
                 raise ValueError("a frame shorter than its tag")
             raw = self._open.decrypt(_nonce(self._received - 1), data, None)
@@ -395,6 +391,11 @@ class GuardedConnection:
         self.authenticated = True
         self._received += 1
         return message
+
+    def _direction_key(self, sender_key: bytes | None, receiver_key: bytes | None) -> AESGCM:
+        if not sender_key or not receiver_key or self.session_secret is None:
+            raise ValueError("no key exchange yet")
+        return session_key(self.session_secret, sender_key, receiver_key)
 
     def _reset_session(self) -> None:
         self._sent = self._received = 0

@@ -145,7 +145,6 @@ class RaftLog(Generic[R]):
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Any, Any]] = queue.SimpleQueue()
         self._pending: list[tuple[int, bytes | None, int | None]] = []
         self._pending_since = 0.0  # when the oldest pending entry was handed over
-        self._awaited = False  # a pending entry is one a caller here waits for
         self._floor_ms = 0
         self._view = View()
         self._peers = list(settings.peers)
@@ -520,8 +519,6 @@ class RaftLog(Generic[R]):
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append((index, payload if kind == "c" else None, mine))
-        if mine is not None:
-            self._awaited = True
         if len(self._pending) >= MAX_BATCH:
             self._flush()
 
@@ -546,7 +543,6 @@ class RaftLog(Generic[R]):
             return
         self._apply_error = None
         self._pending = []
-        self._awaited = False
         answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         with self._lock:
             for _, command, pid in pending:
@@ -569,7 +565,8 @@ class RaftLog(Generic[R]):
         if not self._pending:
             return
         due = self._pending_since + self.settings.append_entries_period
-        if self._awaited or self._read_waiters or time.monotonic() >= due:
+        awaited = any(mine is not None for _, _, mine in self._pending)
+        if awaited or self._read_waiters or time.monotonic() >= due:
             self._flush()
 
     def _resolve(self, pid: int, value: Any) -> None:

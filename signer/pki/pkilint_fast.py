@@ -119,9 +119,9 @@ class _DecodeMemory:
         self.lock = threading.Lock()
 
     def __call__(self, substrate: Any, asn1Spec: Any = None) -> Any:
-        data = bytes(substrate)
-        if len(data) > MAX_DECODED_BYTES:
+        if len(substrate) > MAX_DECODED_BYTES:
             return self.decode(substrate, asn1Spec=asn1Spec)
+        data = bytes(substrate)
         key = (id(asn1Spec), data)
         with self.lock:
             found = self.kept.get(key)
