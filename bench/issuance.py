@@ -6,8 +6,9 @@ command committed through `LocalLog` into LMDB with sync on), driven with severa
 flight as the protocol handler runs them. Side by side, in the same run and for the same CA key
 type:
 
-- the HSM's raw rate: one digest signed again and again through the HSM key object (the
-  physical limit of this token here: nothing can issue faster than it signs);
+- the HSM's raw rate: one digest signed again and again through the HSM key object by as many
+  threads as the signer has signing sessions (the physical limit of this token here: nothing can
+  issue faster than it signs);
 - the same issuance without the lint (the signature made directly, as before lint-before-sign),
   which gives the lint's cost per certificate;
 - `openssl ca` with a file key, one process per CSR, index.txt and serial file (what CAcert's
@@ -391,7 +392,8 @@ async def measure(base: Path, sizes: Sizes, settings: HsmSettings, csrs: list[by
                 raw, issued, unlinted, ossl, efficiency = Totals(), Totals(), Totals(), Totals(), []
                 groups, commands = run.log.groups, run.log.commands
                 for _ in range(sizes.rounds):
-                    signs, raw_seconds = hsm_raw_rate(key, sizes.raw_seconds)
+                    sessions = hsm.signing_sessions
+                    signs, raw_seconds = hsm_raw_rate(key, sizes.raw_seconds, sessions)
                     raw.add(signs, raw_seconds)
                     count, seconds, ders = await run.rate(sizes.issue_seconds, sizes.window)
                     issued.add(count, seconds)
@@ -457,6 +459,9 @@ def main() -> None:
         "--quick", action="store_true", help="fewer, shorter rounds (under a minute)"
     )
     parser.add_argument("--window", type=int, help="requests in flight (default 32)")
+    parser.add_argument(
+        "--sessions", type=int, help="HSM signing sessions (default: the signer's default)"
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     # "issuer class1 is not configured"
@@ -468,6 +473,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-issuance-", dir="/var/tmp") as tmp:
         base = Path(tmp)
         settings = make_token(base)
+        if args.sessions:
+            settings = settings.model_copy(update={"signing_sessions": args.sessions})
         run_bench_ceremony(base, settings)
         csrs = make_csrs(256)
         rows = asyncio.run(measure(base, sizes, settings, csrs))
@@ -476,7 +483,8 @@ def main() -> None:
     print(
         f"RESULT certs_per_s={r.issued:.1f} hsm_sign_per_s={r.raw:.1f} "
         f"hsm_efficiency={r.efficiency:.3f} openssl_ca_certs_per_s={r.openssl:.1f} "
-        f"ratio={r.ratio:.2f} certs_per_s_without_lint={r.unlinted:.1f} lint_ms={r.lint_ms:.2f}"
+        f"ratio={r.ratio:.2f} certs_per_s_without_lint={r.unlinted:.1f} lint_ms={r.lint_ms:.2f} "
+        f"signing_sessions={settings.signing_sessions}"
     )
 
 

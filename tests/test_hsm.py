@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from signer.errors import ErrorCode, SignerError
+from signer.server import hsm as hsm_module
 from signer.server.hsm import (
     PKCS11_LOCK,
     Hsm,
@@ -571,6 +572,166 @@ def test_concurrent_signing_from_threads(
         thread.join(timeout=120)
     assert not errors, errors
     assert sorted(done) == list(range(6))
+
+
+class _HeldHandle:
+    """A key handle whose signatures first wait at `gate` (a Barrier or an Event's wait): shows
+    which signatures are inside the HSM at the same time."""
+
+    def __init__(self, handle: object, gate: Callable[[], object]) -> None:
+        self._handle = handle
+        self._gate = gate
+
+    def sign(self, *args: object, **kwargs: object) -> bytes:
+        self._gate()
+        return self._handle.sign(*args, **kwargs)  # type: ignore[attr-defined, no-any-return]
+
+
+def _hold_signatures(monkeypatch: pytest.MonkeyPatch, hsm: Hsm, gate: Callable[[], object]) -> None:
+    find = hsm._private_object
+    monkeypatch.setattr(
+        hsm, "_private_object", lambda session, label: _HeldHandle(find(session, label), gate)
+    )
+
+
+def _sign_in_threads(key: HsmPrivateKey, count: int) -> list[bytes]:
+    """`count` RSA signatures of MESSAGE, one per thread; re-raises a thread's failure."""
+    signatures: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            assert isinstance(key, HsmRsaPrivateKey)
+            signatures.append(key.sign(MESSAGE, padding.PKCS1v15(), hashes.SHA256()))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    return signatures
+
+
+def test_signatures_run_in_parallel_sessions(
+    keyed_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two signatures meet inside the HSM call (a barrier only both together pass): neither
+    holds a lock the other needs. The pool opens one session per signature and no more."""
+    with Hsm(keyed_token.settings(signing_sessions=2)) as hsm:
+        key = hsm.key("rsa")
+        assert hsm.concurrent_signing is True and hsm.signing_sessions == 2
+        meeting: list[threading.Barrier] = [threading.Barrier(2, timeout=20)]
+        _hold_signatures(monkeypatch, hsm, lambda: meeting and meeting[0].wait())
+        for signature in _sign_in_threads(key, 2) + _sign_in_threads(key, 2):
+            key.public_key().verify(signature, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+        assert hsm._pooled == 2 and len(hsm._idle) == 2
+        meeting.clear()  # alone from here on
+        status = hsm.status(["rsa"])
+        assert status["keys"][0]["test_signature_ok"] is True
+        assert status["concurrent_signing"] is True and status["signing_sessions"] == 2
+
+
+def test_pool_never_exceeds_signing_sessions(keyed_token: SoftHsmToken) -> None:
+    """Six threads, two sessions: the others wait for a session to come back."""
+    with Hsm(keyed_token.settings(signing_sessions=2)) as hsm:
+        key = hsm.key("rsa")
+        most = [0]
+        find = hsm._private_object
+
+        def counting(session: object, label: str) -> object:
+            most[0] = max(most[0], hsm._pooled)
+            return find(session, label)
+
+        hsm._private_object = counting  # type: ignore[method-assign]
+        for signature in _sign_in_threads(key, 6):
+            key.public_key().verify(signature, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+        assert most[0] == 2 and hsm._pooled == 2
+
+
+def test_reinitialisation_waits_for_a_running_signature(
+    keyed_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead session seen by one thread re-initialises the library only after the signature
+    another thread is making has ended: finalising under it would crash or spoil it."""
+    with Hsm(keyed_token.settings(signing_sessions=2)) as hsm:
+        key = hsm.key("rsa")  # looked up in the main session: no pooled session yet
+        module = hsm._module
+        assert module is not None
+        generation = module.generation
+        inside, release = threading.Event(), threading.Event()
+
+        def gate() -> None:
+            inside.set()
+            assert release.wait(20)
+
+        _hold_signatures(monkeypatch, hsm, gate)
+        first: list[bytes] = []
+        slow = threading.Thread(target=lambda: first.extend(_sign_in_threads(key, 1)))
+        slow.start()
+        assert inside.wait(20)
+        with PKCS11_LOCK:
+            hsm._mark_broken("a test", RuntimeError("session gone"))
+        monkeypatch.undo()  # the next signature goes straight through
+        second: list[bytes] = []
+        recovering = threading.Thread(target=lambda: second.extend(_sign_in_threads(key, 1)))
+        recovering.start()
+        recovering.join(0.5)
+        assert recovering.is_alive() and module.generation == generation  # waiting for `slow`
+        release.set()
+        slow.join(30)
+        recovering.join(30)
+        assert module.generation == generation + 1
+        for signature in first + second:
+            key.public_key().verify(signature, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_module_that_cannot_lock_signs_one_at_a_time(
+    keyed_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A module answering CKR_CANT_LOCK to CKF_OS_LOCKING_OK (some vendor HSMs; SoftHSM2 locks)
+    is initialised without locking: then every signature runs under PKCS11_LOCK in the main
+    session, no pool, and health says so."""
+    real_initialize = hsm_module._Cryptoki.initialize
+    calls: list[int | None] = []
+
+    def cannot_lock(self: hsm_module._Cryptoki) -> bool:
+        def table_initialize(args: int | None) -> int:
+            calls.append(args)
+            return 0x0A if args is not None else int(self._table.initialize(None))
+
+        return hsm_module._Cryptoki._initialize_with(table_initialize)
+
+    with Hsm(keyed_token.settings(signing_sessions=4)) as hsm:
+        key = hsm.key("rsa")
+        monkeypatch.setattr(hsm_module._Cryptoki, "initialize", cannot_lock)
+        with PKCS11_LOCK, caplog.at_level(logging.WARNING):
+            hsm._mark_broken("a test", RuntimeError("session gone"))
+            hsm._ensure_session()  # re-initialises the module, now without locking
+        assert "cannot lock" in caplog.text
+        assert len(calls) == 2 and calls[0] is not None and calls[1] is None
+        assert hsm.concurrent_signing is False and hsm.signing_sessions == 1
+        for signature in _sign_in_threads(key, 3):
+            key.public_key().verify(signature, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+        assert hsm._pooled == 0
+        status = hsm.status(["rsa"])
+        assert status["concurrent_signing"] is False and status["signing_sessions"] == 1
+        monkeypatch.setattr(hsm_module._Cryptoki, "initialize", real_initialize)
+        with PKCS11_LOCK:
+            hsm._mark_broken("a test", RuntimeError("back to locking"))
+            hsm._ensure_session()
+        assert hsm.concurrent_signing is True
+
+
+def test_signing_sessions_setting() -> None:
+    base = {"module": "libsofthsm2.so", "token_label": "t", "pin_env": "PIN"}
+    assert 1 <= HsmSettings(**base).signing_sessions <= 4
+    assert HsmSettings(**base, signing_sessions=8).signing_sessions == 8
+    for wrong in (0, 65):
+        with pytest.raises(ValidationError):
+            HsmSettings(**base, signing_sessions=wrong)
 
 
 async def test_run_uses_one_worker_thread(keyed: Hsm) -> None:

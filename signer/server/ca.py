@@ -70,10 +70,10 @@ log = logging.getLogger(__name__)
 
 CA_EXPIRY_WARNING_DAYS = 90
 
-#: Threads that build and sign certificates. Two, so that one prepares the next certificate while
-#: the other's signature is in the HSM: PKCS11_LOCK serialises the HSM itself, which then never
-#: waits for Python between signatures (bench/issuance.py, docs/performance.md "Issuance").
-BUILD_THREADS = 2
+#: Threads that build, lint and sign certificates: one per HSM signing session, and one more that
+#: prepares the next certificate while every session signs, so that the HSM never waits for
+#: Python between signatures (bench/issuance.py, docs/performance.md "Issuance").
+SPARE_BUILD_THREADS = 1
 
 
 class KeyMismatchError(SignerError):
@@ -126,7 +126,9 @@ class CertificateAuthority:
         self.recorder = Recorder(commit_log)
         self.clock = clock
         self.suffixes = shipped() if suffixes is None else suffixes
-        self._builders = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="x509-build")
+        self._builders = ThreadPoolExecutor(
+            hsm.settings.signing_sessions + SPARE_BUILD_THREADS, thread_name_prefix="x509-build"
+        )
         for profile in profiles.profiles.values():
             if profile.issuer not in self.issuers:
                 log.warning("profile %s: issuer %s is not configured", profile.name, profile.issuer)
@@ -214,7 +216,8 @@ class CertificateAuthority:
 
     def _build(self, plan: CertificatePlan, serial: int, issuer: Issuer) -> bytes:
         """Runs in a builder thread: key lookup (cached by the Hsm), TBS, lint, HSM signature, DER.
-        Only the signature holds PKCS11_LOCK; one trip off the event loop per certificate."""
+        The signature runs in one of the Hsm's signing sessions, outside its lock; one trip off
+        the event loop per certificate."""
         key = self.hsm.key(issuer.key_label)
         return sign_after_lint(plan, serial, key, issuer.certificate)
 

@@ -6,8 +6,12 @@
 token: hashing happens here and only a digest (or a ~51-byte DigestInfo) goes to the HSM.
 
 Rules this module enforces (from the measurements in the team's HSM reference notes):
-- python-pkcs11 with SoftHSM is not thread-safe: every PKCS#11 call of the process runs under one
-  lock (`PKCS11_LOCK`), whichever thread calls (cryptography's builders call `sign` synchronously).
+- The module is initialised with CKF_OS_LOCKING_OK (python-pkcs11 passes NULL, with which SoftHSM
+  takes no locks and crashes when two threads call at once). Signatures then run in parallel, each
+  in its own session from a small per-Hsm pool (`signing_sessions`), outside any lock: an RSA-4096
+  signature takes ~5 ms of a core and a 2-core signer makes two at a time. Everything else
+  (look-ups, login, re-initialisation) runs under one lock (`PKCS11_LOCK`). A module that answers
+  CKR_CANT_LOCK is initialised without locking and signs one signature at a time under the lock.
 - HSM sessions die in production (device errors, stale handles, token unplugged). A failure of
   the session or token marks the Hsm broken; the next call re-initialises the library, logs in
   and looks keys up again, without a process restart. Key objects survive that: they hold only
@@ -20,6 +24,7 @@ Rules this module enforces (from the measurements in the team's HSM reference no
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import hashlib
 import logging
@@ -59,9 +64,17 @@ T = TypeVar("T")
 KeyKind = Literal["rsa-2048", "rsa-3072", "rsa-4096", "ec-p256", "ec-p384"]
 KEY_KINDS: tuple[str, ...] = get_args(KeyKind)
 
-#: The one lock around every PKCS#11 call in the process (python-pkcs11 + SoftHSM crash when two
-#: threads call at once). Re-entrant because an Hsm call may re-open the session inside it.
+#: The lock around every PKCS#11 call of the process except signatures in a pooled session (and
+#: around those too when the module cannot lock itself). Re-entrant because an Hsm call may
+#: re-open the session inside it.
 PKCS11_LOCK = threading.RLock()
+#: Signals a pooled session given back: waited on by signers when the pool is exhausted and by a
+#: re-initialisation, which must not finalise the library under a running signature.
+_SESSION_RETURNED = threading.Condition(PKCS11_LOCK)
+
+_CKR_OK = 0x0
+_CKR_CANT_LOCK = 0x0A
+_CKF_OS_LOCKING_OK = 0x2
 
 _CURVES: dict[str, ec.EllipticCurve] = {
     "secp256r1": ec.SECP256R1(),
@@ -137,6 +150,13 @@ class HsmSettings(BaseModel):
         default=None, description="sets SOFTHSM2_CONF before the module is loaded"
     )
     retry_reinit: bool = True
+    signing_sessions: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=1,
+        le=64,
+        description="signatures made at once, each in its own session (default: the CPUs, "
+        "at most 4); a smart-card HSM signs one at a time whatever this says",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HsmSettings:
@@ -194,12 +214,90 @@ class _Login:
     users: weakref.WeakSet[Hsm] = field(default_factory=weakref.WeakSet)
 
 
+class _InitArgs(ctypes.Structure):
+    """CK_C_INITIALIZE_ARGS: no mutex callbacks, the flags, a reserved pointer."""
+
+    _fields_ = [
+        ("create_mutex", ctypes.c_void_p),
+        ("destroy_mutex", ctypes.c_void_p),
+        ("lock_mutex", ctypes.c_void_p),
+        ("unlock_mutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("reserved", ctypes.c_void_p),
+    ]
+
+
+_CkFunction = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _FunctionListHead(ctypes.Structure):
+    """The start of CK_FUNCTION_LIST: the version, then C_Initialize and C_Finalize."""
+
+    _fields_ = [
+        ("major", ctypes.c_ubyte),
+        ("minor", ctypes.c_ubyte),
+        ("initialize", _CkFunction),
+        ("finalize", _CkFunction),
+    ]
+
+
+class _Cryptoki:
+    """C_Initialize with CKF_OS_LOCKING_OK, and C_Finalize, through the module's own function
+    list: python-pkcs11 only ever passes NULL, which leaves the module without locks."""
+
+    def __init__(self, path: str) -> None:
+        library = ctypes.CDLL(path)  # the handle python-pkcs11 already holds (dlopen counts)
+        get_function_list = library.C_GetFunctionList
+        get_function_list.restype = ctypes.c_ulong
+        table = ctypes.POINTER(_FunctionListHead)()
+        rv = get_function_list(ctypes.byref(table))
+        if rv != _CKR_OK or not table:
+            raise HsmError(
+                ErrorCode.HSM_UNAVAILABLE, f"C_GetFunctionList of {path} failed (0x{rv:x})"
+            )
+        self._library = library
+        self._table = table.contents
+
+    def initialize(self) -> bool:
+        """Initialise; True when the module locks itself, False when it answered CKR_CANT_LOCK
+        and was initialised without locking (then one thread at a time may call it)."""
+        return self._initialize_with(self._table.initialize)
+
+    @staticmethod
+    def _initialize_with(c_initialize: Callable[[int | None], int]) -> bool:
+        args = _InitArgs(flags=_CKF_OS_LOCKING_OK)
+        rv = c_initialize(ctypes.addressof(args))
+        locking = rv != _CKR_CANT_LOCK
+        if not locking:
+            rv = c_initialize(None)
+        if rv != _CKR_OK:
+            raise HsmError(ErrorCode.HSM_UNAVAILABLE, f"C_Initialize failed (0x{rv:x})")
+        return locking
+
+    def finalize(self) -> int:
+        return int(self._table.finalize(None))
+
+
+@dataclass
+class _PooledSession:
+    """A session that signs outside the lock, with the key handles found in it."""
+
+    session: Any
+    module: _Module
+    generation: int
+    handles: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class _Module:
     """A loaded PKCS#11 library, shared by all Hsm objects of the process that use it."""
 
     path: str
     lib: Any
+    cryptoki: _Cryptoki
+    os_locking: bool
+    signing: int = 0  # pooled sessions signing right now, over all Hsm objects
+    draining: bool = False  # a re-initialisation waits for `signing` to reach 0
     # Bumped on every re-initialisation: sessions of an older generation are dead.
     generation: int = 0
     logins: dict[str, _Login] = field(default_factory=dict)  # by token label
@@ -510,11 +608,13 @@ def _key_templates(
 
 
 class Hsm:
-    """One PKCS#11 token found by label, opened lazily, with one session; safe to share by
-    threads. `read_write=True` only for the ceremony (key generation).
+    """One PKCS#11 token found by label, opened lazily; safe to share by threads.
+    `read_write=True` only for the ceremony (key generation).
 
-    Every PKCS#11 call holds `PKCS11_LOCK`. Use `await hsm.run(fn, *args)` from asyncio code so
-    signing runs in the Hsm's single worker thread instead of blocking the event loop. Several
+    One session does look-ups and key management under `PKCS11_LOCK`; signatures take a session
+    of the pool (at most `signing_sessions`) and run outside the lock. Use
+    `await hsm.run(fn, *args)` from asyncio code so that HSM work runs in the Hsm's worker thread
+    instead of blocking the event loop. Several
     Hsm objects of one process may use the same token: they share the process's login (see
     `_Login`), and one with a different PIN is refused.
     """
@@ -529,6 +629,10 @@ class Hsm:
         self._handles: dict[str, Any] = {}
         self._keys: dict[str, HsmPrivateKey] = {}
         self._token_found = False
+        self._token: Any = None
+        self._idle: list[_PooledSession] = []
+        self._pooled = 0  # pooled sessions open: idle or lent
+        self._lent = 0
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._closed = False
@@ -759,11 +863,15 @@ class Hsm:
             "token_present": False,
             "logged_in": False,
             "error": None,
+            "concurrent_signing": None,
+            "signing_sessions": None,
             "keys": [],
         }
         try:
             with PKCS11_LOCK:
                 self._ensure_session()
+                result["concurrent_signing"] = self.concurrent_signing
+                result["signing_sessions"] = self.signing_sessions
             result["token_present"] = result["logged_in"] = True
         except SignerError as exc:
             result["token_present"] = self._token_found
@@ -823,14 +931,30 @@ class Hsm:
             executor = self._executor
         return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
+    @property
+    def concurrent_signing(self) -> bool | None:
+        """Whether signatures run in parallel (the module locks itself); None before the
+        module is loaded."""
+        module = self._module
+        return None if module is None else module.os_locking
+
+    @property
+    def signing_sessions(self) -> int:
+        """How many signatures this Hsm makes at once."""
+        return self._settings.signing_sessions if self.concurrent_signing is not False else 1
+
     def close(self) -> None:
-        """Close the session and the worker thread. Safe to call twice."""
+        """Close the sessions and the worker thread, after the signatures running. Safe to call
+        twice."""
         with PKCS11_LOCK:
             self._closed = True
+            while self._lent:
+                _SESSION_RETURNED.wait()
             session, self._session = self._session, None
             self._handles.clear()
             module = self._module
             if module is not None and self._generation == module.generation:
+                self._drop_idle(close=True)
                 if session is not None:
                     try:
                         session.close()  # opened without PIN: no C_Logout
@@ -864,13 +988,104 @@ class Hsm:
     # -- signing (called by HsmPrivateKey) --------------------------------------------------
 
     def _sign(self, label: str, mechanism: Mechanism, param: Any, payload: bytes) -> bytes:
+        what = f"signing with key {label!r}"
+        with PKCS11_LOCK:
+            self._ensure_session()
+            concurrent = self.concurrent_signing
+
+        if concurrent:
+            return self._sign_in_pool(what, label, mechanism, param, payload)
+
         def op(session: Any) -> bytes:
             handle = self._handles.get(label)
             if handle is None:
                 handle = self._handles[label] = self._private_object(session, label)
             return bytes(handle.sign(payload, mechanism=mechanism, mechanism_param=param))
 
-        return self._call(f"signing with key {label!r}", op, retry=True)
+        return self._call(what, op, retry=True)
+
+    def _sign_in_pool(
+        self, what: str, label: str, mechanism: Mechanism, param: Any, payload: bytes
+    ) -> bytes:
+        """Sign in a session of the pool, outside the lock; on a dead session, as `_call`."""
+        attempts = 2 if self._settings.retry_reinit else 1
+        for attempt in range(1, attempts + 1):
+            lease = self._lend(what)
+            failure: p11e.PKCS11Error | None = None
+            try:
+                handle = lease.handles.get(label)
+                if handle is None:
+                    handle = lease.handles[label] = self._private_object(lease.session, label)
+                return bytes(handle.sign(payload, mechanism=mechanism, mechanism_param=param))
+            except p11e.PKCS11Error as exc:
+                failure = exc
+            finally:
+                self._give_back(lease, healthy=failure is None)
+            with PKCS11_LOCK:
+                if self._is_stale(failure):
+                    self._mark_broken(what, failure)
+                    if attempt < attempts:
+                        log.warning("retrying %s after re-initialising the HSM", what)
+                        continue
+                raise self._map_error(what, failure) from failure
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _lend(self, what: str) -> _PooledSession:
+        """An idle pooled session, a new one while fewer than `signing_sessions` are open, or
+        wait for one to come back."""
+        with PKCS11_LOCK:
+            while True:
+                self._ensure_session()
+                module = self._module
+                assert module is not None
+                if module.draining:
+                    _SESSION_RETURNED.wait()
+                    continue
+                if self._idle:
+                    lease = self._idle.pop()
+                elif self._pooled < self._settings.signing_sessions:
+                    try:
+                        session = self._token.open(rw=self._read_write)
+                    except p11e.PKCS11Error as exc:
+                        if self._is_stale(exc):
+                            self._mark_broken(what, exc)
+                        raise self._map_error(what, exc) from exc
+                    lease = _PooledSession(session, module, module.generation)
+                    self._pooled += 1
+                else:
+                    _SESSION_RETURNED.wait()
+                    continue
+                self._lent += 1
+                module.signing += 1
+                return lease
+
+    def _give_back(self, lease: _PooledSession, *, healthy: bool) -> None:
+        with PKCS11_LOCK:
+            lease.module.signing -= 1
+            self._lent -= 1
+            current = self._module is lease.module and lease.generation == lease.module.generation
+            if healthy and current and not self._closed and not self._broken:
+                self._idle.append(lease)
+            else:
+                self._pooled -= 1
+                if current:  # an older generation's handle may now name another session
+                    self._close_quietly(lease.session)
+            _SESSION_RETURNED.notify_all()
+
+    def _drop_idle(self, *, close: bool) -> None:
+        """Forget the idle pooled sessions; close them only while their generation lives."""
+        idle, self._idle = self._idle, []
+        self._pooled -= len(idle)
+        if close:
+            for lease in idle:
+                self._close_quietly(lease.session)
+
+    @staticmethod
+    def _close_quietly(session: Any) -> None:
+        try:
+            session.close()  # opened without PIN: no C_Logout
+        except p11e.PKCS11Error as exc:
+            log.debug("closing HSM session: %s", _p11_name(exc))
 
     # -- session management -----------------------------------------------------------------
 
@@ -969,31 +1184,54 @@ class Hsm:
                 ErrorCode.HSM_UNAVAILABLE,
                 f"cannot load or initialise PKCS#11 module {path}{hint}: {_p11_name(exc)}",
             ) from exc
-        module = _MODULES[path] = _Module(path=path, lib=lib)
+        cryptoki = _Cryptoki(path)
+        cryptoki.finalize()  # python-pkcs11 initialised it without locking: again, with
+        os_locking = cryptoki.initialize()
+        module = _MODULES[path] = _Module(path, lib, cryptoki, os_locking)
         log.info("loaded PKCS#11 module %s (%s)", path, lib.library_description)
+        self._warn_if_serial(module)
         return module
+
+    @staticmethod
+    def _warn_if_serial(module: _Module) -> None:
+        if not module.os_locking:
+            log.warning(
+                "PKCS#11 module %s cannot lock (CKR_CANT_LOCK): signing one signature at a time",
+                module.path,
+            )
 
     def _apply_softhsm_conf(self) -> None:
         if self._settings.softhsm_conf is not None:
             os.environ["SOFTHSM2_CONF"] = str(self._settings.softhsm_conf)
 
     def _reinitialize(self, module: _Module) -> None:
-        """C_Finalize + C_Initialize: drops every session of the process on this module."""
+        """C_Finalize + C_Initialize: drops every session of the process on this module, once
+        the signatures running in pooled sessions have ended."""
+        generation = module.generation
+        module.draining = True
+        try:
+            while module.signing:
+                _SESSION_RETURNED.wait()
+        finally:
+            module.draining = False
+            _SESSION_RETURNED.notify_all()
+        if module.generation != generation:
+            return  # another Hsm re-initialised it while we waited
         log.warning("re-initialising PKCS#11 module %s", module.path)
         self._apply_softhsm_conf()
         module.generation += 1
         module.logins.clear()  # C_Finalize logs the process out of every token
+        rv = module.cryptoki.finalize()
+        if rv != _CKR_OK:
+            log.debug("C_Finalize: 0x%x", rv)
         try:
-            module.lib.finalize()
-        except p11e.PKCS11Error as exc:
-            log.debug("C_Finalize: %s", _p11_name(exc))
-        try:
-            module.lib.initialize()
-        except p11e.PKCS11Error as exc:
+            module.os_locking = module.cryptoki.initialize()
+        except HsmError as exc:
             raise HsmError(
                 ErrorCode.HSM_UNAVAILABLE,
-                f"cannot re-initialise PKCS#11 module {module.path}: {_p11_name(exc)}",
+                f"cannot re-initialise PKCS#11 module {module.path}: {exc.message}",
             ) from exc
+        self._warn_if_serial(module)
 
     def _open(self) -> None:
         module = self._load_module()
@@ -1002,10 +1240,15 @@ class Hsm:
             # Nobody else re-initialised since our failure: do it ourselves.
             self._reinitialize(module)
             reinitialised = True
+        if self._module is module and self._generation == module.generation:
+            self._drop_idle(close=True)  # broken: closed sessions are re-opened
+        else:
+            self._drop_idle(close=False)  # their generation is gone
         self._module = module
         self._session = None
         self._handles.clear()
         self._token_found = False
+        self._token = None
         label = self._settings.token_label
         token = None
         while token is None:
@@ -1045,6 +1288,7 @@ class Hsm:
                 f"cannot open a session on token {label!r}: {_p11_name(exc)}",
             ) from exc
         login.users.add(self)
+        self._token = token
         self._session = session
         self._generation = module.generation
         self._broken = False

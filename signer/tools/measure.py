@@ -21,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from signer.server.hsm import HsmEcPrivateKey, HsmRsaPrivateKey
 
 
-def hsm_raw_rate(key: HsmRsaPrivateKey | HsmEcPrivateKey, seconds: float) -> tuple[int, float]:
-    """(signatures, seconds): one digest signed again and again through the key object, one
-    session, serialised like every PKCS#11 call of the process."""
+def hsm_raw_rate(
+    key: HsmRsaPrivateKey | HsmEcPrivateKey, seconds: float, threads: int = 1
+) -> tuple[int, float]:
+    """(signatures, seconds): one digest signed again and again through the key object by
+    `threads` threads at once, as many as the Hsm has signing sessions."""
     digest = hashlib.sha384(b"bench").digest()
 
     def sign_once() -> None:
@@ -32,12 +34,23 @@ def hsm_raw_rate(key: HsmRsaPrivateKey | HsmEcPrivateKey, seconds: float) -> tup
         else:
             key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA384())))
 
-    sign_once()
-    count, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
-        sign_once()
-        count += 1
-    return count, elapsed
+    counts = [0] * threads
+    begun = [0.0]
+    start = threading.Barrier(threads, action=lambda: begun.__setitem__(0, time.perf_counter()))
+
+    def signer(index: int) -> None:
+        sign_once()  # this thread's session opened and its key handle found
+        start.wait()
+        while time.perf_counter() - begun[0] < seconds:
+            sign_once()
+            counts[index] += 1
+
+    workers = [threading.Thread(target=signer, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(counts), time.perf_counter() - begun[0]
 
 
 class AnonPeak:
