@@ -1022,12 +1022,7 @@ class Hsm:
             finally:
                 self._give_back(lease, healthy=failure is None)
             with PKCS11_LOCK:
-                if self._is_stale(failure):
-                    self._mark_broken(what, failure)
-                    if attempt < attempts:
-                        log.warning("retrying %s after re-initialising the HSM", what)
-                        continue
-                raise self._map_error(what, failure) from failure
+                self._retry_or_raise(what, failure, retry=attempt < attempts)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _lend(self, what: str) -> _PooledSession:
@@ -1098,14 +1093,18 @@ class Hsm:
                 try:
                     return op(session)
                 except p11e.PKCS11Error as exc:
-                    stale = self._is_stale(exc)
-                    if stale:
-                        self._mark_broken(what, exc)
-                        if attempt < attempts:
-                            log.warning("retrying %s after re-initialising the HSM", what)
-                            continue
-                    raise self._map_error(what, exc) from exc
+                    self._retry_or_raise(what, exc, retry=attempt < attempts)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retry_or_raise(self, what: str, exc: p11e.PKCS11Error, *, retry: bool) -> None:
+        """After a failed call (lock held): a dead session marks the Hsm broken and returns when
+        one more attempt is allowed; anything else raises the error mapped to a wire code."""
+        if self._is_stale(exc):
+            self._mark_broken(what, exc)
+            if retry:
+                log.warning("retrying %s after re-initialising the HSM", what)
+                return
+        raise self._map_error(what, exc) from exc
 
     @staticmethod
     def _is_stale(exc: p11e.PKCS11Error) -> bool:
