@@ -246,7 +246,10 @@ class _Cryptoki:
     list: python-pkcs11 only ever passes NULL, which leaves the module without locks."""
 
     def __init__(self, path: str) -> None:
-        library = ctypes.CDLL(path)  # the handle python-pkcs11 already holds (dlopen counts)
+        try:
+            library = ctypes.CDLL(path)  # the handle python-pkcs11 already holds (dlopen counts)
+        except OSError as exc:
+            raise HsmError(ErrorCode.HSM_UNAVAILABLE, f"cannot load {path}: {exc}") from exc
         get_function_list = library.C_GetFunctionList
         get_function_list.restype = ctypes.c_ulong
         table = ctypes.POINTER(_FunctionListHead)()
