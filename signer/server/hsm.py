@@ -992,12 +992,9 @@ class Hsm:
 
     def _sign(self, label: str, mechanism: Mechanism, param: Any, payload: bytes) -> bytes:
         what = f"signing with key {label!r}"
-        with PKCS11_LOCK:
-            self._ensure_session()
-            concurrent = self.concurrent_signing
-
-        if concurrent:
-            return self._sign_in_pool(what, label, mechanism, param, payload)
+        signature = self._sign_in_pool(what, label, mechanism, param, payload)
+        if signature is not None:
+            return signature
 
         def op(session: Any) -> bytes:
             handle = self._handles.get(label)
@@ -1009,11 +1006,14 @@ class Hsm:
 
     def _sign_in_pool(
         self, what: str, label: str, mechanism: Mechanism, param: Any, payload: bytes
-    ) -> bytes:
-        """Sign in a session of the pool, outside the lock; on a dead session, as `_call`."""
+    ) -> bytes | None:
+        """Sign in a session of the pool, outside the lock; on a dead session, as `_call`.
+        None when the module cannot lock itself: then the caller signs under the lock."""
         attempts = 2 if self._settings.retry_reinit else 1
         for attempt in range(1, attempts + 1):
             lease = self._lend(what)
+            if lease is None:
+                return None
             failure: p11e.PKCS11Error | None = None
             try:
                 handle = lease.handles.get(label)
@@ -1028,14 +1028,16 @@ class Hsm:
                 self._retry_or_raise(what, failure, retry=attempt < attempts)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _lend(self, what: str) -> _PooledSession:
+    def _lend(self, what: str) -> _PooledSession | None:
         """An idle pooled session, a new one while fewer than `signing_sessions` are open, or
-        wait for one to come back."""
+        wait for one to come back; None when the module cannot lock (no pool)."""
         with PKCS11_LOCK:
             while True:
                 self._ensure_session()
                 module = self._module
                 assert module is not None
+                if not module.os_locking:
+                    return None
                 if module.draining:
                     _SESSION_RETURNED.wait()
                     continue
