@@ -6,8 +6,10 @@ Measured in one run, side by side (the shared VM's speed drifts: compare the rat
    LocalLog (LMDB, sync on) against RaftLog on the leader and on the follower, and RaftLog with
    the journal's fdatasync switched off (the price of "on disk on both before the answer").
    The physical bound beside it: two journal fdatasyncs (one per signer) and one LMDB commit
-   as the replicated signer makes it (one fdatasync), this disk measured now. The barrier is
-   what a writer pays before deciding (on a pair's leader: a local read, no log entry).
+   as the replicated signer makes it (one fdatasync), this disk probed between the rounds of
+   the leader's commits (the bound of the same moments). The barrier is what a writer pays
+   before deciding (on a pair's leader: a local read, no log entry). Then where a leader's
+   commit goes: the p50 of each step, timestamped on the leader.
 2. Issuance through the CA service, as served (barrier, plan, serial, SoftHSM2 signature,
    commit): one at a time (latency) and 8 in flight (throughput), unreplicated against
    replicated; interleaved rounds, medians.
@@ -25,15 +27,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,25 +106,45 @@ def command(n: int, size: int = 1500, request_id: str | None = None) -> bytes:
 # --------------------------------------------------------------------------- physical bound
 
 
-def disk_bound(base: Path, count: int) -> tuple[float, float]:
-    """(fdatasync p50 ms of a 1.7 KB append, LMDB commit p50 ms of one 1.5 KB command, as the
-    replicated signer commits: one fdatasync, the meta page unsynced; docs/repository.md §2)."""
-    fd = os.open(base / "sync-probe", os.O_RDWR | os.O_CREAT, 0o600)
-    times = []
-    for i in range(count):
-        began = time.perf_counter()
-        os.pwrite(fd, b"x" * 1700, i * 1700)
-        os.fdatasync(fd)
-        times.append(time.perf_counter() - began)
-    os.close(fd)
-    repository = Repository(base / "lmdb-probe", MAP_SIZE, metasync=False)
-    commits = []
-    for i in range(count):
-        began = time.perf_counter()
-        repository.apply(i + 1, command(i))
-        commits.append(time.perf_counter() - began)
-    repository.close()
-    return statistics.median(times) * 1000, statistics.median(commits) * 1000
+class DiskProbe:
+    """The physical bound: an fdatasync of a 1.7 KB append and an LMDB commit of one 1.5 KB
+    command as the replicated signer commits it (one fdatasync, the meta page unsynced;
+    docs/repository.md section 2). Sampled between the rounds of the leader's commits, since
+    this VM's disk drifts within a run: the bound is the disk of the same moments."""
+
+    def __init__(self, base: Path):
+        self.fd = os.open(base / "sync-probe", os.O_RDWR | os.O_CREAT, 0o600)
+        self.repository = Repository(base / "lmdb-probe", MAP_SIZE, metasync=False)
+        self.syncs: list[float] = []
+        self.commits: list[float] = []
+
+    def sample(self, count: int) -> None:
+        for _ in range(count):
+            n = len(self.syncs)
+            began = time.perf_counter()
+            os.pwrite(self.fd, b"x" * 1700, n * 1700)
+            os.fdatasync(self.fd)
+            self.syncs.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            self.repository.apply(n + 1, command(n))
+            self.commits.append(time.perf_counter() - began)
+
+    @property
+    def fsync_ms(self) -> float:
+        return statistics.median(self.syncs) * 1000
+
+    @property
+    def lmdb_ms(self) -> float:
+        return statistics.median(self.commits) * 1000
+
+    @property
+    def bound_ms(self) -> float:
+        """Two journal fdatasyncs (one per signer) and one LMDB commit."""
+        return 2 * self.fsync_ms + self.lmdb_ms
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.repository.close()
 
 
 # --------------------------------------------------------------------------- clusters
@@ -254,7 +279,7 @@ async def sequential(call: Callable[[int], Awaitable[Any]], count: int, start: i
 # --------------------------------------------------------------------------- 1. commits
 
 
-async def commit_latency(base: Path, count: int) -> dict[str, list[float]]:
+async def commit_latency(base: Path, count: int, probe: DiskProbe) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {}
     local_repo = Repository(base / "local", MAP_SIZE)
     local = LocalLog(local_repo)
@@ -267,9 +292,15 @@ async def commit_latency(base: Path, count: int) -> dict[str, list[float]]:
     raft = pair.local
     assert raft is not None
     await pair.make_local("leader")
-    results["RaftLog, on the leader"] = await sequential(
-        lambda n: raft.commit(command(n)), count, 10_000
-    )
+    leader: list[float] = []
+    rounds = 5
+    for r in range(rounds):  # the disk probed between rounds: the bound of the same moments
+        probe.sample(20)
+        leader += await sequential(
+            lambda n: raft.commit(command(n)), count // rounds, 10_000 + r * count
+        )
+    probe.sample(20)
+    results["RaftLog, on the leader"] = leader
     results["barrier (no repository write)"] = await sequential(lambda n: raft.barrier(), count, 0)
     await pair.make_local("follower")
     results["RaftLog, on the follower"] = await sequential(
@@ -290,6 +321,131 @@ async def commit_latency(base: Path, count: int) -> dict[str, list[float]]:
     finally:
         journal_module._fdatasync = original
     return results
+
+
+# --------------------------------------------------------------------------- 1b. timeline
+
+TIMELINE_STEPS = (
+    ("event loop -> Raft thread wakes", "proposed", "woke"),
+    ("append out (journal write, pickle, seal, send)", "woke", "append_sent"),
+    ("the leader's journal fdatasync (overlapped)", "fsync_start", "fsync_end"),
+    ("follower: receipt, append, fdatasync, ack", "append_sent", "ack"),
+    ("both durable -> apply starts", "durable", "apply_start"),
+    ("apply: LMDB transaction and its fdatasync", "apply_start", "apply_end"),
+    ("applied -> event loop resumes", "apply_end", "answered"),
+)
+
+
+class Timeline:
+    """Timestamps of the steps of each commit on the leader, taken by wrapping the functions
+    that do them (this process only: the follower's share is one step, seen from here)."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, list[float]] = {}
+        self.on = False
+
+    def mark(self, name: str) -> None:
+        if self.on:
+            self.marks.setdefault(name, []).append(time.perf_counter())
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from pysyncobj.poller import PollPoller
+
+        from replication.pysyncobj_adapter import TransportBase, carries_entries, is_success_ack
+        from replication.transport import ReplicationTransport
+
+        sync, apply = journal_module._fdatasync, Repository.apply_batch
+        poll, send = PollPoller.poll, TransportBase.raft_send
+        receive = ReplicationTransport.on_message
+
+        def timed_sync(fd: int) -> None:
+            self.mark("fsync_start")
+            sync(fd)
+            self.mark("fsync_end")
+
+        def timed_apply(repository: Repository, commands: Any) -> Any:
+            self.mark("apply_start")
+            try:
+                return apply(repository, commands)
+            finally:
+                self.mark("apply_end")
+
+        def timed_poll(poller: Any, timeout: float) -> Any:
+            events = poll(poller, timeout)
+            self.mark("woke")
+            return events
+
+        def timed_send(transport: Any, node: Any, message: Any) -> bool:
+            sent = send(transport, node, message)
+            if carries_entries(message):
+                self.mark("append_sent")
+            return sent
+
+        def timed_receive(transport: Any, node: Any, message: Any) -> None:
+            if is_success_ack(message):
+                self.mark("ack")
+            receive(transport, node, message)
+
+        patches = [
+            (journal_module, "_fdatasync", timed_sync),
+            (Repository, "apply_batch", timed_apply),
+            (PollPoller, "poll", timed_poll),
+            (TransportBase, "raft_send", timed_send),
+            (ReplicationTransport, "on_message", timed_receive),
+        ]
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        try:
+            yield
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+
+    def steps(self, proposed: float, answered: float) -> dict[str, float] | None:
+        """One commit's step durations (s), or None if a step is missing in its window."""
+        at = {"proposed": proposed, "answered": answered}
+        previous = proposed
+        for name in ("woke", "append_sent", "fsync_start", "fsync_end"):
+            at[name] = previous = self._first(name, previous, answered)
+        at["ack"] = self._first("ack", at["append_sent"], answered)
+        at["durable"] = max(at["ack"], at["fsync_end"])
+        at["apply_start"] = self._first("apply_start", at["durable"], answered)
+        at["apply_end"] = self._first("apply_end", at["apply_start"], answered)
+        if any(math.isnan(value) for value in at.values()):  # a step not seen in the window
+            return None
+        return {label: at[end] - at[start] for label, start, end in TIMELINE_STEPS}
+
+    def _first(self, name: str, after: float, before: float) -> float:
+        times = self.marks.get(name, [])
+        i = bisect.bisect_right(times, after)
+        return times[i] if i < len(times) and times[i] < before else float("nan")
+
+
+async def leader_timeline(base: Path, count: int) -> dict[str, list[float]]:
+    """Where a leader's commit goes: the p50 of each step over `count` sequential commits."""
+    timeline = Timeline()
+    steps: dict[str, list[float]] = {label: [] for label, _, _ in TIMELINE_STEPS}
+    with timeline.installed():
+        pair = await Pair.running(base / "timeline")
+        try:
+            raft = pair.local
+            assert raft is not None
+            await pair.make_local("leader")
+            await sequential(lambda n: raft.commit(command(n)), 50, 40_000)  # warm
+            timeline.on = True
+            for n in range(50_000, 50_000 + count):
+                entry = command(n)
+                proposed = time.perf_counter()
+                await raft.commit(entry)
+                one = timeline.steps(proposed, time.perf_counter())
+                for label, seconds in (one or {}).items():
+                    steps[label].append(seconds)
+        finally:
+            timeline.on = False
+            await pair.close()
+    return steps
 
 
 # --------------------------------------------------------------------------- 2. issuance
@@ -502,12 +658,18 @@ def main() -> None:
 
 async def run(base: Path, quick: bool) -> None:
     count = 150 if quick else 500
-    fsync_ms, lmdb_ms = disk_bound(base, 100)
-    print(f"disk here: fdatasync of an append {fsync_ms:.2f} ms, LMDB commit {lmdb_ms:.2f} ms")
-    bound = 2 * fsync_ms + lmdb_ms
+    probe = DiskProbe(base)
+    try:
+        latencies = await commit_latency(base, count, probe)
+    finally:
+        probe.close()
+    bound = probe.bound_ms
+    print(
+        f"disk here, between the leader's rounds: fdatasync of an append {probe.fsync_ms:.2f} "
+        f"ms, LMDB commit {probe.lmdb_ms:.2f} ms ({len(probe.syncs)} of each)"
+    )
     print("\n1. Commit latency, one at a time (1.5 KB command), ms")
     print(f"{'log':40} {'p50':>8} {'p99':>8} {'vs bound':>9}")
-    latencies = await commit_latency(base, count)
     for name, times in latencies.items():
         p50, p99 = percentile(times, 0.5) * 1000, percentile(times, 0.99) * 1000
         print(f"{name:40} {p50:8.2f} {p99:8.2f} {p50 / bound:9.2f}")
@@ -517,6 +679,11 @@ async def run(base: Path, quick: bool) -> None:
     local_ms = percentile(latencies["LocalLog (unreplicated)"], 0.5) * 1000
     unsynced = percentile(latencies["RaftLog, leader, its journal not synced"], 0.5) * 1000
     print(f"the leader's journal fdatasync costs {p50_ms - unsynced:.2f} ms per commit at p50")
+    print("\n1b. Where a commit on the leader goes (p50 of each step, a pair of its own), ms")
+    steps = await leader_timeline(base, count)
+    for label, times in steps.items():
+        print(f"  {label:48} {statistics.median(times) * 1000 if times else math.nan:6.3f}")
+    print(f"  ({len(steps[TIMELINE_STEPS[0][0]])} of {count} commits with every step seen)")
     overhead = p50_ms / local_ms
 
     rounds, seconds = (3, 0.6) if quick else (6, 1.5)
